@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -1037,7 +1038,14 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
             model, _, tokenizer = clip.model
             pipeline = load_world_t2i(directory, (model, tokenizer))
     except Exception as error:  # noqa: BLE001
-        return _optional_failure("diffusion", section.path, f"cannot load the diffusion pipeline ([diffusion].path) from {section.path}: {type(error).__name__}: {error}", required)
+        cause = ""
+        if (hiding := _directory_hiding_kernels()) and str(hiding / "__init__.py") in str(error):
+            cause = (f"Hugging Face's kernels package, which transformers imports, is hidden by {hiding} (explaind's kernels/, where "
+                     "Python runs at the repository's root): run explaind from another directory, or pip uninstall kernels and "
+                     "pip install 'explaind[stable-diffusion]', whose transformers needs none; ")
+        return _optional_failure(
+            "diffusion", section.path, f"cannot load the diffusion pipeline ([diffusion].path) from {section.path}: {cause}{type(error).__name__}: {error}", required
+        )
     return ComponentStatus("diffusion", True, section.path, type(pipeline).__name__, pipeline)
 
 
@@ -1053,6 +1061,23 @@ def _install_command(package: str) -> str:
     """What installs ``package``: explaind's extra that declares it, else the package itself."""
     extra = _EXTRA_OF_PACKAGE.get(package)
     return f"pip install 'explaind[{extra}]'" if extra else f"pip install {package}"
+
+
+def _directory_hiding_kernels() -> Path | None:
+    """The package directory Python imports as ``kernels`` in place of Hugging Face's
+    installed ``kernels`` distribution (explaind's own kernels/, found first where Python
+    runs at the repository's root), or None. transformers 5.25 and later require that
+    package and import it as diffusers imports any model, which then fails with
+    "cannot import name 'CUDAProperties' from 'kernels'"."""
+    try:
+        installed = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None:
+        return None
+    found = Path(spec.origin)  # as the ImportError names it
+    return None if found.resolve() == Path(str(installed.locate_file("kernels/__init__.py"))).resolve() else found.parent
 
 
 def _absent_pipeline_libraries(index_file: Path) -> dict[str, list[str]]:
