@@ -8788,11 +8788,12 @@ def test_a_diffusers_load_failing_on_the_repositorys_kernels_hiding_hugging_face
     # repository's root (python -m explaind, make demo) finds explaind's kernels/ first, and diffusers then failed to
     # import any model with "cannot import name 'CUDAProperties' from 'kernels'", which says nothing of the cause.
     import sys
+    import types
 
     import diffusers
 
     from explaind.config import DiffusionSection
-    from explaind.engine.models import ComponentStatus, load_diffusion
+    from explaind.engine.models import ComponentStatus, _directory_hiding_kernels, load_diffusion
 
     repository = Path(__file__).resolve().parents[1]
     site = tmp_path / "site"  # Hugging Face's kernels, installed
@@ -8819,6 +8820,9 @@ def test_a_diffusers_load_failing_on_the_repositorys_kernels_hiding_hugging_face
             sys.modules["kernels"] = hidden
     assert not status.loaded and f"Hugging Face's kernels package, which transformers imports, is hidden by {repository / 'kernels'}" in status.detail
     assert "run explaind from another directory" in status.detail and "CUDAProperties" in status.detail
+    # A `kernels` module without a spec (find_spec's ValueError) is no hidden package, not a second error.
+    monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))
+    assert _directory_hiding_kernels() is None
 
 
 def test_a_diffusers_directory_whose_component_is_a_diffusers_pipeline_module_is_loaded_not_refused_as_a_package(tmp_path):

@@ -1073,7 +1073,10 @@ def _directory_hiding_kernels() -> Path | None:
         installed = importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         return None
-    spec = importlib.util.find_spec("kernels")
+    try:
+        spec = importlib.util.find_spec("kernels")
+    except ValueError:  # a `kernels` in sys.modules without a spec
+        return None
     if spec is None or spec.origin is None:
         return None
     found = Path(spec.origin)  # as the ImportError names it
