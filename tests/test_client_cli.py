@@ -2055,6 +2055,18 @@ def test_json_logging_prints_torch_s_warnings_once_as_json():
         ("torch.export.pt2_archive._package", "Unable to load package"), ("torch._dynamo", "recompiling")], done.stderr
 
 
+@pytest.mark.parametrize("library", ["diffusers", "transformers"])
+def test_json_logging_prints_diffusers_and_transformers_warnings_once_as_json(library):
+    # Each puts a stderr handler of its own on its logger and stops its lines there: loading a
+    # Stable Diffusion directory (the stable-diffusion extra's transformers) logged, say,
+    # "You have disabled the safety checker" as a plain line in the JSON log.
+    script = ("from explaind.logs import configure_logging\nconfigure_logging('json')\n"
+              f"from {library}.utils import logging\nlogging.get_logger('{library}.pipelines').warning('safety checker disabled')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert [(line["logger"], line["message"]) for line in map(json.loads, done.stderr.splitlines())] == [
+        (f"{library}.pipelines", "safety checker disabled")], done.stderr
+
+
 @pytest.mark.parametrize("loader", ["export", "torchscript"])
 def test_with_json_logs_a_damaged_model_file_is_one_json_error_and_torch_s_output_json_too(tmp_path, loader):
     # torch printed a traceback (export) or a FutureWarning (torchscript) as plain lines.

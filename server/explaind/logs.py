@@ -93,23 +93,34 @@ def configure_logging(log_format: str) -> None:
     warnings.filterwarnings("ignore", module=r"PIL\.")
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     _silence_libtiff()
-    _drop_huggingface_handler()
+    _drop_huggingface_handlers()
     _drop_torch_handlers()
     logging.getLogger("explaind").setLevel(logging.INFO)
 
 
-def _drop_huggingface_handler() -> None:
-    """huggingface_hub, which open_clip and diffusers download with, puts a plain stderr
-    handler of its own on its logger: each of its warnings (an offline download's retries,
-    ten of them for a CLIP pretrained tag) was printed twice, once outside the log's format
-    (a JSON log's one object a line). Its lines go through the root handler alone."""
-    try:
-        from huggingface_hub.utils import logging as huggingface_logging
-    except ImportError:  # a client without the server's dependencies
-        return
-    root = huggingface_logging.get_logger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+# Hugging Face's libraries whose logging module puts a plain stderr handler of its own on
+# the library's logger (its get_logger() with no name): huggingface_hub, which open_clip and
+# diffusers download with, printed each warning (an offline download's retries, ten of them
+# for a CLIP pretrained tag) twice, once outside the log's format (a JSON log's one object a
+# line); diffusers and transformers (the stable-diffusion extra) also stop their lines
+# there, so a Stable Diffusion load's warnings ("You have disabled the safety checker")
+# were plain lines alone.
+_HUGGINGFACE_LOGGING_MODULES = ("huggingface_hub.utils.logging", "diffusers.utils.logging", "transformers.utils.logging")
+
+
+def _drop_huggingface_handlers() -> None:
+    """The lines of :data:`_HUGGINGFACE_LOGGING_MODULES`' loggers go through the root
+    handler alone. Each is imported now (diffusers' about a second, which its load spends
+    anyway), since its first logger sets its handler up."""
+    for module_name in _HUGGINGFACE_LOGGING_MODULES:
+        try:
+            library_logging = importlib.import_module(module_name)
+        except ImportError:  # a client without the server's dependencies, a server without the stable-diffusion extra
+            continue
+        root = library_logging.get_logger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.propagate = True
 
 
 def _drop_torch_handlers() -> None:
