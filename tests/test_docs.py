@@ -477,3 +477,19 @@ def test_docs_performance_md_names_every_bench_script():
     page = (ROOT / "docs" / "performance.md").read_text()
     unnamed = [script.name for script in sorted((ROOT / "bench").glob("[a-z]*.py")) if f"bench/{script.name}" not in page]
     assert not unnamed, f"docs/performance.md names no {unnamed}"
+
+
+def test_the_readme_and_the_proto_list_every_capability_the_server_lists():
+    # A client relies on a behaviour only where its capability is listed: one the server gains
+    # ("requested_again") must be named where GetModelMetadata's capabilities are described.
+    from explaind.service.convert import CAPABILITIES
+
+    prose = " ".join((ROOT / "README.md").read_text().split())
+    described = re.search(r"`capabilities`, what it (.*?)\), `EvaluateSampleSet`", prose)
+    assert described, "the README's description of GetModelMetadata's capabilities moved"
+    assert sorted(re.findall(r"`(\w+)`(?:: | on )", described[1])) == sorted(CAPABILITIES), described[1]
+    proto = (ROOT / "proto" / "explaind" / "v1" / "inference.proto").read_text()
+    comment = re.search(r"((?:  //.*\n)+)  repeated string capabilities = 5;", proto)
+    assert comment, "the proto's comment on GetModelMetadataResponse.capabilities moved"
+    described = " ".join(line.strip().removeprefix("//").strip() for line in comment[1].splitlines())
+    assert sorted(re.findall(r'"(\w+)" \(', described)) == sorted(CAPABILITIES), described

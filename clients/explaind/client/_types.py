@@ -196,7 +196,7 @@ class ModelMetadata(AbbreviatedRepr):
     max_queue_delay_seconds: float = 0.0
     max_queue_size: int = 0
     max_queued_images_per_caller: int = 0
-    # What the server honours that an older one ignores, e.g. "request_id" (calls that
+    # What the server honours or says that an older one does not, e.g. "request_id" (calls that
     # start an operation are then retried after a dropped connection); () from such a server.
     capabilities: tuple[str, ...] = ()
     # None from a server that does not say.
