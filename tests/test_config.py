@@ -112,6 +112,10 @@ def test_max_concurrent_rpcs_may_equal_max_workers_and_0_is_4_per_worker(tmp_pat
     # With its port: gRPC's bind failure blamed "another server using the port" on "[0.0.0.0:50051]:50051".
     ("server.host", "0.0.0.0:50051", r"\[server\]\.host must be an address without a port \(that is \[server\]\.port\), got '0.0.0.0:50051'$"),
     ("server.host", "[::1]:50051", r"\[server\]\.host must be an address without a port \(that is \[server\]\.port\), got '\[::1\]:50051'$"),
+    # Brackets half written, or around no IPv6 address: gRPC's bind failure blamed the port on "[::1:50051".
+    ("server.host", "[::1", r"\[server\]\.host takes brackets around a whole IPv6 address alone \(\[::1\]\), got '\[::1'$"),
+    ("server.host", "::1]", r"\[server\]\.host takes brackets around a whole IPv6 address alone \(\[::1\]\), got '::1\]'$"),
+    ("server.host", "[127.0.0.1]", r"\[server\]\.host takes brackets around a whole IPv6 address alone \(\[::1\]\), got '\[127.0.0.1\]'$"),
     ("server.log_format", "xml", r"\[server\]\.log_format must be one of .* got 'xml'"),
     ("server.token", "a b", r"\[server\]\.token holds a character other than printable ASCII"),
     ("runtime.backend", "tvm", r"\[runtime\]\.backend must be one of .* got 'tvm'"),

@@ -801,9 +801,13 @@ def _validate(path: Path | str, config: Config) -> None:
             raise ConfigError(f"{path}: [server].{name} must be at most {_MAX_PORT}, got {getattr(config.server, name)!r}")
     if not server.host.strip():  # an unset variable in `--host "$HOST"`: gRPC's bind failure would blame the port
         raise ConfigError(f"{path}: [server].host must be an address to listen on (127.0.0.1, or 0.0.0.0 for every interface), got {server.host!r}")
-    if ":" in server.host and not _is_ipv6_address(server.host.removeprefix("[").removesuffix("]")):
+    unbracketed = server.host.removeprefix("[").removesuffix("]")
+    if ":" in server.host and not _is_ipv6_address(unbracketed):
         # "0.0.0.0:50051" reached gRPC as "[0.0.0.0:50051]:50051", whose bind failure blamed another server using the port.
         raise ConfigError(f"{path}: [server].host must be an address without a port (that is [server].port), got {server.host!r}")
+    if server.host != unbracketed and not (server.host == f"[{unbracketed}]" and _is_ipv6_address(unbracketed)):
+        # "[::1" reached gRPC as "[::1:50051", "[127.0.0.1]" as "[127.0.0.1]:50051": each a bind failure blaming the port.
+        raise ConfigError(f"{path}: [server].host takes brackets around a whole IPv6 address alone ([::1]), got {server.host!r}")
     if not server.data_dir.strip():  # it would be the working directory, whatever that is
         raise ConfigError(f"{path}: [server].data_dir must name a directory, got {server.data_dir!r}")
     taken: dict[int, str] = {}  # port -> the key that took it (0: any free port, or off)
