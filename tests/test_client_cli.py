@@ -4246,6 +4246,23 @@ def test_a_command_interrupted_where_stderr_s_reader_has_gone_still_exits_as_int
     assert error["notes"][0].startswith("a job may have started under request_id "), error
 
 
+def test_a_command_failing_where_stderr_s_reader_has_gone_still_exits_1_and_prints_its_json(monkeypatch, capsys):
+    # Its "error:" line failed with BrokenPipeError, which left main as a traceback before the
+    # --json error on stdout was printed, as an interrupt's (exit 130) is.
+    from conftest import stderr_nobody_reads
+
+    from explaind.client import NotFoundError
+
+    def refused(self, *args, **kwargs):
+        raise NotFoundError("no sample set 'some-set'", field="sample_set_id")
+
+    monkeypatch.setattr(Client, "evaluate_sample_set", refused)
+    with stderr_nobody_reads():
+        assert main(["--target", f"127.0.0.1:{free_port()}", "evaluate", "some-set", "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert (error["code"], error["message"]) == ("NOT_FOUND", "no sample set 'some-set'"), error
+
+
 def test_a_command_stuck_after_sigterm_where_stderr_s_reader_has_gone_still_prints_its_json(monkeypatch, capsys):
     # The exit's words failed with BrokenPipeError in their thread, which then never printed the --json error on stdout.
     import explaind.client.cli as cli

@@ -2306,15 +2306,18 @@ def _command_outcome(args: argparse.Namespace, ran: Callable[[], None]) -> int:
         sys.stdout.flush()  # a full disk or a closed pipe fails here, where it is handled, not at the interpreter's exit
         return code
     except (ExplaindError, CommandError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        for field in _fields_named(error):
-            if option := _option_of_field(args, field):
-                left_out = ", left out: its default" if _option_defaulted(args, field) else ""
-                print(f"  ({field} is {option} here{left_out})", file=sys.stderr)
-        if hint := _connection_hint(args, error) or _listing_hint(error):
-            print(f"  ({hint})", file=sys.stderr)
-        for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
-            print(f"  {note}", file=sys.stderr)
+        try:
+            print(f"error: {error}", file=sys.stderr)
+            for field in _fields_named(error):
+                if option := _option_of_field(args, field):
+                    left_out = ", left out: its default" if _option_defaulted(args, field) else ""
+                    print(f"  ({field} is {option} here{left_out})", file=sys.stderr)
+            if hint := _connection_hint(args, error) or _listing_hint(error):
+                print(f"  ({hint})", file=sys.stderr)
+            for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
+                print(f"  {note}", file=sys.stderr)
+        except OSError:  # its reader gone (`2>&1 | head -1`): the command failed all the same, which its status and --json say
+            _discard_output(sys.stderr)
         _print_failure_json(error, args)
         return 1
     except OSError as error:
