@@ -2060,7 +2060,8 @@ def test_json_logging_prints_diffusers_and_transformers_warnings_once_as_json(li
     # Each puts a stderr handler of its own on its logger and stops its lines there: loading a
     # Stable Diffusion directory (the stable-diffusion extra's transformers) logged, say,
     # "You have disabled the safety checker" as a plain line in the JSON log.
-    script = ("from explaind.logs import configure_logging\nconfigure_logging('json')\n"
+    script = ("from explaind.logs import configure_logging, route_huggingface_loggers\nconfigure_logging('json')\n"
+              f"route_huggingface_loggers('{library}')\n"  # as a diffusion model's load does (tests/test_stable_diffusion.py)
               f"from {library}.utils import logging\nlogging.get_logger('{library}.pipelines').warning('safety checker disabled')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert [(line["logger"], line["message"]) for line in map(json.loads, done.stderr.splitlines())] == [

@@ -6,6 +6,8 @@ transformers' (the ``stable-diffusion`` extra, which ``make test`` installs thro
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,22 @@ def test_a_server_configured_with_a_stable_diffusion_directory_reports_it_loaded
         assert engine.metrics.registry.get_sample_value("explaind_component_loaded", {"component": "diffusion"}) == 1
     finally:
         engine.close()
+
+
+def test_a_stable_diffusion_load_s_warnings_reach_the_server_s_log_handler(stable_diffusion_dir, tmp_path):
+    # diffusers' logger had a stderr handler of its own and did not propagate: with JSON logs
+    # its "You have disabled the safety checker" (a 1.x directory saved without one) was a plain
+    # line, which the root's handler (the server's, configure_logging's) never saw.
+    directory = tmp_path / "pipeline"
+    shutil.copytree(stable_diffusion_dir, directory)
+    index = json.loads((directory / "model_index.json").read_text())
+    (directory / "model_index.json").write_text(json.dumps({**index, "requires_safety_checker": True}))
+    seen: list[logging.LogRecord] = []
+    server_handler = logging.Handler(logging.WARNING)
+    server_handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(server_handler)
+    try:
+        assert load_diffusion(DiffusionSection(path=str(directory)), NO_CLIP, required=True).loaded
+    finally:
+        logging.getLogger().removeHandler(server_handler)
+    assert any(record.name.startswith("diffusers.") and "disabled the safety checker" in record.getMessage() for record in seen), seen

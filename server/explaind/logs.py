@@ -93,28 +93,23 @@ def configure_logging(log_format: str) -> None:
     warnings.filterwarnings("ignore", module=r"PIL\.")
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     _silence_libtiff()
-    _drop_huggingface_handlers()
+    route_huggingface_loggers("huggingface_hub")  # diffusers and transformers: as a diffusion model loads, which imports them
     _drop_torch_handlers()
     logging.getLogger("explaind").setLevel(logging.INFO)
 
 
-# Hugging Face's libraries whose logging module puts a plain stderr handler of its own on
-# the library's logger (its get_logger() with no name): huggingface_hub, which open_clip and
-# diffusers download with, printed each warning (an offline download's retries, ten of them
-# for a CLIP pretrained tag) twice, once outside the log's format (a JSON log's one object a
-# line); diffusers and transformers (the stable-diffusion extra) also stop their lines
-# there, so a Stable Diffusion load's warnings ("You have disabled the safety checker")
-# were plain lines alone.
-_HUGGINGFACE_LOGGING_MODULES = ("huggingface_hub.utils.logging", "diffusers.utils.logging", "transformers.utils.logging")
-
-
-def _drop_huggingface_handlers() -> None:
-    """The lines of :data:`_HUGGINGFACE_LOGGING_MODULES`' loggers go through the root
-    handler alone. Each is imported now (diffusers' about a second, which its load spends
-    anyway), since its first logger sets its handler up."""
-    for module_name in _HUGGINGFACE_LOGGING_MODULES:
+def route_huggingface_loggers(*libraries: str) -> None:
+    """The lines of Hugging Face's ``libraries`` ("huggingface_hub", "diffusers",
+    "transformers") go through the root handler alone: each puts a plain stderr handler of
+    its own on its logger (its logging module's get_logger()), outside the log's format (a
+    JSON log's one object a line). huggingface_hub's, which open_clip and diffusers download
+    with, printed each warning (an offline download's retries) a second time; diffusers and
+    transformers stop their lines there, so a Stable Diffusion load's ("You have disabled
+    the safety checker") were plain lines alone. Each library's logging module is imported,
+    as its first logger sets that handler up; one not installed is skipped."""
+    for library in libraries:
         try:
-            library_logging = importlib.import_module(module_name)
+            library_logging = importlib.import_module(f"{library}.utils.logging")
         except ImportError:  # a client without the server's dependencies, a server without the stable-diffusion extra
             continue
         root = library_logging.get_logger()

@@ -38,6 +38,7 @@ from ..config import ClassifierSection, ClipSection, ConfigError, DiffusionSecti
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import DECODING_VERSION, InputGeometry
 from ..kernels import FLOAT_TYPES, ImageInput, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
+from ..logs import route_huggingface_loggers
 from ..methods.neuroinspect import channel_maps
 from ..methods.neuroinspect._features import modules_like
 
@@ -1028,6 +1029,9 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
             "diffusion", section.path, f"{section.path} has no text encoder and takes CLIP's, which is not loaded ({clip.detail})", required
         )
     try:
+        # Imported here, not with the logging's set-up: a server without a diffusion model (or, for transformers, without a
+        # pipeline directory, whose text encoder it may be) spends no second importing them.
+        route_huggingface_loggers("diffusers", *(("transformers",) if has_index else ()))
         if has_index:
             from diffusers import DiffusionPipeline
 
