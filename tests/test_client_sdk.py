@@ -401,6 +401,8 @@ def test_a_client_refuses_a_target_timeout_message_size_or_key_file_every_call_w
     ("dns:[::1]:50051", False),
     ("ipv6:[::1]:50051", False),
     ("::1", False),  # a bare IPv6 address: gRPC's default port
+    ("[::ffff:127.0.0.1]:50051", False),  # IPv4's loopback written as IPv6, as the server no longer warns of it
+    ("ipv6:[::ffff:10.0.0.7]:50051", True),
     ("2001:db8::1", True),
     ("unix:/run/explaind.sock", False),
 ])
