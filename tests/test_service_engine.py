@@ -8825,6 +8825,53 @@ def test_a_diffusers_load_failing_on_the_repositorys_kernels_hiding_hugging_face
     assert _directory_hiding_kernels() is None
 
 
+def test_a_diffusers_load_failing_for_another_reason_where_kernels_is_hidden_does_not_blame_kernels(tmp_path, monkeypatch):
+    # Only an error naming the hiding kernels/ is put down to it: any other failure, with the
+    # repository's kernels/ found first all the same, is reported as it is.
+    import diffusers
+
+    from explaind.config import DiffusionSection
+    from explaind.engine import models
+    from explaind.engine.models import ComponentStatus, load_diffusion
+
+    def from_pretrained(path: str) -> object:
+        raise OSError(f"Error no file named diffusion_pytorch_model.safetensors found in directory {path}/unet.")
+
+    monkeypatch.setattr(models, "_directory_hiding_kernels", lambda: tmp_path / "kernels")
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    status = load_diffusion(DiffusionSection(path=str(tmp_path / "sd")), ComponentStatus("clip", False, "", "not configured"), required=False)
+    assert not status.loaded and status.detail == (f"cannot load the diffusion pipeline ([diffusion].path) from {tmp_path / 'sd'}: OSError: Error no file "
+                                                   f"named diffusion_pytorch_model.safetensors found in directory {tmp_path / 'sd'}/unet.")
+
+
+def test_a_kernels_namespace_package_is_no_package_hiding_hugging_faces(monkeypatch):
+    # A `kernels` found as a namespace package (a directory without __init__.py) has no file
+    # to name: no hidden package, not a TypeError out of the diffusion load.
+    import importlib.machinery
+    import importlib.metadata
+    import importlib.util
+
+    from explaind.engine.models import _directory_hiding_kernels
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: object())  # Hugging Face's kernels, installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: importlib.machinery.ModuleSpec(name, None, is_package=True))
+    assert _directory_hiding_kernels() is None
+
+
+@pytest.mark.parametrize("index", [[], "StableDiffusionPipeline", None], ids=["list", "string", "null"])
+def test_a_diffusers_index_that_is_no_json_object_is_left_to_diffusers_to_report(tmp_path, index):
+    # The check for absent packages reads only an object's components: anything else is
+    # diffusers' to refuse, not an AttributeError out of the server's start.
+    from explaind.config import DiffusionSection
+    from explaind.engine.models import ComponentStatus, load_diffusion
+
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    status = load_diffusion(DiffusionSection(path=str(tmp_path)), ComponentStatus("clip", False, "", "not configured"), required=False)
+    assert not status.loaded and status.detail.startswith(f"cannot load the diffusion pipeline ([diffusion].path) from {tmp_path}: "), status.detail
+
+
 def test_a_diffusers_directory_whose_component_is_a_diffusers_pipeline_module_is_loaded_not_refused_as_a_package(tmp_path):
     # Stable Diffusion 1.x's model_index.json names its safety checker ["stable_diffusion", ...]: diffusers' own
     # diffusers.pipelines.stable_diffusion, no package. It was refused "pip install stable_diffusion", a name on PyPI
