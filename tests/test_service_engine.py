@@ -8872,6 +8872,20 @@ def test_a_diffusers_index_that_is_no_json_object_is_left_to_diffusers_to_report
     assert not status.loaded and status.detail.startswith(f"cannot load the diffusion pipeline ([diffusion].path) from {tmp_path}: "), status.detail
 
 
+def test_a_diffusers_component_of_a_dotted_absent_library_is_named_not_a_module_not_found_error(tmp_path):
+    # find_spec("a.b") imports "a" and raises ModuleNotFoundError where it is absent: the
+    # package checked, and named to install, is the library's first name (a module of it was
+    # named, "pip install a.b"), and diffusers.pipelines is looked in only for a plain name.
+    from explaind.config import DiffusionSection
+    from explaind.engine.models import ComponentStatus, load_diffusion
+
+    index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["no_such_package_x.models", "TextModel"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    status = load_diffusion(DiffusionSection(path=str(tmp_path)), ComponentStatus("clip", False, "", "not configured"), required=False)
+    assert not status.loaded and status.detail == (f"[diffusion].path: {tmp_path / 'model_index.json'} loads text_encoder (TextModel) with the "
+                                                   "'no_such_package_x' package, which is not installed: pip install no_such_package_x")
+
+
 def test_a_diffusers_directory_whose_component_is_a_diffusers_pipeline_module_is_loaded_not_refused_as_a_package(tmp_path):
     # Stable Diffusion 1.x's model_index.json names its safety checker ["stable_diffusion", ...]: diffusers' own
     # diffusers.pipelines.stable_diffusion, no package. It was refused "pip install stable_diffusion", a name on PyPI

@@ -1102,8 +1102,9 @@ def _absent_pipeline_libraries(index_file: Path) -> dict[str, list[str]]:
         if not (isinstance(value, list) and len(value) == 2 and isinstance(library := value[0], str)):  # [null, null]: none; "_class_name"
             continue
         custom_code = index_file.parent / component / f"{library}.py"  # a component of the directory's own code
-        if importlib.util.find_spec(library.split(".")[0]) is None and not custom_code.is_file() and not _is_diffusers_pipeline_module(library):
-            absent.setdefault(library, []).append(f"{component} ({value[1]})")
+        package = library.split(".")[0]  # a library "a.b" is package a's module: find_spec("a.b") would raise where a is absent
+        if importlib.util.find_spec(package) is None and not custom_code.is_file() and not _is_diffusers_pipeline_module(library):
+            absent.setdefault(package, []).append(f"{component} ({value[1]})")
     return absent
 
 
