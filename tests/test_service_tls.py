@@ -92,7 +92,7 @@ def answers(target: str, **credentials) -> bool:
 
 
 @pytest.mark.parametrize(("host", "tls", "warned"), [("0.0.0.0", False, True), ("127.0.0.1", False, False), ("localhost", False, False),
-                                                        ("0.0.0.0", True, False)])
+                                                        ("0.0.0.0", True, False), ("::1", False, False), ("[::1]", False, False)])
 def test_a_server_taking_tokens_in_plaintext_beyond_loopback_says_so(tmp_path, classifier_dir, caplog, host, tls, warned):
     # Callers' tokens crossed the network readable by anyone on the path, and nothing said so.
     from explaind.service.server import serve
@@ -110,7 +110,8 @@ def test_a_server_taking_tokens_in_plaintext_beyond_loopback_says_so(tmp_path, c
             time.sleep(0.05)
         stop.set()
         serving.join(60)
-    assert "listening on" in caplog.text
+    # The address as a client dials it: an IPv6 one in brackets, then the port.
+    assert re.search(rf"listening on {re.escape({'::1': '[::1]'}.get(host, host))}:[0-9]+\b", caplog.text), caplog.text
     plaintext = [record.getMessage() for record in caplog.records if "in plaintext" in record.getMessage()]
     assert len(plaintext) == warned and all(re.fullmatch(
         r"callers' tokens reach 0\.0\.0\.0:\d+ in plaintext: serve with TLS \(\[server\]\.tls_cert_file\), "
