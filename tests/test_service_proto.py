@@ -40,6 +40,19 @@ def test_the_generator_takes_no_option_for_the_directory_to_write_stubs_into(tmp
     assert "--includes DIR" in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
+def test_the_generator_writes_where_its_one_form_says(tmp_path, monkeypatch, capsys):
+    # OUT_DIR, else the committed stubs' clients/; --includes DIR writes the protos there instead.
+    generator = _generator()
+    written: list[tuple[str, Path]] = []
+    monkeypatch.setattr(generator, "generate", lambda out: written.append(("stubs", out)) or [out / "explaind" / "v1" / "common_pb2.py"])
+    monkeypatch.setattr(generator, "export_includes", lambda out: written.append(("includes", out)) or [out / "google" / "protobuf" / "empty.proto"])
+    generator.main([str(tmp_path / "stubs")])
+    generator.main([])
+    generator.main(["--includes", str(tmp_path / "includes")])
+    assert written == [("stubs", tmp_path / "stubs"), ("stubs", generator.DEFAULT_OUT), ("includes", tmp_path / "includes")]
+    assert f"wrote 1 google/* protos under {tmp_path / 'includes'}" in capsys.readouterr().out
+
+
 def test_every_rpc_takes_its_own_request_and_response():
     from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
 
