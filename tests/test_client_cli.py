@@ -757,6 +757,23 @@ def test_an_interrupted_start_whose_repeat_the_sdk_retried_to_an_earlier_job_doe
     assert (deleted, interrupt.__notes__, interrupt.operation) == ([], [f"cancelled {job.name}"], job)
 
 
+def test_an_interrupted_start_whose_repeat_started_a_job_that_ended_before_its_cancel_keeps_it():
+    # The job the repeat made finished as its cancel reached it: only one that ended cancelled is deleted, and one with a
+    # result is named as finished, not said to be "cancelled and deleted".
+    from explaind.client._interrupted import cancel_interrupted_start
+
+    def cancel():
+        job.state, job.done = "succeeded", True
+
+    deleted: list[str] = []
+    job = types.SimpleNamespace(name="operations/00000000000000ff", state="running", done=False, cancel=cancel,
+                                delete=lambda: deleted.append(job.name), metadata=types.SimpleNamespace(requested_again=False))
+    client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id", "requested_again")))
+    interrupt = KeyboardInterrupt()
+    cancel_interrupted_start(interrupt, client, "r-1", lambda request_id: job)
+    assert (deleted, interrupt.__notes__, interrupt.operation) == ([], [f"{job.name} had already finished (succeeded); nothing to cancel"], job)
+
+
 def test_ctrl_c_inside_a_start_under_a_request_id_of_another_request_says_no_job_started_under_it(server, capsys, monkeypatch):
     # --request-id an earlier run used with other options: the repeat is refused (as the start, had it arrived, was), so no
     # job of this command's is under it, and running it again (as a note advised) is refused again.
@@ -2117,6 +2134,16 @@ def test_serve_on_a_busy_metrics_or_health_port_says_so_in_one_line(capsys, tmp_
         port = busy.getsockname()[1]
         line = _error(capsys, ["serve", "--host", "127.0.0.1", "--port", "0", flag, str(port), "--data-dir", str(tmp_path / "data")])
     assert message.format(port=port) in line
+
+
+def test_serve_on_a_busy_metrics_port_of_an_ipv6_host_names_it_in_brackets(capsys, tmp_path):
+    # "::1:9090" reads as no address and port: the error names the one a client would dial.
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _error(capsys, ["serve", "--host", "::1", "--port", "0", "--metrics-port", str(port), "--data-dir", str(tmp_path / "data")])
+    assert f"cannot bind metrics [::1]:{port}: " in line, line
 
 
 def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsys, tmp_path):
@@ -4229,6 +4256,25 @@ def test_sigterm_in_the_channel_s_close_after_an_error_keeps_the_error_s_words(m
     assert exits == [143] and err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may "
                                              f"still run: explaind operations list)\n  {notes[0]}\n  {notes[1]}\n"), err
     assert json.loads(out.splitlines()[0])["error"]["notes"] == notes
+
+
+def test_sigterm_in_the_channel_s_close_after_a_command_error_keeps_its_words(monkeypatch, capsys):
+    # The CLI's own error (a CommandError: "error: ...", exit 1) cut short by a SIGTERM in the close is said as an SDK's is.
+    from explaind.client.cli import CommandError
+
+    refused = CommandError("--class: the served classifier has no class 'hart'")
+    close = Client.close
+
+    def terminated_while_closing(self):
+        close(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal ends it
+
+    monkeypatch.setattr(Client, "evaluate_sample_set", lambda self, *args, **kwargs: (_ for _ in ()).throw(refused))
+    monkeypatch.setattr(Client, "close", terminated_while_closing)
+    assert main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set"]) == 143
+    err = capsys.readouterr().err
+    assert err == f"terminated\n  error: {refused}\n", err
 
 
 def test_a_command_interrupted_where_stderr_s_reader_has_gone_still_exits_as_interrupted(monkeypatch, capsys):
