@@ -231,11 +231,11 @@ def _is_loopback_host(address: str) -> bool:
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):  # RFC 6761: always loopback
         return True
     try:
-        address = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
     # "::ffff:127.0.0.1", IPv4's loopback written as IPv6: Python before 3.13 says no loopback (the server's check says yes).
-    return address.is_loopback or bool(isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped and address.ipv4_mapped.is_loopback)
+    return ip.is_loopback or bool(isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback)
 
 
 def _caller_outside_package() -> int:
