@@ -832,50 +832,43 @@ def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no
         _shut(engine)
 
 
-def test_a_clip_move_out_of_the_host_s_memory_is_retry_later_as_the_device_s(tmp_path):
-    # On a CPU the host's memory runs out as PyTorch's allocator's RuntimeError, not
-    # torch.OutOfMemoryError: moving CLIP there is CLIP's size alike, which fewer pairs
-    # would not help, and no bug (INTERNAL).
+def _visualisation_whose_clip_move_raises(tmp_path, message: str):
+    """The job record of a two-pair clip_illusion visualisation whose CLIP's move onto the
+    device raises RuntimeError(``message``)."""
     from types import SimpleNamespace
 
-    class ClipTooLargeForTheHost(torch.nn.Module):
+    class ClipThatCannotMove(torch.nn.Module):
         def to(self, *args, **kwargs):
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
-                               "you tried to allocate 1717986918 bytes. Error code 12 (Cannot allocate memory)")
+            raise RuntimeError(message)
 
     engine, inspect = _in_process(tmp_path)
     try:
         engine.components["clip"] = SimpleNamespace(name="clip", loaded=True, source="", detail="",
-                                                    model=(ClipTooLargeForTheHost(), None, lambda texts: None))
+                                                    model=(ClipThatCannotMove(), None, lambda texts: None))
         job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="clip_illusion", steps=2)
-        record = engine.jobs.wait(job.record.job_id, 120).record
-        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
-        assert record.error_message.startswith("the model's device ran out of memory moving CLIP onto it, before optimising any image, "
-                                               "so fewer pairs would not help; retry later"), record.error_message
+        return engine.jobs.wait(job.record.job_id, 120).record
     finally:
         _shut(engine)
+
+
+def test_a_clip_move_out_of_the_host_s_memory_is_retry_later_as_the_device_s(tmp_path):
+    # On a CPU the host's memory runs out as PyTorch's allocator's RuntimeError, not
+    # torch.OutOfMemoryError: moving CLIP there is CLIP's size alike, which fewer pairs
+    # would not help, and no bug (INTERNAL).
+    record = _visualisation_whose_clip_move_raises(tmp_path, "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                                                   "memory: you tried to allocate 1717986918 bytes. Error code 12 (Cannot allocate memory)")
+    assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
+    assert record.error_message.startswith("the model's device ran out of memory moving CLIP onto it, before optimising any image, "
+                                           "so fewer pairs would not help; retry later"), record.error_message
 
 
 def test_a_clip_move_that_fails_for_another_reason_than_memory_stays_a_bug_not_a_retry_later(tmp_path):
     # Only memory running out moving CLIP onto the device is RESOURCE_EXHAUSTED "retry
     # later": a broken device (a CUDA error, even one that speaks of memory) is INTERNAL,
     # which no wait fixes, as the optimisation's own RuntimeErrors are.
-    from types import SimpleNamespace
-
-    class ClipOnABrokenDevice(torch.nn.Module):
-        def to(self, *args, **kwargs):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    engine, inspect = _in_process(tmp_path)
-    try:
-        engine.components["clip"] = SimpleNamespace(name="clip", loaded=True, source="", detail="",
-                                                    model=(ClipOnABrokenDevice(), None, lambda texts: None))
-        job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="clip_illusion", steps=2)
-        record = engine.jobs.wait(job.record.job_id, 120).record
-        assert (record.state, record.error_code) == ("failed", "INTERNAL"), record
-        assert record.error_message.startswith("internal error (RuntimeError); the server log has the details under incident "), record.error_message
-    finally:
-        _shut(engine)
+    record = _visualisation_whose_clip_move_raises(tmp_path, "CUDA error: an illegal memory access was encountered")
+    assert (record.state, record.error_code) == ("failed", "INTERNAL"), record
+    assert record.error_message.startswith("internal error (RuntimeError); the server log has the details under incident "), record.error_message
 
 
 def _clip_illusion_with_similarities(engine, monkeypatch, similarities=None):
