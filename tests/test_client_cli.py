@@ -22,6 +22,7 @@ import time
 import types
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -1332,6 +1333,28 @@ def _wait_for_an_exit(exits: list[int]) -> None:
         time.sleep(0.01)
 
 
+def _closing_then_terminated(close: Callable[[Client], None]) -> Callable[[Client], None]:
+    """A ``Client.close`` that closes, then takes a SIGTERM (a systemd stop) there."""
+    def closing(self: Client) -> None:
+        close(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal ends it
+    return closing
+
+
+def _closing_then_terminated_and_stuck(close: Callable[[Client], None], exits: list[int]) -> Callable[[Client], None]:
+    """A ``Client.close`` that takes its SIGTERM and then stands still all the same, until
+    the process's exit by its deadline (``exits``: :func:`_stuck_exits_recorded`)."""
+    def closing(self: Client) -> None:
+        close(self)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # its interrupt lands here
+            time.sleep(60)
+        finally:
+            _wait_for_an_exit(exits)
+    return closing
+
+
 def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsys):
     # SIGTERM landing inside gRPC's call setup could leave a lock held that closing the channel waited on forever.
     import explaind.client.cli as cli
@@ -1537,12 +1560,7 @@ def test_sigterm_in_the_channel_s_close_after_the_json_was_written_prints_no_sec
 
     close = Client.close
 
-    def terminated_while_closing(self):
-        close(self)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(60)  # the signal ends it
-
-    monkeypatch.setattr(Client, "close", terminated_while_closing)
+    monkeypatch.setattr(Client, "close", _closing_then_terminated(close))
     assert main(["--target", server.target, "head-versions", "list", "--json"]) == 143  # printed before the client closes
     out, err = capsys.readouterr()
     assert out.count("\n") == 1 and isinstance(json.loads(out), list), out  # the value alone
@@ -4181,14 +4199,9 @@ def test_sigterm_in_the_channel_s_close_after_a_ctrl_c_keeps_what_the_ctrl_c_lef
 
     close = Client.close
 
-    def terminated_while_closing(self):
-        close(self)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(60)  # the signal ends it
-
     monkeypatch.setattr(Client, "evaluate_sample_set", interrupted_once)
     monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: types.SimpleNamespace(capabilities=("request_id",)))
-    monkeypatch.setattr(Client, "close", terminated_while_closing)
+    monkeypatch.setattr(Client, "close", _closing_then_terminated(close))
     assert main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set", "--json"]) == 143
     out, err = capsys.readouterr()
     assert err == f"terminated\n  cancelled {job.name}\n", err
@@ -4199,15 +4212,7 @@ def test_sigterm_in_the_channel_s_close_after_a_ctrl_c_keeps_what_the_ctrl_c_lef
     starts.clear()
     job.state, job.done = "queued", False
 
-    def stuck_closing(self):
-        close(self)
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)  # its interrupt lands here
-            time.sleep(60)
-        finally:
-            _wait_for_an_exit(exits)  # and the close stands still all the same
-
-    monkeypatch.setattr(Client, "close", stuck_closing)
+    monkeypatch.setattr(Client, "close", _closing_then_terminated_and_stuck(close, exits))
     main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "0.01", "evaluate", "some-set", "--json"])
     out, err = capsys.readouterr()
     assert exits == [143] and err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may "
@@ -4231,13 +4236,8 @@ def test_sigterm_in_the_channel_s_close_after_an_error_keeps_the_error_s_words(f
         gone = CommandError("--class: the served classifier has no class 'hart'")
     close = Client.close
 
-    def terminated_while_closing(self):
-        close(self)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(60)  # the signal ends it
-
     monkeypatch.setattr(Client, "evaluate_sample_set", lambda self, *args, **kwargs: (_ for _ in ()).throw(gone))
-    monkeypatch.setattr(Client, "close", terminated_while_closing)
+    monkeypatch.setattr(Client, "close", _closing_then_terminated(close))
     argv = ["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set", "--json"]
     assert main(argv) == 143
     out, err = capsys.readouterr()
@@ -4248,15 +4248,7 @@ def test_sigterm_in_the_channel_s_close_after_an_error_keeps_the_error_s_words(f
     # Nor where the close never ends and the process exits by its deadline: its words say the error too.
     exits = _stuck_exits_recorded(monkeypatch)
 
-    def stuck_closing(self):
-        close(self)
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)  # its interrupt lands here
-            time.sleep(60)
-        finally:
-            _wait_for_an_exit(exits)  # and the close stands still all the same
-
-    monkeypatch.setattr(Client, "close", stuck_closing)
+    monkeypatch.setattr(Client, "close", _closing_then_terminated_and_stuck(close, exits))
     main([*argv[:3], "0.01", *argv[4:]])
     out, err = capsys.readouterr()
     assert exits == [143] and err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may "
