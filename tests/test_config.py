@@ -394,6 +394,14 @@ def test_a_token_or_callers_file_that_cannot_be_used_is_refused_naming_its_key(t
     assert ServerSection(token_file=str(tmp_path / "token")).bearer_token() == "tokenONE"
 
 
+def test_a_token_or_callers_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    # Windows Notepad's mark read as the token's first character: "holds a character other than printable ASCII".
+    (tmp_path / "token").write_bytes(b"\xef\xbb\xbftokenONE\r\n")
+    assert ServerSection(token_file=str(tmp_path / "token")).bearer_token() == "tokenONE"
+    (tmp_path / "callers").write_bytes(b"\xef\xbb\xbfanalyst tokenANA\r\n")
+    assert ServerSection(callers_file=str(tmp_path / "callers")).named_callers() == {"analyst": "tokenANA"}
+
+
 def test_an_unset_illusion_epsilon_is_the_one_the_clip_s_directory_recommends(tmp_path, classifier_dir):
     # The world CLIP's cosines go down to -0.75: a file naming it without illusion_epsilon
     # got the paper's 0.05, and its visualisations rewarded lower activations.

@@ -679,6 +679,22 @@ def _replace(path: Path, text: str) -> None:
     os.replace(new, path)
 
 
+def test_a_token_or_callers_file_rotated_to_one_with_a_byte_order_mark_takes_effect(tmp_path, auth_clock):
+    # A file saved again by Windows Notepad: its mark was read as a character of the token or name, and the reload failed.
+    token_file, callers_file, waits = tmp_path / "token", tmp_path / "callers", []
+    token_file.write_text("token1")
+    callers_file.write_text("analyst tokenANA\n")
+    from explaind.config import parse_callers
+
+    token = auth.BearerToken("token1", str(token_file), sleep=waits.append)
+    callers = auth.NamedCallers(parse_callers(callers_file.read_text()), str(callers_file), sleep=waits.append)
+    _replace(token_file, "\ufefftoken2\r\n")
+    _replace(callers_file, "\ufeffanalyst tokenNEW\r\n")
+    auth_clock.advance(auth.RECHECK_INTERVAL_S)
+    assert token.grant_of(_bearer("token2")) is not None and token.grant_of(_bearer("token1")) is None
+    assert callers.grant_of(_bearer("tokenNEW")).caller == "analyst" and callers.grant_of(_bearer("tokenANA")) is None
+
+
 def test_a_token_file_is_looked_at_once_a_recheck_interval_counted_from_the_last_look(tmp_path, auth_clock):
     # Every call, and every message of an open stream, asks whether the token still holds;
     # the file is looked at (a stat) no more than once a RECHECK_INTERVAL_S for all of them.

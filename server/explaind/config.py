@@ -188,7 +188,7 @@ class ServerSection:
         if not self.token_file:
             return self.token
         try:
-            token = Path(self.token_file).read_text().strip()
+            token = read_utf8_text(self.token_file).strip()
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"[server].token_file: cannot read {self.token_file}: {getattr(error, 'strerror', None) or error}") from None
         if problem := token_problem(token):
@@ -201,7 +201,7 @@ class ServerSection:
         if not self.callers_file:
             return {}
         try:
-            text = Path(self.callers_file).read_text(encoding="utf-8")
+            text = read_utf8_text(self.callers_file)
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"[server].callers_file: cannot read {self.callers_file}: {getattr(error, 'strerror', None) or error}") from None
         try:
@@ -258,6 +258,15 @@ def parse_callers(text: str) -> dict[str, str]:
     if not callers:
         raise ValueError("names no caller (every call would be refused); one a line: NAME TOKEN")
     return callers
+
+
+def read_utf8_text(path: str | Path) -> str:
+    """``path``'s text as UTF-8, a leading byte order mark (Windows Notepad's, PowerShell 5's
+    `-Encoding utf8`) dropped: tomllib refused a config with one as "Invalid statement (at line
+    1, column 1)", and a token or callers file read it as a character "other than printable
+    ASCII", neither of which a reader sees. Not "utf-8-sig", whose error offsets leave out the
+    mark. Raises OSError or UnicodeDecodeError."""
+    return Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff")
 
 
 def token_problem(token: str) -> str | None:
@@ -465,10 +474,8 @@ def load_config(path: str | Path | None = None) -> Config:
     if path is None:
         return default_config()
     path = Path(path)
-    # A byte order mark (Windows Notepad's, PowerShell 5's `-Encoding utf8`) is dropped: tomllib refused such a file
-    # as "Invalid statement (at line 1, column 1)", a line that reads as written.
     try:
-        raw = tomllib.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))  # not "utf-8-sig", whose error offsets leave out the mark
+        raw = tomllib.loads(read_utf8_text(path))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as error:  # a directory, or unreadable

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from ..config import ConfigError, ServerSection, parse_callers, token_problem
+from ..config import ConfigError, ServerSection, parse_callers, read_utf8_text, token_problem
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,11 @@ class _WatchedFiles:
         :meth:`reload_if_changed`), so a file left unusable, read again at every check,
         must not make each of them wait."""
         before = os.stat(path)
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_utf8_text(path)
         if time.time_ns() - before.st_ctime_ns >= SETTLE_S * 1e9 and _stamp(os.stat(path)) == _stamp(before):
             return text
         self._sleep(SETTLE_S)
-        if Path(path).read_text(encoding="utf-8") != text:
+        if read_utf8_text(path) != text:
             raise ValueError("changed while being read, so it is being written in place; "
                              "replace it whole instead (write another file, then rename it over this one)")
         return text
