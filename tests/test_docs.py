@@ -405,8 +405,15 @@ def test_the_readmes_alert_table_is_the_alerts_deploy_ships():
         threshold = re.search(r"[<>] *([\d.]+)\s*$", rule["expr"])
         if threshold and (value := float(threshold[1])):  # "> 0" is "any", as the row says in words
             assert states(f"{value * 100:g} %") or states(f"{value:g} s"), (rule["alert"], value, row)
-        if "for" in rule:
-            assert states(f"{int(rule['for'].removesuffix('m'))} min"), (rule["alert"], rule["for"], row)
+        held = int(rule["for"].removesuffix("m")) if "for" in rule else 0
+        if held:
+            assert states(f"{held} min"), (rule["alert"], rule["for"], row)
+        if (threshold and not float(threshold[1])) or re.search(r"\(.*\)\s*unless\b", rule["expr"], flags=re.S):
+            # An alert on "any" (a failure, a start) in a window: the row says how far back it
+            # looks, the window plus the minutes the condition must hold ("none started in the
+            # last 20").
+            window = max(int(minutes) for minutes in re.findall(r"\[(\d+)m\]", rule["expr"]))
+            assert re.search(rf"in the last {window + held}\b", row), (rule["alert"], window + held, row)
 
 
 def test_the_readmes_count_of_gpu_tests_is_the_suites():
