@@ -4221,30 +4221,38 @@ def test_sigterm_in_the_channel_s_close_after_a_ctrl_c_keeps_what_the_ctrl_c_lef
     assert (error["notes"], error["operation"]) == ([f"cancelled {job.name}"], job.name), error
 
 
-@pytest.mark.parametrize("failure", ["sdk", "command"])
-def test_sigterm_in_the_channel_s_close_after_an_error_keeps_the_error_s_words(failure, monkeypatch, capsys):
-    # The command failed (its set unknown; or the CLI's own CommandError, "error: ...", exit 1); a SIGTERM (a systemd
-    # stop) then landed in the channel's close: its interrupt took the error's place, and the words said "terminated"
-    # alone, not what had failed.
-    from explaind.client import NotFoundError
+@pytest.mark.parametrize(("failure", "hints", "field", "option"), [
+    ("sdk", ["(explaind sample-set list shows what there is)"], "sample_set_id", None),
+    ("option", ["(batch_size is --batch-size here)"], "batch_size", "--batch-size"),
+    ("command", [], None, None),
+])
+def test_sigterm_in_the_channel_s_close_after_an_error_keeps_the_error_s_words(failure, hints, field, option, monkeypatch, capsys):
+    # The command failed (its set unknown, an option refused; or the CLI's own CommandError, "error: ...", exit 1); a
+    # SIGTERM (a systemd stop) then landed in the channel's close: its interrupt took the error's place, and the words said
+    # "terminated" alone, not what had failed; then they kept its words and notes, but not its hints in parentheses, nor
+    # the --json error's field and option.
+    from explaind.client import InvalidArgumentError, NotFoundError
     from explaind.client.cli import CommandError
 
     if failure == "sdk":
         gone: Exception = NotFoundError("no sample set 'some-set'", field="sample_set_id")
         gone.add_note("that is the set --id names")
+    elif failure == "option":
+        gone = InvalidArgumentError("batch_size: at most 64", field="batch_size")
     else:
         gone = CommandError("--class: the served classifier has no class 'hart'")
     close = Client.close
 
     monkeypatch.setattr(Client, "evaluate_sample_set", lambda self, *args, **kwargs: (_ for _ in ()).throw(gone))
     monkeypatch.setattr(Client, "close", _closing_then_terminated(close))
-    argv = ["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set", "--json"]
+    argv = ["--target", f"127.0.0.1:{free_port()}", "--timeout", "600", "evaluate", "some-set", "--batch-size", "65", "--json"]
     assert main(argv) == 143
     out, err = capsys.readouterr()
-    notes = [f"error: {gone}", *getattr(gone, "__notes__", ())]
+    notes = [f"error: {gone}", *hints, *getattr(gone, "__notes__", ())]
     assert err == "terminated\n" + "".join(f"  {note}\n" for note in notes), err
     error = json.loads(out)["error"]
     assert (error["code"], error["message"], error["notes"]) == ("INTERRUPTED", "terminated", notes), error
+    assert (error["field"], error["option"], error["option_defaulted"]) == (field, option, False if option else None), error
     # Nor where the close never ends and the process exits by its deadline: its words say the error too.
     exits = _stuck_exits_recorded(monkeypatch)
 
@@ -4253,7 +4261,8 @@ def test_sigterm_in_the_channel_s_close_after_an_error_keeps_the_error_s_words(f
     out, err = capsys.readouterr()
     assert exits == [143] and err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may "
                                              "still run: explaind operations list)\n" + "".join(f"  {note}\n" for note in notes)), err
-    assert json.loads(out.splitlines()[0])["error"]["notes"] == notes
+    error = json.loads(out.splitlines()[0])["error"]
+    assert (error["notes"], error["field"], error["option"]) == (notes, field, option), error
 
 
 def test_a_command_interrupted_where_stderr_s_reader_has_gone_still_exits_as_interrupted(monkeypatch, capsys):

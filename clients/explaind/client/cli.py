@@ -129,7 +129,7 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
 
     def say_why() -> None:
         # A search for the job an interrupted start left, cut short: its notes name the request_id, or the job.
-        stopped = _as_terminated(stopping[0]) if stopping else _Terminated("terminated")
+        stopped = _as_terminated(stopping[0], args) if stopping else _Terminated("terminated")
         with contextlib.suppress(OSError):  # its reader gone: the --json error on stdout still says it
             print("terminated\n  (the command did not end within "
                   f"{args.timeout + TERMINATED_GRACE_S:g} s of SIGTERM; a job it started may still run: explaind operations list)",
@@ -169,18 +169,22 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
             timer.cancel()
 
 
-def _as_terminated(interrupt: KeyboardInterrupt) -> _Terminated:
+def _as_terminated(interrupt: KeyboardInterrupt, args: argparse.Namespace) -> _Terminated:
     """``interrupt`` as SIGTERM's: a Ctrl-C whose cleanup a SIGTERM then stopped (taken there
     as a second interrupt) ends as a SIGTERM does, exit status 143, with its notes and job;
     so does SIGTERM's own interrupt where it cut short a Ctrl-C or a failed command on its
     way out (the channel's close, stuck), which it took the place of: that Ctrl-C's notes,
-    or the error's words ("error: ...") and notes, first, then its own."""
+    or the error's words ("error: ..."), hints (:func:`_error_hints`) and notes, first, then
+    its own; and the error's request ``field``, for the --json error's field and option."""
     stopped: list[BaseException] = [interrupt]
     terminated = _Terminated("terminated")
     if isinstance(interrupt, _Terminated):
         cut_short = interrupt.__context__
         if isinstance(cut_short, (ExplaindError, CommandError)):
             terminated.add_note(f"error: {cut_short}")
+            for hint in _error_hints(args, cut_short):
+                terminated.add_note(hint)
+            terminated.field = getattr(cut_short, "field", None)  # type: ignore[attr-defined]
         elif not isinstance(cut_short, KeyboardInterrupt) or isinstance(cut_short, _Terminated):
             return interrupt
         stopped.insert(0, cut_short)
@@ -1437,7 +1441,8 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
         value = _error_json(server)
     else:
         interrupted = isinstance(error, KeyboardInterrupt)
-        value = {"code": INTERRUPTED_CODE if interrupted else CLIENT_ERROR_CODE, "message": _failure_words(error), "field": None,
+        # A SIGTERM's that cut short a server's error names that error's field (_as_terminated).
+        value = {"code": INTERRUPTED_CODE if interrupted else CLIENT_ERROR_CODE, "message": _failure_words(error), "field": getattr(error, "field", None),
                  "precondition_violations": []}
     # A server error's; an interrupt's, the job its wait was on (the SDK's result(), _naming_interrupted_job).
     job: Operation[Any] | None = getattr(error, "operation", None)
@@ -2175,6 +2180,20 @@ def _fields_named(error: Exception) -> list[str]:
     return [cast(str, getattr(error, "field"))] if getattr(error, "field", None) else []
 
 
+def _error_hints(args: argparse.Namespace, error: Exception) -> list[str]:
+    """The parenthesised lines stderr prints under a failed command's "error:" line: the
+    option (or argument) that set each request field it names, then what to check or where
+    to look it up."""
+    hints = []
+    for field in _fields_named(error):
+        if option := _option_of_field(args, field):
+            left_out = ", left out: its default" if _option_defaulted(args, field) else ""
+            hints.append(f"({field} is {option} here{left_out})")
+    if hint := _connection_hint(args, error) or _listing_hint(error):
+        hints.append(f"({hint})")
+    return hints
+
+
 def _connection_hint(args: argparse.Namespace, error: Exception) -> str | None:
     """What to check when the call never reached the server, or it refused the caller, or
     it went unanswered for --timeout seconds."""
@@ -2308,12 +2327,8 @@ def _command_outcome(args: argparse.Namespace, ran: Callable[[], None]) -> int:
     except (ExplaindError, CommandError) as error:
         try:
             print(f"error: {error}", file=sys.stderr)
-            for field in _fields_named(error):
-                if option := _option_of_field(args, field):
-                    left_out = ", left out: its default" if _option_defaulted(args, field) else ""
-                    print(f"  ({field} is {option} here{left_out})", file=sys.stderr)
-            if hint := _connection_hint(args, error) or _listing_hint(error):
-                print(f"  ({hint})", file=sys.stderr)
+            for line in _error_hints(args, error):
+                print(f"  {line}", file=sys.stderr)
             for note in getattr(error, "__notes__", ()):  # e.g. what a failed upload left behind
                 print(f"  {note}", file=sys.stderr)
         except OSError:  # its reader gone (`2>&1 | head -1`): the command failed all the same, which its status and --json say
@@ -2331,7 +2346,7 @@ def _command_outcome(args: argparse.Namespace, ran: Callable[[], None]) -> int:
         return 1
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as _Terminated
         if getattr(args, "terminated", False):  # a SIGTERM after a Ctrl-C: it stopped the command (130 read as the user's stop)
-            interrupt = _as_terminated(interrupt)
+            interrupt = _as_terminated(interrupt, args)
         try:
             print(_failure_words(interrupt), file=sys.stderr)
             for note in getattr(interrupt, "__notes__", ()):  # e.g. a partly uploaded set deleted, a job cancelled or going on
