@@ -969,7 +969,7 @@ def test_an_interrupted_start_found_at_once_says_nothing_of_looking_for_it(serve
 
 @pytest.mark.parametrize(("state", "rerun", "requested_again", "said"), [
     ("succeeded", False, True, "started operations/x; explaind operations wait operations/x waits for it"),  # the SDK's retry found its own job ended
-    ("queued", True, False, "started operations/x; explaind operations wait operations/x waits for it"),  # an older server's: nothing tells it from a new one
+    ("queued", True, False, "started operations/x; explaind operations wait operations/x waits for it"),  # the server says it is new
     ("queued", True, True, "operations/x, started by an earlier run with this --request-id, is queued; "
                            "explaind operations wait operations/x waits for it"),  # it was said to be started
     ("running", True, True, "operations/x, started by an earlier run with this --request-id, is running already; "
@@ -982,7 +982,27 @@ def test_a_job_command_says_whose_job_it_got_by_its_state_and_whether_a_request_
 
     operation = types.SimpleNamespace(name="operations/x", state=state, done=state in ("succeeded", "failed", "cancelled"),
                                       requested_again=requested_again)
-    assert _announcement(operation, waiting=False, rerun=rerun) == said
+    assert _announcement(operation, waiting=False, rerun=rerun, unsaid=False) == said
+
+
+def test_an_older_server_s_queued_job_under_a_given_request_id_is_not_said_to_be_started_by_this_run(server, capsys, monkeypatch):
+    # A server that does not list requested_again answers an earlier run's queued job under the --request-id as it does a
+    # new one: the words said "started operations/...", claiming it for this run.
+    metadata = Client.model_metadata
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: dataclasses.replace(
+        metadata(self, **kwargs), capabilities=tuple(c for c in metadata(self, **kwargs).capabilities if c != "requested_again")))
+    argv = ["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--request-id", str(uuid.uuid4()), "--no-wait"]
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+        try:
+            assert main(argv) == 0
+        finally:
+            ahead.cancel()
+        out, err = capsys.readouterr()
+        name = out.strip()
+        client.operation(name).cancel()
+    assert err == (f"{name}, started by this run or by an earlier one with this --request-id (the server does not say which), is queued; "
+                   f"explaind operations wait {name} waits for it\n"), err
 
 
 def test_an_option_s_word_after_a_double_dash_is_an_argument_not_the_option_given():

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar, cast, overload
 
 from explaind.class_names import class_name_key
 
-from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, Client
+from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, REQUESTED_AGAIN_CAPABILITY, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning,
                       UnauthenticatedError, UnavailableError, error_from_code, listed_items)
 from ._images import image_folder
@@ -1039,7 +1039,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with _client(args) as client:
         operation = started_job(client, lambda request_id: client.evaluate_sample_set(
             args.id, batch_size=args.batch_size, max_grid_images=args.max_grid_images, request_id=request_id), args.request_id, started_by="this command")
-        evaluation = _announce_and_wait(operation, args)
+        evaluation = _announce_and_wait(client, operation, args)
         if evaluation is None:
             return 0
         if not args.json:
@@ -1081,10 +1081,12 @@ def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
 
 def cmd_rank(args: argparse.Namespace) -> int:
     def announce(job: Operation[NeuronRanking]) -> None:
-        """Say, as the other job commands do, where the job is an earlier run's (a new one is
-        not named: the ranking's --json names it)."""
-        if _started_by_earlier_run(job, rerun=args.request_id is not None):
-            print(_announcement(job, waiting=True, rerun=True), file=sys.stderr if args.json else sys.stdout)
+        """Say, as the other job commands do, where the job is an earlier run's, or may be (a
+        new one is not named: the ranking's --json names it)."""
+        rerun = args.request_id is not None
+        unsaid = _earlier_run_unsaid(client, job, rerun)
+        if unsaid or _started_by_earlier_run(job, rerun):
+            print(_announcement(job, waiting=True, rerun=True, unsaid=unsaid), file=sys.stderr if args.json else sys.stdout)
 
     with _client(args) as client:
         target_class = _target_class(client, args)
@@ -1134,10 +1136,27 @@ def _started_by_earlier_run(operation: Operation[Any], rerun: bool) -> bool:
     return rerun and (operation.state != "queued" or operation.requested_again)
 
 
-def _announcement(operation: Operation[Any], waiting: bool, rerun: bool) -> str:
+def _earlier_run_unsaid(client: Client, operation: Operation[Any], rerun: bool) -> bool:
+    """Whether a job command's queued ``operation``, got under the --request-id the user gave
+    (``rerun``), may be an earlier run's without the server saying so: one that does not
+    list the requested_again capability (an older server) answers an earlier run's queued
+    job as it does a new one, so "started" would claim it for this run."""
+    if not rerun or operation.state != "queued" or operation.requested_again:
+        return False
+    try:
+        return REQUESTED_AGAIN_CAPABILITY not in client.model_metadata().capabilities
+    except ExplaindError:  # it did not say
+        return True
+
+
+def _announcement(operation: Operation[Any], waiting: bool, rerun: bool, unsaid: bool) -> str:
     """What a job command says of the ``operation`` it got: started by this run, or by an
-    earlier one (:func:`_started_by_earlier_run`), queued, running or ended."""
+    earlier one (:func:`_started_by_earlier_run`), queued, running or ended; or, queued,
+    by either, where the server does not say which (``unsaid``: :func:`_earlier_run_unsaid`)."""
     wait = f"explaind operations wait {operation.name} waits for it"
+    if unsaid:
+        return (f"{operation.name}, started by this run or by an earlier one with this --request-id (the server does not say which), "
+                f"is queued; {'waiting for it' if waiting else wait}")
     if not _started_by_earlier_run(operation, rerun):
         return f"started {operation.name}" + ("" if waiting else f"; {wait}")
     earlier = f"{operation.name}, started by an earlier run with this --request-id,"
@@ -1148,21 +1167,23 @@ def _announcement(operation: Operation[Any], waiting: bool, rerun: bool) -> str:
     return f"{earlier} {now}; {'waiting for it' if waiting else wait}"
 
 
-def _announce_and_wait(operation: Operation[_Result], args: argparse.Namespace) -> _Result | None:
+def _announce_and_wait(client: Client, operation: Operation[_Result], args: argparse.Namespace) -> _Result | None:
     """Print the operation's name, then (unless --no-wait) wait for its result with a
     progress bar; None with --no-wait. With --no-wait, stdout gets the name alone
     (``N=$(explaind evaluate s --no-wait)``), or {"operation": ..., "name": ...,
     "requested_again": ...} with --json (``operation`` as every command's JSON names a
     job; ``name`` kept for scripts that read it; see :func:`_started_json`), and the note
     goes to stderr; with --json, stdout gets only the JSON."""
+    rerun = args.request_id is not None
+    unsaid = not (args.no_wait and args.json) and _earlier_run_unsaid(client, operation, rerun)
     if args.no_wait:
         if args.json:
             _print_json({"operation": operation.name, "name": operation.name, "requested_again": operation.requested_again}, args)
         else:
             print(operation.name)
-            print(_announcement(operation, waiting=False, rerun=args.request_id is not None), file=sys.stderr)
+            print(_announcement(operation, waiting=False, rerun=rerun, unsaid=unsaid), file=sys.stderr)
         return None
-    print(_announcement(operation, waiting=True, rerun=args.request_id is not None), file=sys.stderr if args.json else sys.stdout)
+    print(_announcement(operation, waiting=True, rerun=rerun, unsaid=unsaid), file=sys.stderr if args.json else sys.stdout)
     with _naming_interrupted_job(operation):
         return operation.result(progress=True)
 
@@ -1193,7 +1214,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             operation = started_job(client, lambda request_id: client.visualize_neurons(
                 neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron, gamma=args.gamma,
                 epsilon=args.epsilon, learning_rate=args.learning_rate, seed=args.seed, request_id=request_id), args.request_id, started_by="this command")
-            result = _announce_and_wait(operation, args)
+            result = _announce_and_wait(client, operation, args)
     except BaseException:  # no images to write (no server, a refused request, Ctrl-C): no empty directories left either
         for directory in created:
             with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
@@ -1260,7 +1281,7 @@ def cmd_edit_head(args: argparse.Namespace) -> int:
             target_ratio=args.target_ratio, learning_rate=args.learning_rate, max_epochs=args.max_epochs, patience=args.patience,
             seed=args.seed, promote=args.promote, description=args.description, request_id=request_id,
         ), args.request_id, started_by="this command")
-        edit = _announce_and_wait(operation, args)
+        edit = _announce_and_wait(client, operation, args)
         if edit is not None and args.json:
             _print_json({**_started_json(operation), **_json_value(edit)}, args)
         elif edit is not None:
