@@ -678,6 +678,44 @@ def test_ctrl_c_inside_a_start_on_a_server_that_keeps_no_request_id_starts_no_se
         assert len({op.name for op in client.operations(kind="visualize_neurons")} - before) == 1
 
 
+def _repeat_deleted_note(request_id: str) -> str:
+    """The note of an interrupted start whose search's repeat started the job, then cancelled and deleted it: not "no job had
+    started", which a restart that ended the start's own job (FAILED, ABORTED; the server then runs the request again) belies."""
+    return (f"no job runs under request_id {request_id}: the one sending it again started, to find it, was cancelled and deleted (the "
+            "start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations list shows it)")
+
+
+def test_a_run_waiting_on_the_job_an_interrupted_start_s_repeat_made_says_why_it_is_gone(server, capsys, monkeypatch):
+    # Another run under the same --request-id got the job the interrupted start's search made (requested_again); that
+    # search cancelled and deleted it, and the run's wait read a bare NOT_FOUND, "deleted by another client".
+    given = str(uuid.uuid4())
+    visualize = Client.visualize_neurons
+
+    def deleted_by_the_search(self, *args, **kwargs):
+        job = visualize(self, *args, **kwargs)
+        repeat = self.operation(job.name).cancel()  # as the interrupted start's search does with the job it started
+        repeat.wait(20)
+        repeat.delete()
+        return job
+
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the jobs queue behind it
+        try:
+            client.visualize_neurons([5], method="no_clip", steps=1, request_id=given)  # the search's repeat
+            monkeypatch.setattr(Client, "visualize_neurons", deleted_by_the_search)
+            assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--request-id", given,
+                         "--json"]) == 1
+        finally:
+            ahead.cancel()
+    out, err = capsys.readouterr()
+    error = json.loads(out)["error"]
+    assert error["code"] == "NOT_FOUND" and error["requested_again"] is True, error
+    assert error["notes"] == [f"{error['operation']} was queued when last read, an earlier request's under the same request_id: it was "
+                              "cancelled and deleted since, as an interrupted start under that request_id (another run's Ctrl-C or SIGTERM) "
+                              "does with the job it started sending itself again to find its own (or by another client)"], error
+    assert error["notes"][0] in err, err
+
+
 @pytest.mark.parametrize("server_says_requested_again", [True, False])
 def test_ctrl_c_inside_a_start_that_never_reached_the_server_leaves_no_job_behind(server, capsys, monkeypatch, server_says_requested_again):
     # The search's start sent again, under the request_id nothing had used, started the job, which it then cancelled: a
@@ -702,7 +740,7 @@ def test_ctrl_c_inside_a_start_that_never_reached_the_server_leaves_no_job_behin
     if not server_says_requested_again:
         assert left == {error["operation"]} and error["notes"] == [f"cancelled {error['operation']}"], error
         return
-    note = f"no job had started under request_id {request_ids[0]}: the one sending it again started, to find it, was cancelled and deleted"
+    note = _repeat_deleted_note(request_ids[0])
     assert left == set() and err == f"interrupted\n  {note}\n", err
     assert (error["operation"], error["notes"]) == (None, [note]), error
 
@@ -716,7 +754,7 @@ def test_ctrl_c_inside_a_start_that_never_reached_an_idle_server_leaves_no_job_b
         assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "10000", "--no-wait", "--json"]) == 130
         out, err = capsys.readouterr()
         left = {op.name for op in client.operations(kind="visualize_neurons")} - before
-    note = f"no job had started under request_id {request_ids[0]}: the one sending it again started, to find it, was cancelled and deleted"
+    note = _repeat_deleted_note(request_ids[0])
     assert left == set() and err == f"interrupted\n  {note}\n", err
     assert json.loads(out)["error"]["notes"] == [note]
 

@@ -164,8 +164,11 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
     if started_by_repeat and _ended_cancelled(operation, say_meanwhile) and _deleted(operation):
         # Nobody asked for it: a CANCELLED job listed would read as one this command had started.
         del interrupt.operation  # type: ignore[attr-defined]
-        interrupt.add_note(f"no job had started under request_id {request_id}: the one sending it again started, to find it, was cancelled "
-                           "and deleted")
+        # None was kept under the id: the start had not reached the server, or a restart ended the job it started (FAILED, ABORTED:
+        # the server runs such a request again), which nothing here tells apart.
+        interrupt.add_note(f"no job runs under request_id {request_id}: the one sending it again started, to find it, was cancelled and "
+                           "deleted (the start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations "
+                           "list shows it)")
         return
     interrupt.add_note(cancel_outcome(operation))
 
