@@ -1043,6 +1043,43 @@ def test_an_older_server_s_queued_job_under_a_given_request_id_is_not_said_to_be
                    f"explaind operations wait {name} waits for it\n"), err
 
 
+@pytest.mark.parametrize("options", [["--json"], ["--no-wait"]])
+def test_ctrl_c_while_asking_whether_the_server_says_whose_queued_job_it_is_cancels_that_job_and_names_it(server, capsys, monkeypatch, options):
+    # The job started, queued under the --request-id, and the server's capabilities were asked for before its name was said:
+    # a Ctrl-C there left it queued, neither named nor cancelled, where one inside the start or the wait cancels it.
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+        try:
+            assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--request-id", str(uuid.uuid4()),
+                         *options]) == 130
+        finally:
+            ahead.cancel()
+        out, err = capsys.readouterr()
+        started = re.fullmatch(r"interrupted\n  cancelled (operations/[0-9a-f]{16})\n", err)
+        assert started, err
+        # --no-wait's name was not printed: the error names the job.
+        assert (json.loads(out)["error"]["operation"] if "--json" in options else out) == (started[1] if "--json" in options else ""), out
+        assert client.operation(started[1]).state == "cancelled"
+
+
+def test_ranking_job_ctrl_c_while_asking_whether_the_server_says_whose_it_is_cancels_and_names_it(server, capsys, monkeypatch, relabelled_set):
+    # As for the other job commands: rank's announce asks the server's capabilities before its wait.
+    start = Client._start_ranking
+    monkeypatch.setattr(Client, "_start_ranking", lambda self, *args, **kwargs: start(self, *args, **{**kwargs, "execution": "operation"}))
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+        try:
+            assert main(["--target", server.target, "rank", relabelled_set[0], "--class", "heart", "--request-id", str(uuid.uuid4()),
+                         "--json"]) == 130
+        finally:
+            ahead.cancel()
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert error["operation"] and error["notes"] == [f"cancelled {error['operation']}"], error
+        assert client.operation(error["operation"]).state == "cancelled"
+
+
 def test_an_option_s_word_after_a_double_dash_is_an_argument_not_the_option_given():
     from explaind.client.cli import _options_given
 

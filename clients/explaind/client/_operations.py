@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import math
@@ -515,6 +516,23 @@ class Operation(Generic[ResultT]):
         error.add_note(f"{self.name} was {self.state} when last read: it was deleted since (by another client, or by the "
                        "server's retention of ended operations)")
 
+    @contextlib.contextmanager
+    def _cancelled_if_interrupted(self) -> Iterator[None]:
+        """Ctrl-C (or the CLI's SIGTERM) met inside: cancel this job on the server before
+        re-raising, the KeyboardInterrupt's ``operation`` this one, a note what the cancel
+        did (:meth:`result`'s wait; the CLI's calls between a start and its wait)."""
+        try:
+            yield
+        except KeyboardInterrupt as interrupt:
+            interrupt.operation = self  # type: ignore[attr-defined]  # as an error's: the job it stopped waiting for
+            try:
+                self.cancel()
+            except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened
+                interrupt.add_note(f"{self.name} may still be running: cancelling it failed ({error})")
+            else:
+                interrupt.add_note(cancel_outcome(self))
+            raise
+
     def result(self, *, progress: bool = False, timeout: float | None = None, download: bool = True) -> ResultT:
         """Wait for the job and return its result (a dataclass where the SDK has one,
         else the response message). ``progress=True`` shows a tqdm bar, or plain lines
@@ -531,27 +549,19 @@ class Operation(Generic[ResultT]):
         timeout = checked_timeout(timeout)
         started = time.monotonic()
         try:
-            if timeout is not None and timeout <= 0:  # one look, with or without progress
-                self.wait(timeout)
-            elif progress:
-                with ProgressDisplay.of_job(self) as display:
-                    for update in self.watch(WATCH_DEADLINE_S if timeout is None else timeout):
-                        display.show_job(update)
-            else:
-                self.wait(timeout)
+            with self._cancelled_if_interrupted():
+                if timeout is not None and timeout <= 0:  # one look, with or without progress
+                    self.wait(timeout)
+                elif progress:
+                    with ProgressDisplay.of_job(self) as display:
+                        for update in self.watch(WATCH_DEADLINE_S if timeout is None else timeout):
+                            display.show_job(update)
+                else:
+                    self.wait(timeout)
         except DeadlineExceededError:
             if timeout is None:
                 raise
             # A call of the watch or the wait went unanswered (a hung server): late, as below.
-        except KeyboardInterrupt as interrupt:
-            interrupt.operation = self  # type: ignore[attr-defined]  # as an error's: the job it stopped waiting for
-            try:
-                self.cancel()
-            except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened
-                interrupt.add_note(f"{self.name} may still be running: cancelling it failed ({error})")
-            else:
-                interrupt.add_note(cancel_outcome(self))
-            raise
         if not self.done:
             raise self._late(timeout, started)
         if self.error is not None:

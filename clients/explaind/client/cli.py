@@ -1143,10 +1143,12 @@ def _earlier_run_unsaid(client: Client, operation: Operation[Any], rerun: bool) 
     job as it does a new one, so "started" would claim it for this run."""
     if not rerun or operation.state != "queued" or operation.requested_again:
         return False
-    try:
-        return REQUESTED_AGAIN_CAPABILITY not in client.model_metadata().capabilities
-    except ExplaindError:  # it did not say
-        return True
+    # Its name not said yet: a Ctrl-C in the call cancels the job, as one inside its start does.
+    with operation._cancelled_if_interrupted():
+        try:
+            return REQUESTED_AGAIN_CAPABILITY not in client.model_metadata().capabilities
+        except ExplaindError:  # it did not say
+            return True
 
 
 def _announcement(operation: Operation[Any], waiting: bool, rerun: bool, unsaid: bool) -> str:
