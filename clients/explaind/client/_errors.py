@@ -37,7 +37,8 @@ class ExplaindError(Exception):
     OperationError ended; or the one an earlier request under a reused ``request_id``
     created (an InvalidArgumentError on ``request_id``: its ``google.rpc.ResourceInfo``;
     with named callers only if this caller, or none, sent that request),
-    as read once when the error came (None if that read failed);
+    as read once when the error came (None if that read failed); or, on a NotFoundError
+    of ``wait``/``watch``/``result``, the job followed, deleted meanwhile, as last read;
     None on other errors."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
