@@ -710,9 +710,10 @@ def test_a_run_waiting_on_the_job_an_interrupted_start_s_repeat_made_says_why_it
     out, err = capsys.readouterr()
     error = json.loads(out)["error"]
     assert error["code"] == "NOT_FOUND" and error["requested_again"] is True, error
-    assert error["notes"] == [f"{error['operation']} was queued when last read, an earlier request's under the same request_id: it was "
-                              "cancelled and deleted since, as an interrupted start under that request_id (another run's Ctrl-C or SIGTERM) "
-                              "does with the job it started sending itself again to find its own (or by another client)"], error
+    assert error["notes"] == [f"{error['operation']} was queued when last read, an earlier request's under the same request_id: it "
+                              "ended and was deleted since, most likely cancelled and deleted by an interrupted start under that request_id "
+                              "(another run's Ctrl-C or SIGTERM), which does so with the job it started sending itself again to find its "
+                              "own; or deleted by another client once it ended"], error
     assert error["notes"][0] in err, err
 
 

@@ -502,16 +502,18 @@ class Operation(Generic[ResultT]):
 
     def _note_deleted(self, error: NotFoundError) -> None:
         """What a NOT_FOUND for this operation, read before, means to a wait or a watch:
-        it ended and another client (or the server's retention) deleted it in between. One its
-        start got as an earlier request's under the same request_id (:attr:`requested_again`)
-        is, queued or running, most likely the job that an interrupted start under that id
-        (another run's Ctrl-C or SIGTERM) made sending itself again, then cancelled and deleted.
+        it ended and another client (or the server's retention) deleted it in between (the
+        server deletes no queued or running job). One its start got as an earlier request's
+        under the same request_id (:attr:`requested_again`) is, queued or running when last
+        read, most likely the job that an interrupted start under that id (another run's
+        Ctrl-C or SIGTERM) made sending itself again, then cancelled and deleted.
         The error's ``operation`` is this one, as a failed job's is."""
         error.operation = self
         if self.requested_again and not self.done:
-            error.add_note(f"{self.name} was {self.state} when last read, an earlier request's under the same request_id: it was cancelled "
-                           "and deleted since, as an interrupted start under that request_id (another run's Ctrl-C or SIGTERM) does with the "
-                           "job it started sending itself again to find its own (or by another client)")
+            error.add_note(f"{self.name} was {self.state} when last read, an earlier request's under the same request_id: it ended and "
+                           "was deleted since, most likely cancelled and deleted by an interrupted start under that request_id (another "
+                           "run's Ctrl-C or SIGTERM), which does so with the job it started sending itself again to find its own; or "
+                           "deleted by another client once it ended")
             return
         error.add_note(f"{self.name} was {self.state} when last read: it was deleted since (by another client, or by the "
                        "server's retention of ended operations)")
