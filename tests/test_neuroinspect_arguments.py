@@ -243,6 +243,24 @@ def test_a_model_in_training_mode_keeps_its_mode_and_batchnorm_statistics(classi
     assert all(torch.equal(buffers[name], value) for name, value in model.named_buffers())
 
 
+def test_the_public_map_functions_leave_a_training_model_and_its_gradients_as_they_were(classifier_dir, world_images):
+    # last_spatial_module and neuron_gradient_maps ran the model as it was: in training mode
+    # each call updated its BatchNorm statistics, and the maps came from batch statistics.
+    from explaind.methods.neuroinspect import last_spatial_module, neuron_gradient_maps
+    from explaind.world.classifier import load_classifier
+
+    model, images = load_classifier(classifier_dir), world_images[0][:4]
+    neurons = torch.tensor([3, 8, 21, 63])
+    expected = neuron_gradient_maps(model, images, (model.layer3, 0), model.fc, neurons)  # in eval mode
+    model.train()
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    assert last_spatial_module(model, images, model.avgpool) == (model.layer3, 0)
+    torch.testing.assert_close(neuron_gradient_maps(model, images, (model.layer3, 0), model.fc, neurons), expected)
+    assert all(module.training for module in model.modules())
+    assert all(torch.equal(buffers[name], value) for name, value in model.named_buffers())
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
 def test_visualize_runs_under_no_grad_and_refuses_malformed_pairs(world_model):
     illusion = ClipIllusion(world_model, "layer3")
     with torch.no_grad():  # "element 0 of tensors does not require grad"

@@ -44,7 +44,8 @@ def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_mod
     than once); None if there are none. Why: where the feature layer holds vectors (a
     hidden linear layer before the head, as MobileNetV3 has), a neuron's map has to come
     from there (:func:`neuron_gradient_maps`). Outputs are read as (N, C, h, w): a layer
-    giving channels last (N, h, w, C) would be misread."""
+    giving channels last (N, h, w, C) would be misread. The forward runs in eval mode
+    without gradients: a model in training mode keeps its mode and BatchNorm statistics."""
     owner = threading.get_ident()
     calls: dict[nn.Module, int] = {}
     handles: list[RemovableHandle] = []
@@ -63,7 +64,8 @@ def last_spatial_module(classifier: nn.Module, images: torch.Tensor, feature_mod
 
     try:
         handles = [module.register_forward_hook(hook) for module in classifier.modules() if module is not classifier]
-        classifier(images)
+        with torch.no_grad(), eval_mode(classifier):
+            classifier(images)
     finally:
         for handle in handles:
             handle.remove()
@@ -77,7 +79,8 @@ def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial: t
     of a class. The maps (B, K, h, w) of ``spatial`` = (module, call), as
     :func:`last_spatial_module` gives it, are weighted by the spatial mean of the neuron's
     gradient with respect to each, summed over K, and what speaks against the neuron is
-    cut off (ReLU)."""
+    cut off (ReLU). The forward runs in eval mode (:func:`last_spatial_module`'s reason),
+    and no parameter's ``.grad`` is written."""
     module, wanted = spatial
     neurons = tensor_argument(neurons, "neurons")
     if neurons.is_floating_point() or neurons.is_complex() or neurons.dtype == torch.bool:
@@ -98,7 +101,7 @@ def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial: t
 
     handle = module.register_forward_hook(hook)
     try:
-        with torch.enable_grad(), capture_forward(head) as read:
+        with torch.enable_grad(), eval_mode(classifier), capture_forward(head) as read:
             classifier(images)
             if "maps" not in captured:
                 raise ValueError(f"spatial {spatial!r}: the module runs {calls[0]} times in the classifier's forward, "
