@@ -342,3 +342,14 @@ def test_the_evaluation_predicts_in_slices_of_rows_with_the_whole_set_s_answer(m
     sliced = evaluate_head(weight, bias, features.as_subclass(RecordingProducts), labels)
     assert product_rows == [7] * 7 + [1]
     assert sliced == whole and whole.accuracy == int((torch.nn.functional.linear(features, weight, bias).argmax(1) == labels).sum()) / len(labels)
+
+
+def test_an_edit_runs_under_no_grad_and_explains_inference_mode(world):
+    # A notebook cell under torch.no_grad() failed at the first minibatch with torch's
+    # bare "element 0 of tensors does not require grad"; visualize ran there already.
+    expected = edit(world, max_epochs=2)
+    with torch.no_grad():
+        quiet = edit(world, max_epochs=2)
+    assert torch.equal(quiet.weight, expected.weight) and quiet.history == expected.history
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"call it outside inference mode \(under torch.no_grad\(\) it works\)"):
+        edit(world, max_epochs=2)

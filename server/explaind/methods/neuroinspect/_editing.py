@@ -215,7 +215,14 @@ class HeadEditor:
             callback_on_epoch_end: ``(epoch, max_epochs, record)``; return True to stop.
             callback_on_training_end: called once the epochs end, before ``before`` and
                 ``after`` are measured (e.g. to time that evaluation apart).
+
+        Runs under ``torch.no_grad()`` too (gradients are turned on for the head's training
+        alone); inside ``torch.inference_mode()`` it raises RuntimeError, as
+        :meth:`ClipIllusion.visualize` does.
         """
+        if torch.is_inference_mode_enabled():  # enable_grad cannot turn its gradients back on, as under no_grad
+            raise RuntimeError("edit trains the head by gradient descent, which torch.inference_mode() turns off; "
+                               "call it outside inference mode (under torch.no_grad() it works)")
         weight0, bias0 = self.head.weight.detach(), self.head.bias.detach()
         finite_head(weight0, bias0, "head.")  # else reported as diverged training, to retry with lower settings
         device = weight0.device
@@ -281,21 +288,22 @@ class HeadEditor:
             order = torch.randperm(len(features), generator=generator, device="cpu").to(device)  # drawn on the host: one order on every device
             totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed where computed: .item() would sync a GPU every step
             batches = 0
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                x, y = train_features[batch], labels[batch]
-                logits = x @ weight.T + bias  # once, for the cross-entropy and the ratio
-                ce = F.cross_entropy(logits, y)
-                if method == "probability_ratio":
-                    penalty = (_ratio_of_logits(logits, weight, x, target_class, neuron_ids) - target_ratio).norm()
-                else:
-                    penalty = (x[:, neuron_ids] * weight[target_class, neuron_ids] + bias[target_class]).norm(dim=1).mean()
-                loss = ce + strength * penalty
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                totals += torch.stack([loss.detach(), penalty.detach()]).double()
-                batches += 1
+            with torch.enable_grad():  # the head trains under a caller's torch.no_grad() too
+                for start in range(0, len(order), batch_size):
+                    batch = order[start : start + batch_size]
+                    x, y = train_features[batch], labels[batch]
+                    logits = x @ weight.T + bias  # once, for the cross-entropy and the ratio
+                    ce = F.cross_entropy(logits, y)
+                    if method == "probability_ratio":
+                        penalty = (_ratio_of_logits(logits, weight, x, target_class, neuron_ids) - target_ratio).norm()
+                    else:
+                        penalty = (x[:, neuron_ids] * weight[target_class, neuron_ids] + bias[target_class]).norm(dim=1).mean()
+                    loss = ce + strength * penalty
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimiser.step()
+                    totals += torch.stack([loss.detach(), penalty.detach()]).double()
+                    batches += 1
             current = weight.detach().to(weight0.dtype).clone(), bias.detach().to(weight0.dtype).clone()
             if not (torch.isfinite(current[0]).all() and torch.isfinite(current[1]).all()):
                 raise TrainingDiverged(f"training diverged: the edited head has NaN or infinite weights after epoch {epoch}; "
