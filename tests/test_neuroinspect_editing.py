@@ -353,3 +353,14 @@ def test_an_edit_runs_under_no_grad_and_explains_inference_mode(world):
     assert torch.equal(quiet.weight, expected.weight) and quiet.history == expected.history
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"call it outside inference mode \(under torch.no_grad\(\) it works\)"):
         edit(world, max_epochs=2)
+
+
+def test_neuron_importance_of_a_heads_parameters_is_a_plain_tensor(world):
+    # Given model.fc.weight and .bias as they are, the ratios required grad: .numpy(), which
+    # a plot calls, refused them. probability_ratio stays differentiable for the edit's loss.
+    head, train, _, _ = world
+    class0_mean = train[0][train[1] == 0].mean(0)
+    importance = neuron_importance(head.weight, head.bias, class0_mean, 0)
+    assert not importance.requires_grad
+    np.testing.assert_array_equal(importance.numpy(), neuron_importance(head.weight.detach(), head.bias.detach(), class0_mean, 0).numpy())
+    assert probability_ratio(head.weight, head.bias, train[0][:4], 0, torch.tensor([SPURIOUS])).requires_grad

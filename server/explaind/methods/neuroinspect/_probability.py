@@ -39,9 +39,13 @@ def predicted_classes(weight: torch.Tensor, bias: torch.Tensor, features: torch.
     return torch.cat([F.linear(rows, weight, bias).argmax(1) for rows in row_slices(features, PREDICTION_ELEMENTS, len(weight))])
 
 
+@torch.no_grad()
 def neuron_importance(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, class_index: int) -> torch.Tensor:
     """Ratio (D,) for each neuron zeroed on its own, at one feature vector (D,), under the
-    head ``weight`` (C, D), ``bias`` (C,); ``feature`` is cast to the head's device and dtype."""
+    head ``weight`` (C, D), ``bias`` (C,); ``feature`` is cast to the head's device and dtype.
+    A report, not a loss: given a head's parameters (``model.fc.weight``) it came back
+    requiring grad, which ``.numpy()`` (and a plot of it) refused; :func:`probability_ratio`
+    is the differentiable one."""
     finite_head(weight, bias)
     feature = feature_vector(feature, "feature", like=weight)
     class_index = index(class_index, "class_index", weight.shape[0])
