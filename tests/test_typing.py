@@ -55,6 +55,40 @@ result: VisualizationResult = with_clip.visualize(
     callback_on_step_end=lambda step, steps, images: step >= steps // 2,
 )
 visualised: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = (result.images, result.masks, result.clip_similarity)
+
+from explaind.methods.neuroinspect import (
+    EpochRecord,
+    HeadEdit,
+    concept_neurons,
+    evaluate_head,
+    last_spatial_module,
+    neuron_auc,
+    neuron_gradient_maps,
+    neuron_importance,
+)
+
+
+def stop_when_right(epoch: int, max_epochs: int, record: EpochRecord) -> bool:
+    return record.validation_accuracy >= 0.99
+
+
+def show_step(step: int, steps: int, running: int) -> None:
+    print(f"{step}/{steps}: {running} mistakes unsolved")
+
+
+with torch.no_grad():  # a notebook's habit; the edit trains its head all the same
+    quiet: HeadEdit = HeadEditor(model.fc).edit(features, test.labels, target_class=heart, neurons=ranking.neuron_ids[:3],
+                                               validation_features=features, validation_labels=test.labels,
+                                               callback_on_epoch_end=stop_when_right)
+solved = ranker.rank(features, test.labels, target_class=heart, callback_on_step_end=show_step, stability_resamples=50,
+                     callback_on_resample_chunk_end=lambda done, total: done >= total // 2)
+importance: list[float] = neuron_importance(model.fc.weight, model.fc.bias, features[0], heart).tolist()
+auc: torch.Tensor = neuron_auc(features, test.labels == heart)
+detectors: dict[str, list[int]] = concept_neurons(features, {"heart": test.labels == heart})
+checked: HeadEvaluation = evaluate_head(quiet.weight, quiet.bias, features, test.labels, groups=test.groups(world.group_attribute))
+spatial = last_spatial_module(model, test.images[:2], extractor.feature_module)
+if spatial is not None:
+    cams: torch.Tensor = neuron_gradient_maps(model, test.images[:2], spatial, extractor.head, torch.tensor([0, 1]))
 '''
 
 
