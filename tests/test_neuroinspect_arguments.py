@@ -261,6 +261,19 @@ def test_the_public_map_functions_leave_a_training_model_and_its_gradients_as_th
     assert all(parameter.grad is None for parameter in model.parameters())
 
 
+def test_neuron_gradient_maps_runs_under_no_grad_and_explains_inference_mode(world_model, world_images):
+    # Its gradients are turned on under torch.no_grad(); inside torch.inference_mode() it
+    # failed with torch's bare "element 0 of tensors does not require grad", as edit did.
+    from explaind.methods.neuroinspect import neuron_gradient_maps
+
+    images, neurons = world_images[0][:2], torch.tensor([3, 8])
+    expected = neuron_gradient_maps(world_model, images, (world_model.layer3, 0), world_model.fc, neurons)
+    with torch.no_grad():
+        torch.testing.assert_close(neuron_gradient_maps(world_model, images, (world_model.layer3, 0), world_model.fc, neurons), expected)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"call it outside inference mode \(under torch.no_grad\(\) it works\)"):
+        neuron_gradient_maps(world_model, images, (world_model.layer3, 0), world_model.fc, neurons)
+
+
 def test_visualize_runs_under_no_grad_and_refuses_malformed_pairs(world_model):
     illusion = ClipIllusion(world_model, "layer3")
     with torch.no_grad():  # "element 0 of tensors does not require grad"

@@ -235,6 +235,15 @@ def images_tensor(value: object, name: str) -> torch.Tensor:
     return images
 
 
+def refuse_inference_mode(work: str) -> None:
+    """RuntimeError saying so inside ``torch.inference_mode()``, where ``torch.enable_grad()``
+    cannot turn gradients back on (it can under ``torch.no_grad()``): else ``work`` failed
+    with torch's bare "element 0 of tensors does not require grad"."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{work}, which torch.inference_mode() turns off; "
+                           "call it outside inference mode (under torch.no_grad() it works)")
+
+
 _modes_lock = threading.Lock()
 _saved_modes: dict[int, tuple[int, list[tuple[nn.Module, bool]]]] = {}  # id(root) -> (blocks open, modes)
 

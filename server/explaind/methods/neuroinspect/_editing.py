@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import callback_or_none, count, finite_head, index, indices, labelled_features, number, require_step_fits, seed_value
+from ._checks import (callback_or_none, count, finite_head, index, indices, labelled_features, number, refuse_inference_mode,
+                      require_step_fits, seed_value)
 from ._probability import MAX_RATIO, _ratio_of_logits, neuron_importance, predicted_classes
 
 METHODS = ("probability_ratio", "constrain")
@@ -220,9 +221,7 @@ class HeadEditor:
         alone); inside ``torch.inference_mode()`` it raises RuntimeError, as
         :meth:`ClipIllusion.visualize` does.
         """
-        if torch.is_inference_mode_enabled():  # enable_grad cannot turn its gradients back on, as under no_grad
-            raise RuntimeError("edit trains the head by gradient descent, which torch.inference_mode() turns off; "
-                               "call it outside inference mode (under torch.no_grad() it works)")
+        refuse_inference_mode("edit trains the head by gradient descent")
         weight0, bias0 = self.head.weight.detach(), self.head.bias.detach()
         finite_head(weight0, bias0, "head.")  # else reported as diverged training, to retry with lower settings
         device = weight0.device

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._checks import count, eval_mode, images_tensor, indices, tensor_argument
+from ._checks import count, eval_mode, images_tensor, indices, refuse_inference_mode, tensor_argument
 
 
 @contextmanager
@@ -80,7 +80,9 @@ def neuron_gradient_maps(classifier: nn.Module, images: torch.Tensor, spatial: t
     :func:`last_spatial_module` gives it, are weighted by the spatial mean of the neuron's
     gradient with respect to each, summed over K, and what speaks against the neuron is
     cut off (ReLU). The forward runs in eval mode (:func:`last_spatial_module`'s reason),
-    and no parameter's ``.grad`` is written."""
+    and no parameter's ``.grad`` is written. Runs under ``torch.no_grad()`` too; inside
+    ``torch.inference_mode()`` it raises RuntimeError."""
+    refuse_inference_mode("neuron_gradient_maps differentiates the neurons with respect to the maps")
     module, wanted = spatial
     neurons = tensor_argument(neurons, "neurons")
     if neurons.is_floating_point() or neurons.is_complex() or neurons.dtype == torch.bool:

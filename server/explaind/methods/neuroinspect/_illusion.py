@@ -32,7 +32,8 @@ from torch import nn
 
 
 from ..memory import is_host_out_of_memory
-from ._checks import callback_or_none, count, eval_mode, finite_rows, index, number, require_step_fits, seed_value, tensor_argument
+from ._checks import (callback_or_none, count, eval_mode, finite_rows, index, number, refuse_inference_mode, require_step_fits,
+                      seed_value, tensor_argument)
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
 from ._ranking import neuron_top_classes
@@ -245,9 +246,7 @@ class ClipIllusion:
         true value stops, tqdm's ``bar.update()`` too when it redraws, so call that in a
         function returning None rather than return it.
         """
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("visualize optimises images by gradient descent, which torch.inference_mode() turns off; "
-                               "call it outside inference mode (under torch.no_grad() it works)")
+        refuse_inference_mode("visualize optimises images by gradient descent")
         neurons, classes = self._resolve_pairs(pairs)
         seed = seed_value(seed)
         callback_or_none(callback_on_step_end, "callback_on_step_end")
