@@ -1,5 +1,6 @@
 """ONNX Runtime engines for h_b (explaind.kernels), apart from the engine that picks them."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -513,3 +514,22 @@ def test_onnx_runtime_out_of_memory_is_resource_exhausted_like_pytorchs(caplog):
         patched.delitem(sys.modules, "onnxruntime")
         assert report_unexpected(log, "a run", errors[1])[0] == "INTERNAL"
         assert "onnxruntime" not in sys.modules
+
+
+def test_at_the_repositorys_root_kernels_is_hugging_faces_installed_package_and_explaind_kernels_the_engines(tmp_path):
+    # transformers 5.25 and later import Hugging Face's `kernels` as diffusers imports any model. Python run at the
+    # repository's root (python -m explaind, make test, make demo) found kernels/ there first, and every diffusers
+    # model failed to import: "cannot import name 'CUDAProperties' from 'kernels' (.../kernels/__init__.py)".
+    site = tmp_path / "site"  # Hugging Face's kernels, installed after the root on sys.path
+    (site / "kernels-0.19.1.dist-info").mkdir(parents=True)
+    (site / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    (site / "kernels").mkdir()
+    (site / "kernels" / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
+    root = Path(__file__).resolve().parents[1]
+    python_path = [*filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(site)]
+    found = subprocess.run(
+        [sys.executable, "-c", "import kernels, explaind.kernels\nfrom kernels import CUDAProperties\n"
+                               "print(kernels.__file__, explaind.kernels.ImageInput.__module__)"],
+        cwd=root, env={**os.environ, "PYTHONPATH": os.pathsep.join(python_path)}, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.split() == [str(site / "kernels" / "__init__.py"), "explaind.kernels._onnx_runtime"]

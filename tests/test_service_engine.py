@@ -8783,10 +8783,11 @@ def test_a_stable_diffusion_directory_without_transformers_says_to_install_the_s
         "'transformers' package, which is not installed: pip install 'explaind[stable-diffusion]'")
 
 
-def test_a_diffusers_load_failing_on_the_repositorys_kernels_hiding_hugging_faces_says_so(tmp_path, monkeypatch):
-    # transformers 5.25 and later import Hugging Face's `kernels` package (installed beside them); Python run at the
-    # repository's root (python -m explaind, make demo) finds explaind's kernels/ first, and diffusers then failed to
-    # import any model with "cannot import name 'CUDAProperties' from 'kernels'", which says nothing of the cause.
+def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_says_so(tmp_path, monkeypatch):
+    # transformers 5.25 and later import Hugging Face's `kernels` package (installed beside them); Python run in a
+    # directory whose kernels/ does not hand the name over (an explaind checkout's from before it did: explaind's own
+    # is tests/test_kernels.py's) finds that first, and diffusers then failed to import any model with "cannot import
+    # name 'CUDAProperties' from 'kernels'", which says nothing of the cause.
     import sys
     import types
 
@@ -8795,13 +8796,15 @@ def test_a_diffusers_load_failing_on_the_repositorys_kernels_hiding_hugging_face
     from explaind.config import DiffusionSection
     from explaind.engine.models import ComponentStatus, _directory_hiding_kernels, load_diffusion
 
-    repository = Path(__file__).resolve().parents[1]
+    checkout = tmp_path / "checkout"  # an older explaind checkout, the directory Python runs in
+    (checkout / "kernels").mkdir(parents=True)
+    (checkout / "kernels" / "__init__.py").write_text('"""Engines that run the classifier\'s feature extractor h_b outside eager PyTorch."""\n')
     site = tmp_path / "site"  # Hugging Face's kernels, installed
     (site / "kernels-0.19.1.dist-info").mkdir(parents=True)
     (site / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
     (site / "kernels").mkdir()
     (site / "kernels" / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
-    monkeypatch.setattr(sys, "path", [str(repository), *sys.path, str(site)])
+    monkeypatch.setattr(sys, "path", [str(checkout), *sys.path, str(site)])
 
     def from_pretrained(path: str) -> object:  # what transformers' hub_kernels does as diffusers imports a model
         from kernels import CUDAProperties
@@ -8811,14 +8814,14 @@ def test_a_diffusers_load_failing_on_the_repositorys_kernels_hiding_hugging_face
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
-    hidden = sys.modules.pop("kernels", None)  # python -m pytest at the root: transformers imported kernels/ as `kernels`
+    hidden = sys.modules.pop("kernels", None)  # python -m pytest at the root: transformers imported a `kernels` already
     try:
         status = load_diffusion(DiffusionSection(path=str(tmp_path / "sd")), ComponentStatus("clip", False, "", "not configured"), required=False)
     finally:
         sys.modules.pop("kernels", None)
         if hidden is not None:
             sys.modules["kernels"] = hidden
-    assert not status.loaded and f"Hugging Face's kernels package, which transformers imports, is hidden by {repository / 'kernels'}" in status.detail
+    assert not status.loaded and f"Hugging Face's kernels package, which transformers imports, is hidden by {checkout / 'kernels'}" in status.detail
     assert "run explaind from another directory" in status.detail and "CUDAProperties" in status.detail
     # A `kernels` module without a spec (find_spec's ValueError) is no hidden package, not a second error.
     monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))

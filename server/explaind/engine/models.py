@@ -1044,9 +1044,9 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
     except Exception as error:  # noqa: BLE001
         cause = ""
         if (hiding := _directory_hiding_kernels()) and str(hiding / "__init__.py") in str(error):
-            cause = (f"Hugging Face's kernels package, which transformers imports, is hidden by {hiding} (explaind's kernels/, where "
-                     "Python runs at the repository's root): run explaind from another directory, or pip uninstall kernels and "
-                     "pip install 'explaind[stable-diffusion]', whose transformers needs none; ")
+            cause = (f"Hugging Face's kernels package, which transformers imports, is hidden by {hiding} (a kernels package in "
+                     "the directory Python runs in, such as an explaind checkout's from before its kernels/ handed the name over): "
+                     "run explaind from another directory; ")
         return _optional_failure(
             "diffusion", section.path, f"cannot load the diffusion pipeline ([diffusion].path) from {section.path}: {cause}{type(error).__name__}: {error}", required
         )
@@ -1069,10 +1069,11 @@ def _install_command(package: str) -> str:
 
 def _directory_hiding_kernels() -> Path | None:
     """The package directory Python imports as ``kernels`` in place of Hugging Face's
-    installed ``kernels`` distribution (explaind's own kernels/, found first where Python
-    runs at the repository's root), or None. transformers 5.25 and later require that
-    package and import it as diffusers imports any model, which then fails with
-    "cannot import name 'CUDAProperties' from 'kernels'"."""
+    installed ``kernels`` distribution (one found first on sys.path, such as the working
+    directory's), or None. transformers 5.25 and later require that package and import
+    it as diffusers imports any model, which then fails with "cannot import name
+    'CUDAProperties' from 'kernels'". explaind's own kernels/ hands the name over where
+    Python runs at the repository's root: an older checkout's kernels/ did not."""
     try:
         installed = importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
