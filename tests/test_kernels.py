@@ -520,13 +520,13 @@ def test_at_the_repositorys_root_kernels_is_hugging_faces_installed_package_and_
     # transformers 5.25 and later import Hugging Face's `kernels` as diffusers imports any model. Python run at the
     # repository's root (python -m explaind, make test, make demo) found kernels/ there first, and every diffusers
     # model failed to import: "cannot import name 'CUDAProperties' from 'kernels' (.../kernels/__init__.py)".
-    site = tmp_path / "site"  # Hugging Face's kernels, installed after the root on sys.path
+    site = tmp_path / "site"  # Hugging Face's kernels, installed: on sys.path after the root, which `python -c` puts first
     (site / "kernels-0.19.1.dist-info").mkdir(parents=True)
     (site / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
     (site / "kernels").mkdir()
     (site / "kernels" / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
     root = Path(__file__).resolve().parents[1]
-    python_path = [*filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(site)]
+    python_path = [str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     found = subprocess.run(
         [sys.executable, "-c", "import kernels, explaind.kernels\nfrom kernels import CUDAProperties\n"
                                "print(kernels.__file__, explaind.kernels.ImageInput.__module__)"],

@@ -8804,14 +8804,16 @@ def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_sa
     (site / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
     (site / "kernels").mkdir()
     (site / "kernels" / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
-    monkeypatch.setattr(sys, "path", [str(checkout), *sys.path, str(site)])
 
     def from_pretrained(path: str) -> object:  # what transformers' hub_kernels does as diffusers imports a model
         from kernels import CUDAProperties
 
         return CUDAProperties
 
+    # DiffusionPipeline imported before the checkout comes first: its import takes the installed kernels, as a
+    # server's does, and leaves no half-imported module to the tests after this one.
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(sys, "path", [str(checkout), *sys.path, str(site)])
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     hidden = sys.modules.pop("kernels", None)  # python -m pytest at the root: transformers imported a `kernels` already
