@@ -18,15 +18,22 @@ import importlib.metadata
 import importlib.util
 import sys
 from importlib.machinery import ModuleSpec, PathFinder
+from pathlib import Path
 
 
 def _hugging_faces_kernels() -> ModuleSpec | None:
-    """The package of the installed ``kernels`` distribution, or None where none is installed."""
+    """The package of the installed ``kernels`` distribution, or None where none is installed.
+    Searched on sys.path past this checkout's root, not where its metadata lies: an editable
+    install's (maturin's .pth) is its source directory; and never back here, nor in an entry
+    before the root, so another checkout's kernels/ further on hands over onwards, not back."""
     try:
-        installed = importlib.metadata.distribution("kernels")
+        importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         return None
-    return PathFinder.find_spec("kernels", [str(installed.locate_file(""))])
+    root = Path(__file__).resolve().parents[1]
+    entries = [Path(entry or ".").resolve() for entry in sys.path]
+    past_root = entries[entries.index(root) + 1:] if root in entries else entries
+    return PathFinder.find_spec("kernels", [str(entry) for entry in past_root if entry != root])
 
 
 if __name__ == "kernels" and (_installed := _hugging_faces_kernels()) is not None and _installed.loader is not None:

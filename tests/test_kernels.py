@@ -516,20 +516,29 @@ def test_onnx_runtime_out_of_memory_is_resource_exhausted_like_pytorchs(caplog):
         assert "onnxruntime" not in sys.modules
 
 
-def test_at_the_repositorys_root_kernels_is_hugging_faces_installed_package_and_explaind_kernels_the_engines(tmp_path):
+@pytest.mark.parametrize("installed", ["wheel", "editable", "behind_another_checkout"])
+def test_at_the_repositorys_root_kernels_is_hugging_faces_installed_package_and_explaind_kernels_the_engines(tmp_path, installed):
     # transformers 5.25 and later import Hugging Face's `kernels` as diffusers imports any model. Python run at the
     # repository's root (python -m explaind, make test, make demo) found kernels/ there first, and every diffusers
     # model failed to import: "cannot import name 'CUDAProperties' from 'kernels' (.../kernels/__init__.py)".
+    # Installed from a wheel, its package lies beside its metadata; installed editable (maturin's .pth), in its source
+    # directory, later on sys.path; behind another explaind checkout, that one's kernels/ hands it on, not back.
+    root = Path(__file__).resolve().parents[1]
     site = tmp_path / "site"  # Hugging Face's kernels, installed: on sys.path after the root, which `python -c` puts first
     (site / "kernels-0.19.1.dist-info").mkdir(parents=True)
     (site / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
-    (site / "kernels").mkdir()
-    (site / "kernels" / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
-    root = Path(__file__).resolve().parents[1]
-    python_path = [str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    package = (tmp_path / "source" if installed == "editable" else site) / "kernels"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
+    before = {"wheel": [], "editable": [], "behind_another_checkout": [tmp_path / "checkout"]}[installed]
+    for checkout in before:
+        (checkout / "kernels").mkdir(parents=True)
+        (checkout / "kernels" / "__init__.py").write_bytes((root / "kernels" / "__init__.py").read_bytes())
+    python_path = [*map(str, [*before, site, *([package.parent] if installed == "editable" else [])]),
+                   *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     found = subprocess.run(
         [sys.executable, "-c", "import kernels, explaind.kernels\nfrom kernels import CUDAProperties\n"
                                "print(kernels.__file__, explaind.kernels.ImageInput.__module__)"],
         cwd=root, env={**os.environ, "PYTHONPATH": os.pathsep.join(python_path)}, capture_output=True, text=True, timeout=120)
     assert found.returncode == 0, found.stderr
-    assert found.stdout.split() == [str(site / "kernels" / "__init__.py"), "explaind.kernels._onnx_runtime"]
+    assert found.stdout.split() == [str(package / "__init__.py"), "explaind.kernels._onnx_runtime"]
