@@ -31,9 +31,9 @@ def _hugging_faces_kernels() -> ModuleSpec | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     root = Path(__file__).resolve().parents[1]
-    entries = [Path(entry or ".").resolve() for entry in sys.path]
-    past_root = entries[entries.index(root) + 1:] if root in entries else entries
-    return PathFinder.find_spec("kernels", [str(entry) for entry in past_root if entry != root])
+    places = [Path(entry or ".").resolve() for entry in sys.path]
+    past_root = places.index(root) + 1 if root in places else 0
+    return PathFinder.find_spec("kernels", [entry for entry, place in zip(sys.path[past_root:], places[past_root:]) if place != root])
 
 
 if __name__ == "kernels" and (_installed := _hugging_faces_kernels()) is not None and _installed.loader is not None:
