@@ -1354,6 +1354,29 @@ def test_waiting_for_or_watching_an_operation_deleted_meanwhile_says_so():
         assert (servicer.waits, servicer.watches) == (2, 2)  # the second watch's stream answered NOT_FOUND itself
 
 
+def test_watching_an_earlier_request_s_ended_operation_deleted_meanwhile_does_not_blame_an_interrupted_start():
+    # An interrupted start's search cancels and deletes only a job it found queued or running; one already ended when last
+    # read (a succeeded job a start got under a reused request_id) was deleted by another client or the server's retention.
+    from explaind.client import NotFoundError
+    from explaind.client._operations import Operation
+
+    servicer = _DeletedOperations()
+    servicer.watches = 1  # deleted already: the watch's first stream answers NOT_FOUND
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            operation = Operation(client, _operation_message(done=True, kind="edit_head", state=operations_pb2.OPERATION_STATE_SUCCEEDED,
+                                                             requested_again=True))
+            assert operation.requested_again
+            with pytest.raises(NotFoundError) as gone:
+                list(operation.watch(timeout=20))
+    finally:
+        server.stop(0)
+    assert gone.value.operation is operation
+    assert gone.value.__notes__ == ["operations/x was succeeded when last read: it was deleted since (by another client, or by the "
+                                    "server's retention of ended operations)"]
+
+
 class _OwnerBlindLists(operations_pb2_grpc.OperationsServiceServicer, sample_sets_pb2_grpc.SampleSetServiceServicer):
     """A server older than the lists' owner filter: it ignores owner and pages through
     everyone's operations and sets, two a page, alternately "monitoring"'s and "analyst"'s."""
