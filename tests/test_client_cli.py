@@ -1044,6 +1044,28 @@ def test_an_older_server_s_queued_job_under_a_given_request_id_is_not_said_to_be
                    f"explaind operations wait {name} waits for it\n"), err
 
 
+@pytest.mark.parametrize(("state", "rerun", "requested_again", "capabilities", "unsaid"), [
+    ("queued", True, False, (), True),  # an older server: the words cannot say whose
+    ("queued", True, False, None, True),  # the capabilities unread: nor then
+    ("queued", True, False, ("requested_again",), False),  # the server says it is new
+    ("queued", True, True, (), False),  # it was said to be an earlier run's
+    ("queued", False, False, (), False),  # no --request-id: this run's
+    ("running", True, False, (), False),  # running, or ended, the server's queued-or-new answer does not arise: an earlier run's
+])
+def test_whether_a_job_command_may_not_know_whose_job_it_got(state, rerun, requested_again, capabilities, unsaid):
+    from explaind.client import UnavailableError
+    from explaind.client.cli import _earlier_run_unsaid
+
+    def model_metadata():
+        if capabilities is None:
+            raise UnavailableError("connection refused")
+        return types.SimpleNamespace(capabilities=capabilities)
+
+    operation = types.SimpleNamespace(name="operations/x", state=state, requested_again=requested_again,
+                                      _cancelled_if_interrupted=contextlib.nullcontext)
+    assert _earlier_run_unsaid(types.SimpleNamespace(model_metadata=model_metadata), operation, rerun) is unsaid
+
+
 @pytest.mark.parametrize("options", [["--json"], ["--no-wait"]])
 def test_ctrl_c_while_asking_whether_the_server_says_whose_queued_job_it_is_cancels_that_job_and_names_it(server, capsys, monkeypatch, options):
     # The job started, queued under the --request-id, and the server's capabilities were asked for before its name was said:
