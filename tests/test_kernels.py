@@ -1,5 +1,7 @@
 """ONNX Runtime engines for h_b (explaind.kernels), apart from the engine that picks them."""
 
+import contextlib
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -516,13 +518,14 @@ def test_onnx_runtime_out_of_memory_is_resource_exhausted_like_pytorchs(caplog):
         assert "onnxruntime" not in sys.modules
 
 
-@pytest.mark.parametrize("installed", ["wheel", "editable", "behind_another_checkout"])
+@pytest.mark.parametrize("installed", ["wheel", "editable", "behind_another_checkout", "root_on_the_path_again"])
 def test_at_the_repositorys_root_kernels_is_hugging_faces_installed_package_and_explaind_kernels_the_engines(tmp_path, installed):
     # transformers 5.25 and later import Hugging Face's `kernels` as diffusers imports any model. Python run at the
     # repository's root (python -m explaind, make test, make demo) found kernels/ there first, and every diffusers
     # model failed to import: "cannot import name 'CUDAProperties' from 'kernels' (.../kernels/__init__.py)".
     # Installed from a wheel, its package lies beside its metadata; installed editable (maturin's .pth), in its source
-    # directory, later on sys.path; behind another explaind checkout, that one's kernels/ hands it on, not back.
+    # directory, later on sys.path; behind another explaind checkout, that one's kernels/ hands it on, not back; nor to
+    # itself where the root is on sys.path again (PYTHONPATH=. at the root), ahead of Hugging Face's.
     root = Path(__file__).resolve().parents[1]
     site = tmp_path / "site"  # Hugging Face's kernels, installed: on sys.path after the root, which `python -c` puts first
     (site / "kernels-0.19.1.dist-info").mkdir(parents=True)
@@ -530,11 +533,12 @@ def test_at_the_repositorys_root_kernels_is_hugging_faces_installed_package_and_
     package = (tmp_path / "source" if installed == "editable" else site) / "kernels"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
-    before = {"wheel": [], "editable": [], "behind_another_checkout": [tmp_path / "checkout"]}[installed]
+    before = [tmp_path / "checkout"] if installed == "behind_another_checkout" else []
     for checkout in before:
         (checkout / "kernels").mkdir(parents=True)
         (checkout / "kernels" / "__init__.py").write_bytes((root / "kernels" / "__init__.py").read_bytes())
-    python_path = [*map(str, [*before, site, *([package.parent] if installed == "editable" else [])]),
+    again = [root] if installed == "root_on_the_path_again" else []
+    python_path = [*map(str, [*again, *before, site, *([package.parent] if installed == "editable" else [])]),
                    *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     found = subprocess.run(
         [sys.executable, "-c", "import kernels, explaind.kernels\nfrom kernels import CUDAProperties\n"
@@ -542,3 +546,13 @@ def test_at_the_repositorys_root_kernels_is_hugging_faces_installed_package_and_
         cwd=root, env={**os.environ, "PYTHONPATH": os.pathsep.join(python_path)}, capture_output=True, text=True, timeout=120)
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == [str(package / "__init__.py"), "explaind.kernels._onnx_runtime"]
+
+
+def test_at_the_repositorys_root_without_hugging_faces_kernels_installed_kernels_is_the_engines():
+    # Nothing to hand the name over to: the checkout's kernels/ stays the engines, not a search that finds itself again.
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        pytest.skip(f"Hugging Face's kernels is installed: {importlib.metadata.distribution('kernels').version}")
+    found = subprocess.run([sys.executable, "-c", "import kernels\nprint(kernels.__file__, kernels.ImageInput.__module__)"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.split() == [str(Path(__file__).resolve().parents[1] / "kernels" / "__init__.py"), "kernels._onnx_runtime"]
