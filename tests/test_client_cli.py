@@ -1024,6 +1024,15 @@ def test_a_job_command_says_whose_job_it_got_by_its_state_and_whether_a_request_
     assert _announcement(operation, waiting=False, rerun=rerun, unsaid=False) == said
 
 
+@pytest.mark.parametrize(("waiting", "then"), [(True, "waiting for it"), (False, "explaind operations wait operations/x waits for it")])
+def test_a_job_command_whose_server_does_not_say_whose_queued_job_it_got_says_either_run_s(waiting, then):
+    from explaind.client.cli import _announcement
+
+    operation = types.SimpleNamespace(name="operations/x", state="queued", done=False, requested_again=False)
+    assert _announcement(operation, waiting=waiting, rerun=True, unsaid=True) == (
+        f"operations/x, started by this run or by an earlier one with this --request-id (the server does not say which), is queued; {then}")
+
+
 def test_an_older_server_s_queued_job_under_a_given_request_id_is_not_said_to_be_started_by_this_run(server, capsys, monkeypatch):
     # A server that does not list requested_again answers an earlier run's queued job under the --request-id as it does a
     # new one: the words said "started operations/...", claiming it for this run.
