@@ -1095,6 +1095,31 @@ def test_ctrl_c_while_asking_whether_the_server_says_whose_queued_job_it_is_canc
         assert client.operation(started[1]).state == "cancelled"
 
 
+def test_a_ranking_job_an_older_server_answers_queued_under_a_given_request_id_is_not_said_to_be_this_run_s(server, capsys, monkeypatch,
+                                                                                                            relabelled_set):
+    # rank's announce, as the other job commands' words: a server without requested_again does not say whose it is.
+    start, metadata, result = Client._start_ranking, Client.model_metadata, Operation.result
+    monkeypatch.setattr(Client, "_start_ranking", lambda self, *args, **kwargs: start(self, *args, **{**kwargs, "execution": "operation"}))
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: dataclasses.replace(
+        metadata(self, **kwargs), capabilities=tuple(c for c in metadata(self, **kwargs).capabilities if c != "requested_again")))
+    with Client(server.target, timeout=30) as client:
+        ahead = client.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+
+        def ahead_cancelled_first(self, *args, **kwargs):
+            ahead.cancel()  # announced: it runs now
+            return result(self, *args, **kwargs)
+
+        monkeypatch.setattr(Operation, "result", ahead_cancelled_first)
+        try:
+            assert main(["--target", server.target, "rank", relabelled_set[0], "--class", "heart", "--stability", "0",
+                         "--request-id", str(uuid.uuid4())]) == 0
+        finally:
+            ahead.cancel()
+    first = capsys.readouterr().out.splitlines()[0]
+    assert re.fullmatch(r"operations/\S+, started by this run or by an earlier one with this --request-id \(the server does not say "
+                        r"which\), is queued; waiting for it", first), first
+
+
 def test_ranking_job_ctrl_c_while_asking_whether_the_server_says_whose_it_is_cancels_and_names_it(server, capsys, monkeypatch, relabelled_set):
     # As for the other job commands: rank's announce asks the server's capabilities before its wait.
     start = Client._start_ranking
