@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, write_config
 from explaind.client import Client, EvaluatedMistake, Operation, PlaintextTokenWarning
 from explaind.client.cli import SAFE_FILE_NAME_CHARS, main
 from explaind.client.report import DEFAULT_STABILITY_RESAMPLES
@@ -1978,6 +1978,16 @@ def test_serving_on_an_absent_gpu_fails_before_it_says_it_is_listening(capsys, t
     assert main(["serve", "--device", "cuda", "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: [runtime].device is 'cuda' but CUDA is not available on this machine") and "listening" not in err, err
+
+
+@pytest.mark.parametrize(("section", "key"), [("classifier", "path"), ("classifier", "class_names_file"), ("clip", "path"), ("diffusion", "path")])
+def test_serve_with_a_missing_model_path_fails_before_it_says_it_is_listening(capsys, tmp_path, classifier_dir, section, key):
+    # Found as the models loaded in the background, after "listening on", which probes and operators read as started.
+    config = write_config(tmp_path / "explaind.toml", classifier_dir, **{section: {key: "absent"}})
+    assert main(["serve", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"^error: \[{section}\]\.{key}( \(.*\))? not found: {re.escape(str(tmp_path / 'absent'))}$", err, re.M), err
+    assert "listening" not in err and not (tmp_path / "data").exists(), err
 
 
 @pytest.mark.parametrize("argv", [["--token", "s3cret", "serve"], ["--target=127.0.0.1:1", "demo"], ["--timeout", "5", "serve", "--port", "0"],

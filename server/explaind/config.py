@@ -51,7 +51,9 @@ import functools
 import ipaddress
 import json
 import math
+import os
 import re
+import stat
 import tomllib
 import urllib.parse
 from collections.abc import Iterable
@@ -439,6 +441,12 @@ class Config:
     # or a value the defaults put in, is no one's mistake).
     file_keys: frozenset[str] = frozenset()
 
+    @property
+    def models_required(self) -> bool:
+        """Whether every model configured must load: those named in a config file must; the
+        shapes world's optional ones (CLIP, text-to-image) may be absent."""
+        return not self.source.startswith("<defaults")
+
     def replace(self, section: str, **changes: Any) -> Config:
         """A copy with keys of one section changed, e.g. ``config.replace("server", port=0)``,
         whose values are checked like a loaded file's (ranges and formats; ConfigError), so
@@ -651,6 +659,33 @@ def missing_classifier_key(section: ClassifierSection) -> str | None:
     for key, meaning in _CLASSIFIER_NEEDS.get(section.loader, ()):
         if not getattr(section, key):
             return f"[classifier] loader {section.loader!r} needs {key} ({meaning})"
+    return None
+
+
+def unusable_model_path(config: Config) -> str | None:
+    """Why a model file or directory the config names cannot be used (missing, or not
+    readable by this process), naming its key; None when each can be opened. A stat and an
+    access check each, so serve() says it before it listens rather than once the models
+    load in the background, after "listening on" was logged."""
+    classifier = config.classifier
+    needs = dict(_CLASSIFIER_NEEDS.get(classifier.loader, ()))
+    keys = [("classifier", key, needs.get(key, "")) for key in ("path", "weights") if key in _LOADER_READS.get(classifier.loader, ())]
+    keys.append(("classifier", "class_names_file", ""))
+    if config.models_required:
+        keys += [("clip", "path", ""), ("clip", "checkpoint", ""), ("diffusion", "path", "")]
+    for section, key, meaning in keys:
+        value = getattr(getattr(config, section), key)
+        if not value or (key in ("weights", "checkpoint") and _names_pretrained_weights(value)):
+            continue
+        where = f"[{section}].{key}" + (f" ({meaning})" if meaning else "")
+        try:
+            mode = os.stat(value).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return f"{where} not found: {value}"
+        except OSError as error:  # a directory above it this user may not search
+            return f"{where}: cannot read {value}: {error.strerror}"
+        if not os.access(value, os.R_OK | (os.X_OK if stat.S_ISDIR(mode) else 0)):
+            return f"{where}: cannot read {value}: Permission denied"
     return None
 
 

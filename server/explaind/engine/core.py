@@ -574,8 +574,7 @@ class Engine:
         # weights replace them: a process that seeded torch would draw other numbers after.
         with torch.random.fork_rng(devices=[]):
             version = load_classifier(self.config.classifier, device=self.device, num_threads=runtime.num_threads)
-            # Models named in a config file must load; the world's optional ones may be absent.
-            required = not self.config.source.startswith("<defaults")
+            required = self.config.models_required
             clip = load_clip(self.config.clip, required=required)
             diffusion = load_diffusion(self.config.diffusion, clip, required=required)
         self.components = {

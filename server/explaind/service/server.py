@@ -38,7 +38,7 @@ from explaind.v1 import (
     sample_sets_pb2_grpc,
 )
 
-from ..config import Config, ignored_keys
+from ..config import Config, ConfigError, ignored_keys, unusable_model_path
 from ..engine import Engine, NeuroInspectEngine
 from ..engine.backends import check_backend, check_device
 from ..errors import is_damaged_database
@@ -487,7 +487,8 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     ends it before the store's recovery and the bind, or once bound if it came later. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
     by another server or its database cannot be opened or written, ConfigError when a
-    token or TLS file cannot be read, no temporary directory is writable or [tracing] lacks its packages, OSError when the
+    token or TLS file cannot be read or a model file or directory the config names is missing or unreadable
+    (unusable_model_path: only what the load finds in them comes after "listening"), no temporary directory is writable or [tracing] lacks its packages, OSError when the
     open-file limit is below MIN_OPEN_FILES, FailedPrecondition when [runtime].device names an
     absent GPU or [runtime].backend a provider ONNX Runtime lacks here (before binding:
     "listening" must not be the first word of a server that cannot run)."""
@@ -499,6 +500,8 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     check_device(config.runtime.device)
     check_backend(config.runtime.backend, config.runtime.device, loader=config.classifier.loader)
     check_temporary_directory()
+    if problem := unusable_model_path(config):
+        raise ConfigError(problem)
     server = ExplaindServer(config)
     if stop_requested.is_set():  # while it imported or checked the device: no need to recover the store and bind
         log.info("stop requested while starting: exiting before serving")
