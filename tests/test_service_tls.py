@@ -616,11 +616,15 @@ def test_unusable_tls_settings_are_refused_before_serving(tmp_path, capsys):
         default_config().replace("server", tls_client_ca_file=str(authority.file))
     data, another_key = ["--port", "0", "--data-dir", str(tmp_path / "data")], authority.issue("another")[1]
     for flags, message in (
-        (["--tls-cert-file", str(tmp_path / "missing.pem"), "--tls-key-file", str(key)], "cannot read"),
-        (["--tls-cert-file", str(key), "--tls-key-file", str(key)], f"[server].tls_cert_file: {key} holds no PEM CERTIFICATE"),
-        (["--tls-cert-file", str(cert), "--tls-key-file", str(cert)], f"[server].tls_key_file: {cert} holds no PEM PRIVATE KEY"),
+        # A file given by flag: the flag the operator typed leads, then the key it sets.
+        (["--tls-cert-file", str(tmp_path / "missing.pem"), "--tls-key-file", str(key)],
+         f"error: --tls-cert-file: [server].tls_cert_file: cannot read {tmp_path / 'missing.pem'}"),
+        (["--tls-cert-file", str(key), "--tls-key-file", str(key)], f"error: --tls-cert-file: [server].tls_cert_file: {key} holds no PEM CERTIFICATE"),
+        (["--tls-cert-file", str(cert), "--tls-key-file", str(cert)], f"error: --tls-key-file: [server].tls_key_file: {cert} holds no PEM PRIVATE KEY"),
         (["--tls-cert-file", str(cert), "--tls-key-file", str(another_key)],
-         f"[server].tls_key_file: {another_key} is not an unencrypted private key of the certificate in {cert}"),
+         f"error: --tls-key-file: [server].tls_key_file: {another_key} is not an unencrypted private key of the certificate in {cert}"),
+        (["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-client-ca-file", str(tmp_path / "missing-ca.pem")],
+         f"error: --tls-client-ca-file: [server].tls_client_ca_file: cannot read {tmp_path / 'missing-ca.pem'}"),
         (["--tls-key-file", str(key)], "error: --tls-key-file: set both [server].tls_cert_file and [server].tls_key_file"),
         (["--tls-client-ca-file", str(authority.file)], "error: --tls-client-ca-file: [server].tls_client_ca_file needs TLS"),
     ):

@@ -727,8 +727,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = config.replace(section, **values)
         except ConfigError as error:  # a value the config file would not allow either
             message = str(error).removeprefix(f"{config.source}: ")
-            quoted = [key for key in values if re.search(rf"\[{section}\]\.{key}\b", message)] or list(values)
-            return _start_failed(f"{_SERVE_OVERRIDES[quoted[0]][1]}: {message}", json_logs=json_logs)
+            return _start_failed(_naming_flag(message, {section: values}) or f"{_SERVE_OVERRIDES[next(iter(values))][1]}: {message}",
+                                 json_logs=json_logs)
     if os.environ.get("EXPLAIND_TOKEN") and not (config.server.token or config.server.token_file or config.server.callers_file):
         start_warnings.append("EXPLAIND_TOKEN is the clients' token; this server asks for none ([server].token is empty)")
     for warning in start_warnings:
@@ -739,7 +739,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve(config, stop_requested)
     except (OSError, StoreOpenError, ConfigError, FailedPrecondition) as error:  # an address or the data dir in use, a corrupt database, a token file, no GPU
-        return _start_failed(str(error), json_logs=json_logs)
+        return _start_failed(_naming_flag(str(error), changes) or str(error), json_logs=json_logs)
+
+
+def _naming_flag(message: str, changes: dict[str, dict[str, object]]) -> str | None:
+    """``message`` led by the flag whose key it quotes ("--token-file: [server].token_file:
+    cannot read ..."), the flag being what the operator typed; None when it quotes no key
+    a flag set (the key then came from the config file, which the message names alone)."""
+    quoted = [key for section, values in changes.items() for key in values if re.search(rf"\[{section}\]\.{key}\b", message)]
+    return f"{_SERVE_OVERRIDES[quoted[0]][1]}: {message}" if quoted else None
 
 
 def _start_failed(message: str, *, json_logs: bool) -> int:
