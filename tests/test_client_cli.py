@@ -1977,7 +1977,7 @@ def test_serve_flags_are_checked_like_the_config_file(capsys, tmp_path, monkeypa
 def test_serving_on_an_absent_gpu_fails_before_it_says_it_is_listening(capsys, tmp_path):
     assert main(["serve", "--device", "cuda", "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: [runtime].device is 'cuda' but CUDA is not available on this machine") and "listening" not in err, err
+    assert err.startswith("error: --device: [runtime].device is 'cuda' but CUDA is not available on this machine") and "listening" not in err, err
 
 
 @pytest.mark.parametrize(("section", "key"), [("classifier", "path"), ("classifier", "class_names_file"), ("clip", "path"), ("diffusion", "path")])
@@ -2152,7 +2152,20 @@ def test_serve_with_an_unusable_token_file_says_why_in_one_line_before_serving(c
     if content is not None:
         token_file.write_text(content)
     line = _error(capsys, ["serve", "--port", "0", "--token-file", str(token_file), "--data-dir", str(tmp_path / "data")])
-    assert f"error: [server].token_file: {message.format(path=token_file)}" in line
+    assert line.startswith(f"error: --token-file: [server].token_file: {message.format(path=token_file)}")  # the flag typed, then its key
+
+
+@pytest.mark.parametrize("key", ["token_file", "callers_file"])
+def test_serve_names_the_config_key_alone_for_an_unreadable_file_the_config_file_gave(capsys, tmp_path, key):
+    config = tmp_path / "explaind.toml"
+    config.write_text(f'[server]\n{key} = "absent"\n')
+    line = _error(capsys, ["serve", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path / "data")])
+    assert line == f"error: [server].{key}: cannot read {tmp_path / 'absent'}: No such file or directory"
+
+
+def test_serve_names_the_flag_of_an_unreadable_callers_file(capsys, tmp_path):
+    line = _error(capsys, ["serve", "--port", "0", "--callers-file", str(tmp_path / "absent"), "--data-dir", str(tmp_path / "data")])
+    assert line == f"error: --callers-file: [server].callers_file: cannot read {tmp_path / 'absent'}: No such file or directory"
 
 
 @pytest.mark.parametrize("flag", ["--token-file", "--tls-cert-file", "--tls-key-file", "--tls-client-ca-file"])
@@ -2334,7 +2347,7 @@ def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsy
     try:
         first.insert_job(JobRecord(job_id="live", kind="evaluate_sample_set", state="running", create_time=1.0))
         line = _error(capsys, ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")])
-        assert f"error: the data dir {tmp_path / 'data'} is in use by explaind server pid {os.getpid()}; give each server its own" in line
+        assert line == f"error: --data-dir: [server].data_dir: the data dir {tmp_path / 'data'} is in use by explaind server pid {os.getpid()}; give each server a data dir of its own"
         assert first.get_job("live").state == "running"
     finally:
         first.close()
@@ -2343,7 +2356,49 @@ def test_serve_on_a_data_dir_in_use_is_refused_before_it_touches_the_store(capsy
         (tmp_path / "data" / f"explaind.sqlite3{suffix}").unlink(missing_ok=True)
     line = _error(capsys, ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")])
     # With what to do, as a damage the first writes find says.
-    assert re.search(r"error: cannot open the store .*explaind.sqlite3: file is not a database; restore its database from a backup$", line), line
+    assert re.search(r"error: --data-dir: \[server\]\.data_dir: cannot open the store .*explaind.sqlite3: file is not a database; restore its database from a backup$", line), line
+
+
+def test_serve_on_a_data_dir_under_a_file_names_the_flag_or_the_key(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    expected = f"[server].data_dir: cannot use the data dir {tmp_path / 'a-file' / 'data'}: Not a directory; the server must be able to write there"
+    assert _error(capsys, ["serve", "--port", "0", "--data-dir", str(tmp_path / "a-file" / "data")]) == f"error: --data-dir: {expected}"
+    config = tmp_path / "explaind.toml"
+    config.write_text('[server]\ndata_dir = "a-file/data"\n')
+    assert _error(capsys, ["serve", "--config", str(config), "--port", "0"]) == f"error: {expected}"
+
+
+def _without_root_privileges() -> list[str]:
+    """A command prefix under which file permissions deny this user as they deny an operator's
+    unprivileged server: root keeps its uid (its Python may sit under /root) but loses the
+    capabilities that bypass them. Skips where root cannot drop them."""
+    if os.geteuid() != 0:
+        return []
+    if subprocess.run(["setpriv", "--bounding-set", "-dac_override", "true"], capture_output=True).returncode != 0:  # noqa: PLW1510
+        pytest.skip("running as root, and setpriv cannot drop the capabilities that bypass file permissions")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    (0o000, "cannot use the data dir {data}: Permission denied; the server must be able to write there"),
+    # SQLite said "attempt to write a readonly database" of a database file anyone could write: its journal goes beside it.
+    (0o555, "cannot open the store {data}/explaind.sqlite3: attempt to write a readonly database; the server's user must be able to "
+            "write the data dir and every file in it"),
+])
+def test_serve_on_a_data_dir_it_may_not_write_says_so_in_one_line(tmp_path, mode, message):
+    from explaind.store import SQLiteStore
+
+    prefix = _without_root_privileges()
+    data = tmp_path / "data"
+    SQLiteStore(data).close()
+    data.chmod(mode)
+    try:
+        ended = subprocess.run([*prefix, sys.executable, "-m", "explaind.client.cli", "serve", "--port", "0", "--data-dir", str(data)],
+                               capture_output=True, text=True, timeout=120)
+    finally:
+        data.chmod(0o755)
+    assert ended.returncode == 1 and "Traceback" not in ended.stderr, ended.stderr
+    assert ended.stderr.strip().splitlines()[-1] == f"error: --data-dir: [server].data_dir: {message.format(data=data)}", ended.stderr
 
 
 def test_sample_set_labels_may_be_class_names(server, capsys, tmp_path):

@@ -5308,7 +5308,7 @@ def test_a_store_that_fails_its_first_writes_stops_the_start_with_one_error(tmp_
     server = ExplaindServer(config)
     monkeypatch.setattr(server.store, "delete_unfinished_uploads", lambda: (_ for _ in ()).throw(sqlite3.DatabaseError("database disk image is malformed")))
     try:
-        with pytest.raises(StoreOpenError, match=rf"^cannot use the store in {re.escape(str(tmp_path))}: database disk image is malformed; restore its database from a backup$"):
+        with pytest.raises(StoreOpenError, match=rf"^\[server\]\.data_dir: cannot use the store in {re.escape(str(tmp_path))}: database disk image is malformed; restore its database from a backup$"):
             server.start()
     finally:
         server.store.close()
@@ -5426,7 +5426,7 @@ def test_a_damaged_database_page_met_while_the_models_load_names_the_data_dir_an
     server = ExplaindServer(config)
     try:
         server.start()
-        with pytest.raises(StoreOpenError, match=rf"^cannot use the store in {re.escape(str(tmp_path))}: database disk image is malformed; "
+        with pytest.raises(StoreOpenError, match=rf"^\[server\]\.data_dir: cannot use the store in {re.escape(str(tmp_path))}: database disk image is malformed; "
                                                   "restore its database from a backup"):
             server.load_models()
     finally:

@@ -156,6 +156,19 @@ def is_damaged_database(error: BaseException) -> bool:
     return type(error) is sqlite3.DatabaseError
 
 
+def store_remedy(error: BaseException) -> str:
+    """What to do about SQLite's ``error`` met as the store opens or first writes, as
+    "; ..." to end its message ("" when there is nothing to add). A read-only database (the
+    data dir or a file in it not writable by the server's user: a restore or copy made as
+    another user) said "attempt to write a readonly database" alone, of a file the
+    operator may have made writable while its directory, where SQLite adds its journal, was not."""
+    if is_damaged_database(error):
+        return "; restore its database from a backup"
+    if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+        return "; the server's user must be able to write the data dir and every file in it"
+    return ""
+
+
 # How ONNX Runtime words a failed allocation: its arena past its limit ("Available memory
 # of N is smaller than requested bytes of M") or unable to grow ("Failed to allocate
 # memory for requested buffer of size N", CPU and CUDA alike), the C++ allocator's

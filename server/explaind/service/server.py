@@ -41,7 +41,7 @@ from explaind.v1 import (
 from ..config import Config, ConfigError, ignored_keys, unusable_model_path
 from ..engine import Engine, NeuroInspectEngine
 from ..engine.backends import check_backend, check_device
-from ..errors import is_damaged_database
+from ..errors import store_remedy
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..signals import stop_on_signals
@@ -107,8 +107,11 @@ class ExplaindServer:
         self._tls = TlsCredentials(config.server) if config.server.tls_cert_file else None
         self.tracing = start_tracing(config.tracing, span_exporter)
         self.metrics = Metrics()
-        self.store = SQLiteStore(config.server.data_dir, reserve_bytes=config.server.data_dir_reserve_bytes,
-                                 max_samples_per_owner=config.server.max_samples_per_caller)
+        try:
+            self.store = SQLiteStore(config.server.data_dir, reserve_bytes=config.server.data_dir_reserve_bytes,
+                                     max_samples_per_owner=config.server.max_samples_per_caller)
+        except StoreOpenError as error:  # no permission, a file in the path, in use, a damaged database
+            raise _naming_data_dir(str(error)) from None
         self.metrics.watch_data_dir(self.store.data_dir)
         self.engine = Engine(config, self.store, self.metrics, self.tracing)
         self.neuroinspect = NeuroInspectEngine(self.engine)
@@ -410,10 +413,14 @@ def keepalive_options() -> list[tuple[str, int]]:
 
 
 def _store_failure(data_dir: str, error: Exception) -> StoreOpenError:
-    """``error`` of the store met at start-up, naming the data dir and, for a damaged
-    database, the remedy."""
-    remedy = "; restore its database from a backup" if is_damaged_database(error) else ""
-    return StoreOpenError(f"cannot use the store in {data_dir}: {error}{remedy}")
+    """``error`` of the store met at start-up, naming the data dir and the remedy, if any."""
+    return _naming_data_dir(f"cannot use the store in {data_dir}: {error}{store_remedy(error)}")
+
+
+def _naming_data_dir(problem: str) -> StoreOpenError:
+    """The store's start-up ``problem`` led by the key that chose the data dir, as a config
+    error is (serve's caller puts the --data-dir flag first where that set it)."""
+    return StoreOpenError(f"[server].data_dir: {problem}")
 
 
 def _host_port(host: str, port: int) -> str:

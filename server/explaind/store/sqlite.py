@@ -24,7 +24,7 @@ from typing import IO, NamedTuple, TypeVar
 
 import numpy as np
 
-from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted, is_damaged_database
+from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted, store_remedy
 from ..ownership import OwnerCheck
 from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
                    SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid, sample_set_id_taken)
@@ -416,9 +416,8 @@ class SQLiteStore:
             self._dir_lock.close()
             free = self._free_bytes()
             full = f"; its file system is full ({free} bytes free): free space there" if free < max(reserve_bytes, 1 << 20) else ""
-            # As a damage found by the first writes says (explaind.service.server): "file is not a database" said nothing of what to do.
-            damaged = "; restore its database from a backup" if is_damaged_database(error) else ""
-            raise StoreOpenError(f"cannot open the store {path}: {error}{full}{damaged}") from None
+            # As the first writes' errors say (explaind.service.server): "file is not a database" said nothing of what to do.
+            raise StoreOpenError(f"cannot open the store {path}: {error}{full}{store_remedy(error)}") from None
         self.keep_reserve()
         if reserve_bytes and not self._reserve_released and not self._reserve.exists() and (free := self._free_bytes()) < 2 * reserve_bytes:
             # Said once here, not at every sweep (a failed allocation with room has said why).
@@ -466,7 +465,7 @@ class SQLiteStore:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
             lock.close()
-            raise StoreOpenError(f"the data dir {self.data_dir} is in use by {holder}; give each server its own [server].data_dir") from None
+            raise StoreOpenError(f"the data dir {self.data_dir} is in use by {holder}; give each server a data dir of its own") from None
         except OSError as error:  # e.g. ENOLCK: a file system without locks, where SQLite's WAL is not safe either
             lock.close()
             raise StoreOpenError(f"cannot lock the data dir {self.data_dir}: {error.strerror}; use a local file system") from None
