@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import free_port, write_config
+from conftest import ServerProcess, free_port, write_config
 from explaind.client import Client, EvaluatedMistake, Operation, PlaintextTokenWarning
 from explaind.client.cli import SAFE_FILE_NAME_CHARS, main
 from explaind.client.report import DEFAULT_STABILITY_RESAMPLES
@@ -2071,6 +2071,36 @@ def test_a_stop_sent_while_serve_starts_ends_it_before_it_binds(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "stop requested while starting: exiting before serving" in err and "listening on" not in err
+
+
+def _started_server(tmp_path: Path, classifier_dir: Path) -> ServerProcess:
+    return ServerProcess(write_config(tmp_path / "explaind.toml", classifier_dir), tmp_path / "data", tmp_path / "server.log").start()
+
+
+def test_serve_stops_gracefully_on_sighup(tmp_path, classifier_dir):
+    # A closed terminal's SIGHUP (or an operator used to nginx's reload) killed it mid-job, no grace given.
+    server = _started_server(tmp_path, classifier_dir)
+    try:
+        server.process.send_signal(signal.SIGHUP)
+        assert server.process.wait(timeout=60) == 0, server.log_path.read_text()
+    finally:
+        server.stop()
+    assert "shutting down (grace 10.0s)" in server.log_path.read_text()
+
+
+def test_serve_started_under_nohup_keeps_ignoring_sighup(tmp_path, classifier_dir):
+    ignored = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the server, as nohup makes it
+    try:
+        server = _started_server(tmp_path, classifier_dir)
+    finally:
+        signal.signal(signal.SIGHUP, ignored)
+    try:
+        server.process.send_signal(signal.SIGHUP)  # an ignored signal is discarded as it is sent: nothing to wait for
+        with Client(server.target, timeout=5) as client:
+            client.wait_until_ready(timeout=5)
+        assert server.process.poll() is None
+    finally:
+        assert server.stop() == 0
 
 
 def test_serve_is_left_to_stop_on_its_own_signal_handling():

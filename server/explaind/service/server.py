@@ -1,7 +1,7 @@
 """Server bootstrap: gRPC server, health, reflection, metrics endpoint, graceful shutdown.
 
 Start-up order: the store recovers (jobs left running are marked FAILED), gRPC starts
-with health NOT_SERVING, the models load, health turns SERVING. On SIGTERM/SIGINT
+with health NOT_SERVING, the models load, health turns SERVING. On SIGTERM/SIGINT/SIGHUP
 health turns NOT_SERVING, new calls are refused, and in-flight calls and jobs get
 ``server.grace_period_s`` to finish; calls left are cancelled and jobs left end FAILED
 with code ABORTED ("submit it again"), as after a crash.
@@ -489,7 +489,7 @@ def check_open_file_limit() -> None:
 
 
 def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or ``stop_requested``, from :func:`stop_on_signals`
+    """Run until SIGTERM/SIGINT/SIGHUP (or ``stop_requested``, from :func:`stop_on_signals`
     called before); returns the process exit code. A stop asked for while it starts
     ends it before the store's recovery and the bind, or once bound if it came later. Raises OSError when the
     gRPC or metrics address cannot be bound, StoreOpenError when the data dir is in use
