@@ -398,6 +398,8 @@ def test_a_client_refuses_a_target_timeout_message_size_or_key_file_every_call_w
     ("[::1]:50051", False),
     ("dns:///localhost:50051", False),
     ("dns:localhost:50051", False),  # gRPC's URI form without an authority
+    ("api.localhost:50051", False),  # RFC 6761: a name under .localhost is loopback, as the server holds too
+    ("localhost.example.com:50051", True),
     ("dns:[::1]:50051", False),
     ("ipv6:[::1]:50051", False),
     ("::1", False),  # a bare IPv6 address: gRPC's default port

@@ -120,13 +120,18 @@ def test_a_server_taking_tokens_in_plaintext_beyond_loopback_says_so(tmp_path, c
 
 
 @pytest.mark.parametrize(("host", "loopback"), [("localhost", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False),
-                                                ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.7", False), ("explaind.internal", False)])
+                                                ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.7", False), ("explaind.internal", False),
+                                                # RFC 6761: names under .localhost are loopback, as the SDK held and the server did not.
+                                                ("api.localhost", True), ("LocalHost", True), ("localhost.", True),
+                                                ("localhost.example.com", False), ("notlocalhost", False)])
 def test_only_loopback_addresses_count_as_taking_connections_from_this_machine_alone(host, loopback):
     # A host name other than localhost may resolve to any address: its callers' tokens
-    # may cross the network, so the plaintext warning is due.
-    from explaind.service.server import _is_loopback
+    # may cross the network, so the plaintext warning is due. The server and the SDK share the rule.
+    from explaind.client._client import _is_local_target
+    from explaind.loopback import is_loopback_host
 
-    assert _is_loopback(host) is loopback
+    assert is_loopback_host(host) is loopback
+    assert _is_local_target(f"[{host.strip('[]')}]:50051" if ":" in host else f"{host}:50051") is loopback
 
 
 def test_a_certificate_in_the_older_x509_certificate_pem_form_is_served_and_a_trusted_certificate_refused(tmp_path, classifier_dir):

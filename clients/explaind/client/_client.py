@@ -12,7 +12,6 @@ import functools
 import itertools
 import numbers
 import os
-import ipaddress
 import ssl
 import sys
 import threading
@@ -30,6 +29,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from explaind.class_names import class_name_key
+from explaind.loopback import is_loopback_host
 from explaind.v1 import (
     common_pb2,
     inference_pb2,
@@ -228,14 +228,7 @@ def _is_loopback_host(address: str) -> bool:
         host = address
     else:
         host = address.partition(":")[0]
-    if host.lower() == "localhost" or host.lower().endswith(".localhost"):  # RFC 6761: always loopback
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    # "::ffff:127.0.0.1", IPv4's loopback written as IPv6: Python before 3.13 says no loopback (the server's check says yes).
-    return ip.is_loopback or bool(isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback)
+    return is_loopback_host(host)
 
 
 def _caller_outside_package() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import ipaddress
 import logging
 import resource
 import sqlite3
@@ -43,6 +42,7 @@ from ..engine import Engine, NeuroInspectEngine
 from ..engine.backends import check_backend, check_device
 from ..errors import store_remedy
 from ..logs import configure_logging
+from ..loopback import is_loopback_host
 from ..metrics import Metrics
 from ..signals import stop_on_signals
 from ..store import SQLiteStore, StoreOpenError
@@ -451,19 +451,6 @@ def _load_models(server: ExplaindServer, failures: list[Exception]) -> None:
         failures.append(error)
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` takes connections from this machine only ("0.0.0.0", "::" and
-    names that may resolve elsewhere do not)."""
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        return False
-    # "::ffff:127.0.0.1", IPv4's loopback on an IPv6 socket: Python before 3.13 says no loopback.
-    return address.is_loopback or bool(isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped and address.ipv4_mapped.is_loopback)
-
-
 def check_temporary_directory() -> None:
     """OSError unless Python's tempfile has a writable directory: importing torchvision
     (which CLIP, the torchvision loader and others do) makes torch pick its compile cache
@@ -526,7 +513,7 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     log.info("listening on %s%s%s%s%s (config: %s, data dir: %s)", _host_port(config.server.host, port), tls, metrics, health_port, traces, config.source,
              Path(config.server.data_dir).resolve())
     settings = config.server
-    if (settings.token or settings.token_file or settings.callers_file) and not settings.tls_cert_file and not _is_loopback(settings.host):
+    if (settings.token or settings.token_file or settings.callers_file) and not settings.tls_cert_file and not is_loopback_host(settings.host):
         log.warning("callers' tokens reach %s in plaintext: serve with TLS ([server].tls_cert_file), or behind a proxy or "
                     "service mesh that terminates it", _host_port(settings.host, port))
     # Models load in a thread, so a stop asked for meanwhile is heeded at once: a load can
