@@ -5334,15 +5334,18 @@ def test_a_start_deletes_the_uploads_an_earlier_process_left_unfinished_and_says
 
 def test_serve_exits_with_code_1_when_the_models_fail_to_load_after_it_bound(tmp_path, caplog):
     # A load fails only once gRPC listens (calls are answered NOT_SERVING meanwhile); the
-    # process must still exit non-zero, so an orchestrator restarts it and says why.
+    # process must still exit non-zero, so an orchestrator restarts it and says why. A
+    # directory holding no classifier: a missing one is refused before the bind.
     from explaind.service.server import serve
 
-    config = default_config().replace("classifier", path=str(tmp_path / "missing.safetensors")).replace(
+    (tmp_path / "no-classifier").mkdir()
+    config = default_config().replace("classifier", path=str(tmp_path / "no-classifier")).replace(
         "server", host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"))
-    with caplog.at_level(logging.ERROR, logger="explaind"):
+    with caplog.at_level(logging.INFO, logger="explaind"):
         assert serve(config, threading.Event()) == 1
+    assert "listening on 127.0.0.1:" in caplog.text
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][0].startswith("cannot start: ")
-    assert "missing.safetensors" in caplog.text
+    assert "no-classifier" in caplog.text
 
 
 def test_serve_logs_once_each_key_of_its_file_that_goes_unused(tmp_path, classifier_dir, caplog):
