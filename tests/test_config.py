@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import write_config
-from explaind.config import WORLD_CLIP_ILLUSION_EPSILON, ConfigError, ServerSection, default_config, ignored_keys, load_config, parse_callers
+from explaind.config import WORLD_CLIP_ILLUSION_EPSILON, ConfigError, ServerSection, default_config, ignored_keys, load_config, parse_callers, unusable_model_path
 
 # Listed here, not taken from explaind.config: a key dropped from a range there must fail a test.
 NOT_NEGATIVE = [
@@ -265,6 +265,19 @@ def test_keys_another_key_leaves_unused_are_warned_of_until_it_is_set(tmp_path, 
     for name, values in with_what_they_need.items():
         sections[name] = {**sections.get(name, {}), **values}
     assert ignored_keys(load_config(write_config(tmp_path / "c.toml", classifier_dir, **sections))) == []
+
+
+def test_a_model_path_the_loader_does_not_read_is_not_checked_before_the_bind(tmp_path, classifier_dir):
+    # A class_names_file beside class_names is unread (a warning, above): refusing it as
+    # missing stopped a server that had started with the warning.
+    names = {"class_names": ["a", "b", "c", "d"], "class_names_file": "absent.txt"}
+    assert unusable_model_path(load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier=names))) is None
+    assert unusable_model_path(load_config(write_config(tmp_path / "c.toml", classifier_dir, classifier={"class_names_file": "absent.txt"}))) == (
+        f"[classifier].class_names_file not found: {tmp_path / 'absent.txt'}")
+    # Weights by name are downloaded, not read from a path.
+    by_name = {"classifier": {"loader": "torchvision", "name": "resnet18", "weights": "ResNet18_Weights.IMAGENET1K_V1"},
+               "clip": {"model": "ViT-B-32", "checkpoint": "laion2b_s34b_b79k"}}
+    assert unusable_model_path(load_config(write_config(tmp_path / "c.toml", classifier_dir, **by_name))) is None
 
 
 def test_a_resize_size_below_the_configured_image_size_stops_the_start_as_the_config_is_read(tmp_path, classifier_dir):

@@ -670,7 +670,8 @@ def unusable_model_path(config: Config) -> str | None:
     classifier = config.classifier
     needs = dict(_CLASSIFIER_NEEDS.get(classifier.loader, ()))
     keys = [("classifier", key, needs.get(key, "")) for key in ("path", "weights") if key in _LOADER_READS.get(classifier.loader, ())]
-    keys.append(("classifier", "class_names_file", ""))
+    if not classifier.class_names:  # else unread: class_names wins (ignored_keys says so)
+        keys.append(("classifier", "class_names_file", ""))
     if config.models_required:
         keys += [("clip", "path", ""), ("clip", "checkpoint", ""), ("diffusion", "path", "")]
     for section, key, meaning in keys:
