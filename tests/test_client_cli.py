@@ -2073,13 +2073,19 @@ def test_a_stop_sent_while_serve_starts_ends_it_before_it_binds(tmp_path):
     assert "stop requested while starting: exiting before serving" in err and "listening on" not in err
 
 
-def _started_server(tmp_path: Path, classifier_dir: Path) -> ServerProcess:
-    return ServerProcess(write_config(tmp_path / "explaind.toml", classifier_dir), tmp_path / "data", tmp_path / "server.log").start()
+def _started_server(tmp_path: Path, classifier_dir: Path, *, sighup: signal.Handlers) -> ServerProcess:
+    """A server started with SIGHUP's disposition ``sighup``, which it inherits: the suite's
+    own (SIG_IGN under ``nohup make test``) decided what the test saw."""
+    inherited = signal.signal(signal.SIGHUP, sighup)
+    try:
+        return ServerProcess(write_config(tmp_path / "explaind.toml", classifier_dir), tmp_path / "data", tmp_path / "server.log").start()
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
 
 
 def test_serve_stops_gracefully_on_sighup(tmp_path, classifier_dir):
     # A closed terminal's SIGHUP (or an operator used to nginx's reload) killed it mid-job, no grace given.
-    server = _started_server(tmp_path, classifier_dir)
+    server = _started_server(tmp_path, classifier_dir, sighup=signal.SIG_DFL)
     try:
         server.process.send_signal(signal.SIGHUP)
         assert server.process.wait(timeout=60) == 0, server.log_path.read_text()
@@ -2089,11 +2095,7 @@ def test_serve_stops_gracefully_on_sighup(tmp_path, classifier_dir):
 
 
 def test_serve_started_under_nohup_keeps_ignoring_sighup(tmp_path, classifier_dir):
-    ignored = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the server, as nohup makes it
-    try:
-        server = _started_server(tmp_path, classifier_dir)
-    finally:
-        signal.signal(signal.SIGHUP, ignored)
+    server = _started_server(tmp_path, classifier_dir, sighup=signal.SIG_IGN)  # as nohup starts it
     try:
         server.process.send_signal(signal.SIGHUP)  # an ignored signal is discarded as it is sent: nothing to wait for
         with Client(server.target, timeout=5) as client:
