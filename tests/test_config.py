@@ -280,6 +280,13 @@ def test_a_model_path_the_loader_does_not_read_is_not_checked_before_the_bind(tm
     assert unusable_model_path(load_config(write_config(tmp_path / "c.toml", classifier_dir, **by_name))) is None
 
 
+def test_a_model_path_with_a_nul_is_not_found_before_the_bind_not_a_traceback(tmp_path):
+    # os.stat raises ValueError for it (a traceback at start-up); the loaders' Path.exists said "not found".
+    (tmp_path / "c.toml").write_text('[classifier]\nloader = "onnx"\npath = "/models/a\\u0000b.onnx"\n')
+    config = load_config(tmp_path / "c.toml")
+    assert unusable_model_path(config) == "[classifier].path (an ONNX file) not found: /models/a\0b.onnx"
+
+
 def test_a_resize_size_below_the_configured_image_size_stops_the_start_as_the_config_is_read(tmp_path, classifier_dir):
     # Refused only as the model loaded, after the server listened; the centre crop would not fit.
     with pytest.raises(ConfigError, match=re.escape("c.toml: [classifier].resize_size 63 is below the input size 64: the centre crop "

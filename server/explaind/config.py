@@ -681,7 +681,7 @@ def unusable_model_path(config: Config) -> str | None:
         where = f"[{section}].{key}" + (f" ({meaning})" if meaning else "")
         try:
             mode = os.stat(value).st_mode
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in it, which Path.exists (the loaders') calls absent
             return f"{where} not found: {value}"
         except OSError as error:  # a directory above it this user may not search
             return f"{where}: cannot read {value}: {error.strerror}"
