@@ -9,6 +9,7 @@ with code ABORTED ("submit it again"), as after a crash.
 
 from __future__ import annotations
 
+import errno
 import gc
 import importlib
 import logging
@@ -148,7 +149,8 @@ class ExplaindServer:
             try:
                 self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)
             except OSError as error:
-                raise OSError(f"cannot bind metrics {_host_port(settings.host, settings.metrics_port)}: {error.strerror}") from None
+                address = _host_port(settings.host, settings.metrics_port)
+                raise _port_refused("metrics_port", address, _ADDRESS_IN_USE if error.errno == errno.EADDRINUSE else error.strerror) from None
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -167,7 +169,7 @@ class ExplaindServer:
         _enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = _bind(server, _host_port(settings.host, settings.port), self._tls.server_credentials() if self._tls else None)
+            self.port = _bind(server, _host_port(settings.host, settings.port), self._tls.server_credentials() if self._tls else None, key="port")
             if settings.health_port:
                 self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port)
         except OSError:
@@ -195,7 +197,7 @@ class ExplaindServer:
         answer by closing it (GOAWAY too_many_pings)."""
         server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="health"), options=[("grpc.so_reuseport", 0), *keepalive_options()])
         health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), server)
-        bound = _bind(server, _host_port(host, port), None, what="health ")
+        bound = _bind(server, _host_port(host, port), None, key="health_port")
         server.start()
         return server, bound
 
@@ -429,9 +431,15 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, *, what: str = "") -> int:
-    """Bind ``address`` (host:port) with TLS ``credentials`` or in plaintext; the port, or
-    OSError naming the address."""
+# Why a port could not be bound where the cause is known to be another process on it.
+_ADDRESS_IN_USE = "another process is using the port: stop it, or choose another port"
+# The ports serve() binds, by their [server] key: the name each is given in its error.
+_PORT_NAMES = {"port": "", "metrics_port": "metrics ", "health_port": "health "}
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, *, key: str) -> int:
+    """Bind ``address`` (host:port, of ``[server].KEY``) with TLS ``credentials`` or in
+    plaintext; the port, or OSError (_port_refused). gRPC says no more than that it failed."""
     try:  # grpcio raises RuntimeError for an address in use; older versions returned 0
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
@@ -439,8 +447,16 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     if port == 0:
         host = address.rpartition(":")[0]
         elsewhere = "" if host in ("0.0.0.0", "[::]", "::") else f", or is {host!r} not an address of this machine"  # every address is
-        raise OSError(f"cannot bind {what}{address}: is another server using the port{elsewhere}?")
+        raise _port_refused(key, address, f"is another process using the port (stop it, or choose another port){elsewhere}?")
     return port
+
+
+def _port_refused(key: str, address: str, reason: str) -> OSError:
+    """The bind of ``[server].KEY`` at ``address`` failed for ``reason``: led by the key, as a
+    config error is (serve's caller puts the flag first where one set it), which the
+    operator changes; the address alone named neither the setting nor, for gRPC's
+    port, which of the three ports it was."""
+    return OSError(f"[server].{key}: cannot bind {_PORT_NAMES[key]}{address}: {reason}")
 
 
 def _load_models(server: ExplaindServer, failures: list[Exception]) -> None:
