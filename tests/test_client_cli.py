@@ -2104,11 +2104,9 @@ def test_a_stop_sent_while_serve_starts_ends_it_before_it_binds(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
     process = subprocess.Popen([sys.executable, "-m", "explaind", "serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")],
                                stderr=subprocess.PIPE, text=True, env=env)
-    status = Path(f"/proc/{process.pid}/status")
     deadline = time.monotonic() + 60
-    while process.poll() is None and time.monotonic() < deadline:  # SigCgt: the signals it handles, bit 14 is SIGTERM
-        caught = next((line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:")), "0")
-        if int(caught, 16) & (1 << (signal.SIGTERM - 1)):
+    while process.poll() is None and time.monotonic() < deadline:
+        if signal.SIGTERM in _signals(process.pid, "SigCgt"):
             break
         time.sleep(0.005)
     process.send_signal(signal.SIGTERM)
@@ -2117,19 +2115,27 @@ def test_a_stop_sent_while_serve_starts_ends_it_before_it_binds(tmp_path):
     assert "stop requested while starting: exiting before serving" in err and "listening on" not in err
 
 
-def _started_server(tmp_path: Path, classifier_dir: Path, *, sighup: signal.Handlers) -> ServerProcess:
-    """A server started with SIGHUP's disposition ``sighup``, which it inherits: the suite's
-    own (SIG_IGN under ``nohup make test``) decided what the test saw."""
-    inherited = signal.signal(signal.SIGHUP, sighup)
+def _signals(pid: int, kind: str) -> set[signal.Signals]:
+    """The signals process ``pid`` has of ``kind`` in /proc: "SigCgt" those it handles,
+    "SigIgn" those it ignores (bit N-1 for signal N)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next((line.split()[1] for line in status.splitlines() if line.startswith(f"{kind}:")), "0"), 16)
+    return {signum for signum in signal.Signals if mask & (1 << (signum - 1))}
+
+
+def _started_server(tmp_path: Path, classifier_dir: Path, *, signum: signal.Signals = signal.SIGHUP, disposition: signal.Handlers) -> ServerProcess:
+    """A server started with ``signum``'s ``disposition``, which it inherits: the suite's
+    own (SIGHUP's SIG_IGN under ``nohup make test``) decided what the test saw."""
+    inherited = signal.signal(signum, disposition)
     try:
         return ServerProcess(write_config(tmp_path / "explaind.toml", classifier_dir), tmp_path / "data", tmp_path / "server.log").start()
     finally:
-        signal.signal(signal.SIGHUP, inherited)
+        signal.signal(signum, inherited)
 
 
 def test_serve_stops_gracefully_on_sighup(tmp_path, classifier_dir):
     # A closed terminal's SIGHUP (or an operator used to nginx's reload) killed it mid-job, no grace given.
-    server = _started_server(tmp_path, classifier_dir, sighup=signal.SIG_DFL)
+    server = _started_server(tmp_path, classifier_dir, disposition=signal.SIG_DFL)
     try:
         server.process.send_signal(signal.SIGHUP)
         assert server.process.wait(timeout=60) == 0, server.log_path.read_text()
@@ -2138,10 +2144,14 @@ def test_serve_stops_gracefully_on_sighup(tmp_path, classifier_dir):
     assert "shutting down (grace 10.0s)" in server.log_path.read_text()
 
 
-def test_serve_started_under_nohup_keeps_ignoring_sighup(tmp_path, classifier_dir):
-    server = _started_server(tmp_path, classifier_dir, sighup=signal.SIG_IGN)  # as nohup starts it
+# nohup ignores SIGHUP; a shell without job control (`explaind serve &` in a script) SIGINT, so
+# that a Ctrl-C meant for the script's foreground spares it: our SIGINT handler stopped it.
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT])
+def test_serve_started_with_a_signal_ignored_keeps_ignoring_it(tmp_path, classifier_dir, signum):
+    server = _started_server(tmp_path, classifier_dir, signum=signum, disposition=signal.SIG_IGN)
     try:
-        server.process.send_signal(signal.SIGHUP)  # an ignored signal is discarded as it is sent: nothing to wait for
+        assert signum in _signals(server.process.pid, "SigIgn")  # as it started, ready now: no handler came since
+        server.process.send_signal(signum)  # an ignored signal is discarded as it is sent: nothing to wait for
         with Client(server.target, timeout=5) as client:
             client.wait_until_ready(timeout=5)
         assert server.process.poll() is None

@@ -12,12 +12,12 @@ def stop_on_signals() -> threading.Event:
     server starts (imports, store recovery) went unheeded until Kubernetes killed the pod.
     SIGHUP (its terminal closed, or an operator used to nginx's reload) killed the process
     mid-job: it stops gracefully as SIGTERM does, there being nothing to reload by hand (the
-    token, callers and TLS files are reloaded as they change). One ignored when the server
-    started (``nohup``) stays ignored, as ``nohup`` asked."""
+    token, callers and TLS files are reloaded as they change). SIGHUP or SIGINT ignored when
+    the server started stays ignored, as Python leaves SIGINT, and as asked: ``nohup``
+    ignores SIGHUP, and a shell without job control (``explaind serve &`` in a script)
+    SIGINT, so that a Ctrl-C meant for the script's foreground does not stop it too."""
     stop_requested = threading.Event()
-    signals = [signal.SIGTERM, signal.SIGINT]
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signals.append(signal.SIGHUP)
+    signals = [signal.SIGTERM, *(signum for signum in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(signum) is not signal.SIG_IGN)]
     for signum in signals:
         signal.signal(signum, lambda *_: stop_requested.set())
     return stop_requested
