@@ -2351,6 +2351,32 @@ def test_json_logging_prints_torch_s_warnings_once_as_json():
         ("torch.export.pt2_archive._package", "Unable to load package"), ("torch._dynamo", "recompiling")], done.stderr
 
 
+def test_json_logging_prints_torch_s_warnings_as_json_after_a_factory_called_torch_s_set_logs(tmp_path):
+    # torch._logging.set_logs() (a factory asking for dynamo's lines) put torch's own stderr
+    # handlers back, and torch's lines were plain ones in the JSON log again.
+    (tmp_path / "logging_net.py").write_text(
+        "import logging\n\nimport torch._logging\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+        "        self.fc = nn.Linear(4, 3)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.body(x))\n\n"
+        "def build():\n"
+        "    torch._logging.set_logs(dynamo=logging.INFO)\n"
+        "    return Net()\n")
+    script = ("import logging\nimport torch\nfrom explaind.logs import configure_logging\nconfigure_logging('json')\n"
+              "from explaind.config import ClassifierSection\nfrom explaind.engine.models import load_classifier\n"
+              "load_classifier(ClassifierSection(loader='factory', factory='logging_net:build', feature_layer='body.1', head='fc', "
+              "image_size=16, class_names=('a', 'b', 'c')))\n"
+              "logging.getLogger('torch._dynamo').info('compiling')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join((str(tmp_path), os.environ.get("PYTHONPATH", "")))})
+    assert [(line["logger"], line["level"], line["message"]) for line in map(json.loads, done.stderr.splitlines())] == [
+        ("torch._dynamo", "INFO", "compiling")], done.stderr
+
+
 @pytest.mark.parametrize("library", ["diffusers", "transformers"])
 def test_json_logging_prints_diffusers_and_transformers_warnings_once_as_json(library):
     # Each puts a stderr handler of its own on its logger and stops its lines there: loading a

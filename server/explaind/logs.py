@@ -94,7 +94,7 @@ def configure_logging(log_format: str) -> None:
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     _silence_libtiff()
     route_huggingface_loggers("huggingface_hub")  # diffusers and transformers: as a diffusion model loads, which imports them
-    _drop_torch_handlers()
+    route_torch_loggers()
     logging.getLogger("explaind").setLevel(logging.INFO)
 
 
@@ -118,12 +118,14 @@ def route_huggingface_loggers(*libraries: str) -> None:
         root.propagate = True
 
 
-def _drop_torch_handlers() -> None:
+def route_torch_loggers() -> None:
     """torch puts a stderr handler of its own on each of its loggers (torch, torch.export,
     torch._dynamo, ...) and stops their lines there: a weights file the export loader could
     not read logged "W1207 07:50:14.036000 2931 torch/export/...] Unable to load package"
     outside the log's format (a JSON log's one object a line). Their lines go through the
-    root handler alone; the loggers torch keeps quiet (no handler, no propagation) stay so."""
+    root handler alone; the loggers torch keeps quiet (no handler, no propagation) stay so.
+    torch._logging.set_logs() puts torch's handlers back (a model factory may call it, to
+    see dynamo's lines): the factory loader calls this again once the factory returns."""
     try:
         importlib.import_module("torch")  # its import sets its loggers up
     except ImportError:  # a client without the server's dependencies

@@ -38,7 +38,7 @@ from ..config import ClassifierSection, ClipSection, ConfigError, DiffusionSecti
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import DECODING_VERSION, InputGeometry
 from ..kernels import FLOAT_TYPES, ImageInput, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
-from ..logs import route_huggingface_loggers
+from ..logs import route_huggingface_loggers, route_torch_loggers
 from ..methods.neuroinspect import channel_maps
 from ..methods.neuroinspect._features import modules_like
 
@@ -658,6 +658,7 @@ def _load_factory(section: ClassifierSection) -> ClassifierVersion:
     except ConfigError as error:
         raise ModelLoadError(str(error)) from None
     model = getattr(importlib.import_module(module_name), function)(**section.factory_kwargs)
+    route_torch_loggers()  # a factory calling torch._logging.set_logs() brought torch's own stderr lines back
     if section.weights:
         path = _require_file(section.weights, "weights file")
         _load_architecture_state(model, _load_state_dict(path), path, f"the model {section.factory} builds",
