@@ -2065,6 +2065,19 @@ def test_serve_on_a_busy_port_names_its_key_and_the_flag_that_set_it(capsys, tmp
     assert first == again == f"error: {flag}[server].{key}: cannot bind {name}127.0.0.1:{port}: {reason}"
 
 
+
+# The metrics port binds first, so any host not of this machine failed there: the error led
+# with --metrics-port / [server].metrics_port, a setting with nothing wrong in it.
+@pytest.mark.parametrize("set_by", ["flag", "config file"])
+def test_serve_on_a_host_not_of_this_machine_names_the_host_not_the_metrics_port(capsys, tmp_path, set_by):
+    host = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no machine's own address
+    config = tmp_path / "explaind.toml"
+    config.write_text(f'[server]\nhost = "{host}"\nmetrics_port = 9464\n' if set_by == "config file" else "")
+    flags = ["--host", host, "--metrics-port", "9464"] if set_by == "flag" else []
+    line = _error(capsys, ["serve", "--config", str(config), *flags, "--port", "0", "--data-dir", str(tmp_path / "data")])
+    flag = "--host: " if set_by == "flag" else ""
+    assert line == f"error: {flag}[server].host: cannot bind metrics {host}:9464: '{host}' is not an address of this machine"
+
 # Before the check: at 12 the bind failed, said to be a busy port; at 14 "listening", then
 # the classifier's load failed. Tried at 16 (the imports before the check need about 10 on
 # their own: a limit nearer may fail there on a loaded machine) and at the floor's last refusal.

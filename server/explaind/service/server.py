@@ -150,6 +150,8 @@ class ExplaindServer:
                 self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)
             except OSError as error:
                 address = _host_port(settings.host, settings.metrics_port)
+                if error.errno == errno.EADDRNOTAVAIL:  # a host no address of this machine: the port is not at fault
+                    raise _port_refused("metrics_port", address, f"{settings.host!r} is not an address of this machine", blamed_key="host") from None
                 raise _port_refused("metrics_port", address, _ADDRESS_IN_USE if error.errno == errno.EADDRINUSE else error.strerror) from None
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -451,12 +453,13 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     return port
 
 
-def _port_refused(key: str, address: str, reason: str) -> OSError:
+def _port_refused(key: str, address: str, reason: str, *, blamed_key: str | None = None) -> OSError:
     """The bind of ``[server].KEY`` at ``address`` failed for ``reason``: led by the key, as a
     config error is (serve's caller puts the flag first where one set it), which the
-    operator changes; the address alone named neither the setting nor, for gRPC's
-    port, which of the three ports it was."""
-    return OSError(f"[server].{key}: cannot bind {_PORT_NAMES[key]}{address}: {reason}")
+    operator changes, or by ``blamed_key`` where another key is at fault (the host); the
+    address alone named neither the setting nor, for gRPC's port, which of the three
+    ports it was."""
+    return OSError(f"[server].{blamed_key or key}: cannot bind {_PORT_NAMES[key]}{address}: {reason}")
 
 
 def _load_models(server: ExplaindServer, failures: list[Exception]) -> None:
