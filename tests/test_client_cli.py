@@ -2403,6 +2403,21 @@ def test_json_logging_prints_diffusers_and_transformers_warnings_once_as_json(li
         (f"{library}.pipelines", "safety checker disabled")], done.stderr
 
 
+def test_a_script_loading_a_model_in_process_keeps_torch_s_and_hugging_face_s_own_logging():
+    # The routing is the server's (configure_logging): a script that asked torch for dynamo's INFO lines
+    # (torch._logging.set_logs) and then built a classifier through a factory lost them, torch's
+    # handlers removed with no root handler to print them.
+    script = ("import logging, torch\nfrom explaind.engine.models import load_classifier\nfrom explaind.config import ClassifierSection\n"
+              "torch._logging.set_logs(dynamo=logging.INFO)\n"
+              "load_classifier(ClassifierSection(loader='factory', factory='torchvision.models:resnet18', factory_kwargs={'num_classes': 3}, feature_layer='avgpool', head='fc', image_size=32))\n"
+              "from explaind.logs import route_huggingface_loggers\nfrom huggingface_hub.utils import logging as hub\n"
+              "before = list(hub.get_logger().handlers)\nroute_huggingface_loggers('huggingface_hub')\n"
+              "assert hub.get_logger().handlers == before and before, before\n"
+              "logging.getLogger('torch._dynamo').info('dynamo says')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "dynamo says" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("loader", ["export", "torchscript"])
 def test_with_json_logs_a_damaged_model_file_is_one_json_error_and_torch_s_output_json_too(tmp_path, loader):
     # torch printed a traceback (export) or a FutureWarning (torchscript) as plain lines.

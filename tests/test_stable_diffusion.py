@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import write_config
+from explaind import logs
 from explaind.config import DiffusionSection, load_config
 from explaind.engine.core import Engine
 from explaind.engine.models import ComponentStatus, load_diffusion
@@ -78,7 +79,7 @@ def test_a_server_configured_with_a_stable_diffusion_directory_reports_it_loaded
         engine.close()
 
 
-def test_a_stable_diffusion_load_s_warnings_reach_the_server_s_log_handler(stable_diffusion_dir, tmp_path):
+def test_a_stable_diffusion_load_s_warnings_reach_the_server_s_log_handler(stable_diffusion_dir, tmp_path, monkeypatch):
     # diffusers' logger had a stderr handler of its own and did not propagate: with JSON logs
     # its "You have disabled the safety checker" (a 1.x directory saved without one) was a plain
     # line, which the root's handler (the server's, configure_logging's) never saw.
@@ -87,6 +88,7 @@ def test_a_stable_diffusion_load_s_warnings_reach_the_server_s_log_handler(stabl
     index = json.loads((directory / "model_index.json").read_text())
     (directory / "model_index.json").write_text(json.dumps({**index, "requires_safety_checker": True}))
     seen: list[logging.LogRecord] = []
+    monkeypatch.setattr(logs, "_routing_libraries", True)  # as serve's configure_logging sets it, with its handler (this one)
     server_handler = logging.Handler(logging.WARNING)
     server_handler.emit = seen.append  # type: ignore[method-assign]
     logging.getLogger().addHandler(server_handler)

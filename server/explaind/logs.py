@@ -75,6 +75,11 @@ def _current_span_ids() -> dict[str, str]:
     return {"trace_id": trace.format_trace_id(span.trace_id), "span_id": trace.format_span_id(span.span_id)}
 
 
+# Set by configure_logging: the libraries' loggers are routed through the root handler only in a
+# process whose logging explaind set up (a server), not in a script that loads models in-process.
+_routing_libraries = False
+
+
 def configure_logging(log_format: str) -> None:
     """A root handler on stderr in ``log_format`` (unless the process has one already),
     with our INFO lines and libraries' from WARNING (open_clip logs every load step at INFO).
@@ -86,6 +91,8 @@ def configure_logging(log_format: str) -> None:
     logs at ERROR), which the call refuses or decodes anyway, so each would be a WARNING
     or ERROR line, with Pillow's path, for a caller's file rather than for anything the
     operator can fix. libtiff, which decodes Pillow's compressed TIFFs, is silenced too."""
+    global _routing_libraries
+    _routing_libraries = True
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
@@ -106,7 +113,10 @@ def route_huggingface_loggers(*libraries: str) -> None:
     with, printed each warning (an offline download's retries) a second time; diffusers and
     transformers stop their lines there, so a Stable Diffusion load's ("You have disabled
     the safety checker") were plain lines alone. Each library's logging module is imported,
-    as its first logger sets that handler up; one not installed is skipped."""
+    as its first logger sets that handler up; one not installed is skipped. Only once
+    :func:`configure_logging` ran: a script loading a model in-process keeps its own."""
+    if not _routing_libraries:
+        return
     for library in libraries:
         try:
             library_logging = importlib.import_module(f"{library}.utils.logging")
@@ -125,7 +135,11 @@ def route_torch_loggers() -> None:
     outside the log's format (a JSON log's one object a line). Their lines go through the
     root handler alone; the loggers torch keeps quiet (no handler, no propagation) stay so.
     torch._logging.set_logs() puts torch's handlers back (a model factory may call it, to
-    see dynamo's lines): the factory loader calls this again once the factory returns."""
+    see dynamo's lines): the factory loader calls this again once the factory returns. Only
+    once :func:`configure_logging` ran: a script's own set_logs() before a model load in
+    process stays as it set it (its INFO lines were lost: no handler prints them)."""
+    if not _routing_libraries:
+        return
     try:
         importlib.import_module("torch")  # its import sets its loggers up
     except ImportError:  # a client without the server's dependencies
