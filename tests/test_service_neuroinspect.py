@@ -799,7 +799,7 @@ def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no
     from explaind.engine import neuroinspect as engine_module
 
     class ClipTooLargeForTheDevice(torch.nn.Module):
-        def to(self, *args, **kwargs):
+        def _apply(self, *args, **kwargs):  # Module.to's walk over its tensors
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.60 GiB. GPU 0 has a total capacity of 7.79 GiB")
 
     forward = engine_module._Classifier.forward
@@ -838,7 +838,7 @@ def _visualisation_whose_clip_move_raises(tmp_path, message: str):
     from types import SimpleNamespace
 
     class ClipThatCannotMove(torch.nn.Module):
-        def to(self, *args, **kwargs):
+        def _apply(self, *args, **kwargs):  # Module.to's walk over its tensors
             raise RuntimeError(message)
 
     engine, inspect = _in_process(tmp_path)
@@ -860,6 +860,47 @@ def test_a_clip_move_out_of_the_host_s_memory_is_retry_later_as_the_device_s(tmp
     assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
     assert record.error_message.startswith("the model's device ran out of memory moving CLIP onto it, before optimising any image, "
                                            "so fewer pairs would not help; retry later"), record.error_message
+
+
+def test_a_clip_move_out_of_memory_part_way_leaves_clip_where_it_was_and_the_next_clip_illusion_runs(tmp_path, monkeypatch):
+    # CLIP moved onto the device tensor by tensor (Module.to): out of memory part-way, those
+    # moved stayed there, holding the device's memory until a later job finished the move.
+    # The meta device stands in for the GPU (a CPU has no other), full at CLIP's last parameter.
+    from explaind.world import assets
+
+    engine, inspect = _in_process(tmp_path, clip={"path": str(assets.clip_dir())})
+    clip_model = engine.components["clip"].model[0]
+    tensors = [*clip_model.parameters(), *clip_model.buffers()]
+    last, to = list(clip_model.parameters())[-1], torch.Tensor.to
+
+    def full_at_the_last(self, *args, **kwargs):
+        if self is last:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB. GPU 0 has a total capacity of 7.79 GiB")
+        return to(self, *args, **kwargs)
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "device", torch.device("meta"))
+            patch.setattr(torch.Tensor, "to", full_at_the_last)
+            job = inspect.visualize_neurons([(7, "heart")], method="clip_illusion", steps=1)
+            record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
+        assert record.error_message.startswith("the model's device ran out of memory moving CLIP onto it, "), record.error_message
+        assert [tensor.device.type for tensor in (*clip_model.parameters(), *clip_model.buffers())] == ["cpu"] * len(tensors)
+        job = inspect.visualize_neurons([(7, "heart")], method="clip_illusion", steps=1)
+        result = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+        assert math.isfinite(result.visualizations[0].clip_similarity)
+    finally:
+        _shut(engine)
+
+
+def test_a_whole_move_moves_every_parameter_and_buffer_as_module_to_does():
+    from explaind.engine.neuroinspect import _move_whole
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    _move_whole(module, torch.device("meta"))
+    assert {name: tensor.device.type for name, tensor in module.state_dict().items()} == dict.fromkeys(module.state_dict(), "meta")
+    assert all(isinstance(parameter, torch.nn.Parameter) for parameter in module.parameters())
 
 
 def test_a_clip_move_that_fails_for_another_reason_than_memory_stays_a_bug_not_a_retry_later(tmp_path):

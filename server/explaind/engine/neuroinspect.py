@@ -66,6 +66,17 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or is_host_out_of_memory(error)
 
 
+def _move_whole(module: nn.Module, device: torch.device) -> None:
+    """Move ``module``'s parameters and buffers onto ``device``, all or none. ``Module.to``
+    moves them one by one: out of memory part-way, those moved stayed on the device,
+    holding its memory until a later job finished the move. Here every copy is made first
+    and swapped in (as ``Module.to`` swaps its own) only once all exist; a failure drops
+    the copies, freeing their memory at once, and leaves the module as it was."""
+    copies = {tensor: tensor.to(device) for tensor in (*module.parameters(), *module.buffers())}
+    # Module.to's own walk, handed the copies (a gradient, which CLIP's parameters lack, is moved as it goes).
+    module._apply(lambda tensor: copies[tensor] if tensor in copies else tensor.to(device))
+
+
 # RankMistakeNeurons answers inline up to these sizes (execution "auto"), and while its
 # response cannot outgrow [server].max_message_bytes (see _inline_response_bound).
 INLINE_MAX_SAMPLES = 4096
@@ -566,7 +577,7 @@ class NeuroInspectEngine:
         clip_model, tokenizer = (clip.model[0], clip.model[2]) if clip is not None and clip.loaded else (None, None)
         if clip_model is not None:
             try:
-                clip_model.to(self._engine.device)
+                _move_whole(clip_model, self._engine.device)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
                 # CLIP's size alone, whatever the pairs: fewer of them would not help, and the
                 # report, told so by no field, stops rather than halving them.
