@@ -832,6 +832,35 @@ def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no
         _shut(engine)
 
 
+def test_a_single_clip_illusion_image_out_of_memory_names_no_clip_as_a_different_method_that_may_fit(tmp_path, monkeypatch):
+    # One clip_illusion image out of memory said only the operator could help, though no_clip
+    # keeps none of CLIP's activations for the backward pass. Another method, not less of
+    # this request: still no field, so `explaind report` stops on it rather than halving.
+    from explaind.engine import neuroinspect as engine_module
+
+    forward = engine_module._Classifier.forward
+
+    def holds_none(self, images):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+        return forward(self, images)
+
+    engine, inspect = _in_process(tmp_path)
+    _clip_illusion_with_similarities(engine, monkeypatch)
+    monkeypatch.setattr(engine_module._Classifier, "forward", holds_none)
+    try:
+        job = inspect.visualize_neurons([(7, "heart")], method="clip_illusion", steps=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+        assert record.error_message == ("the model's device ran out of memory optimising 1 image, the fewest a request can ask for; retry later "
+                                        "(should it recur, the device has no room to optimise one image of this classifier beside CLIP's "
+                                        "activations for its backward pass: method no_clip, the paper's ablation without CLIP's term, keeps "
+                                        "none of them and may fit, though it optimises a different image, which CLIP only scores; else only "
+                                        "the server's operator can make room)")
+    finally:
+        _shut(engine)
+
+
 def _visualisation_whose_clip_move_raises(tmp_path, message: str):
     """The job record of a two-pair clip_illusion visualisation whose CLIP's move onto the
     device raises RuntimeError(``message``)."""

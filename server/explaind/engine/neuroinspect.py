@@ -622,9 +622,15 @@ class NeuroInspectEngine:
                 raise
             log.error("job %s (%s): the device ran out of memory optimising %s at once: %s", context.job_id, VISUALIZE_KIND, counted, error)
             if len(pairs) == 1:  # no fewer to ask for: naming pairs would send the report (or a caller) to halve one
+                # Still no field: no_clip is another method (another image), not less of this
+                # request, so the report stops with these words rather than switching methods.
+                room = (" beside CLIP's activations for its backward pass: method no_clip, the paper's ablation without CLIP's term, "
+                        "keeps none of them and may fit, though it optimises a different image, which CLIP only scores; else only the "
+                        "server's operator can make room" if method == "clip_illusion" else
+                        ", which only the server's operator can change")
                 raise ResourceExhausted("the model's device ran out of memory optimising 1 image, the fewest a request can ask for; retry "
-                                        "later (should it recur, the device has no room to optimise one image of this classifier, which "
-                                        "only the server's operator can change)") from None
+                                        f"later (should it recur, the device has no room to optimise one image of this classifier{room})"
+                                        ) from None
             raise ResourceExhausted(f"the model's device ran out of memory optimising {counted} at once; retry with fewer pairs "
                                     "(or a smaller classes_per_neuron) per request, or later", field="pairs") from None
         context.stage("images")
