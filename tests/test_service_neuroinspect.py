@@ -758,6 +758,34 @@ def test_a_visualisation_out_of_device_memory_fails_naming_its_images_and_the_pa
         _shut(engine)
 
 
+def test_a_visualisation_out_of_memory_scoring_its_optimised_images_together_scores_them_one_at_a_time(tmp_path, monkeypatch):
+    # The final forward (masks, activations, CLIP's scores) ran out of memory on the batch,
+    # memory other work took since the steps: the whole optimisation was thrown away. A
+    # device that scores one image at a time (without gradients) stands in here.
+    from explaind.engine import neuroinspect as engine_module
+
+    engine, inspect = _in_process(tmp_path)
+    pairs = [(7, "heart"), (11, "heart")]
+    forward = engine_module._Classifier.forward
+
+    def scores_one(self, images):
+        if not torch.is_grad_enabled() and len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+        return forward(self, images)
+
+    try:
+        job = inspect.visualize_neurons(pairs, method="no_clip", steps=2)
+        together = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+        monkeypatch.setattr(engine_module._Classifier, "forward", scores_one)
+        job = inspect.visualize_neurons(pairs, method="no_clip", steps=2)
+        one_at_a_time = _succeeded_result(engine.jobs.wait(job.record.job_id, 120).record, neuroinspect_pb2.VisualizeNeuronsResult())
+        scores = [value for v in together.visualizations for value in (v.neuron, v.activation, v.logit, v.mask_fraction)]
+        assert [value for v in one_at_a_time.visualizations for value in (v.neuron, v.activation, v.logit, v.mask_fraction)] == (
+            pytest.approx(scores, rel=1e-4))  # a batch of one rounds apart
+    finally:
+        _shut(engine)
+
+
 @pytest.mark.parametrize("error, code", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes"),
      "RESOURCE_EXHAUSTED"),

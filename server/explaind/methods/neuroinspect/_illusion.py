@@ -304,6 +304,41 @@ class ClipIllusion:
         if not torch.isfinite(images).all():  # NaN images would be masked whole and scored NaN
             raise ValueError(f"learning_rate, weight_decay or gamma are too large: the images overflowed to NaN or infinity "
                              f"in {steps} steps; lower them")
+        scored = None
+        try:
+            scored = self._scores(images, neurons, classes, mask_threshold, mask_dim, map_source)
+        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            if not (isinstance(error, torch.OutOfMemoryError) or is_host_out_of_memory(error)):
+                raise
+        if scored is None:
+            # Out of memory scoring them all at once (the device's memory taken since, by other
+            # work): the optimised images are not thrown away but scored one at a time, a B-th
+            # of the memory, once the except above has let go of the batch's.
+            parts = [self._scores(images[i : i + 1], neurons[i : i + 1], classes[i : i + 1], mask_threshold, mask_dim, map_source)
+                     for i in range(len(rows))]
+            scored = tuple(torch.cat(part) for part in zip(*parts))
+        masked, masks, activations, logits, similarity, relevance = scored
+        return VisualizationResult(
+            method=method,
+            neurons=neurons,
+            classes=classes,
+            images=images,
+            masked_images=masked,
+            masks=masks,
+            activations=activations,
+            logits=logits,
+            clip_similarity=similarity,
+            core_relevance=relevance,
+            steps=steps,
+            cancelled=cancelled,
+        )
+
+    @torch.no_grad()
+    def _scores(self, images: torch.Tensor, neurons: torch.Tensor, classes: torch.Tensor, mask_threshold: float, mask_dim: float,
+                map_source: tuple[nn.Module, int] | None) -> tuple[torch.Tensor, ...]:
+        """The masked images, masks, activations, logits, CLIP similarities and core
+        relevances of final ``images`` (B, 3, H, W), one row each."""
+        rows = torch.arange(len(images), device=self.device)
         forward = split_forward(self.classifier, images.to(self._dtype), self.feature_module, self.head, self._names)
         if map_source is None:
             maps = channel_maps(forward.layer_output, self.head.in_features)[rows, neurons]  # (B, h, w)
@@ -319,20 +354,7 @@ class ClipIllusion:
             targets = torch.stack([self.class_embedding(int(c)) for c in classes])
             similarity = self.clip_similarity(images, targets)
             relevance = similarity - self.clip_similarity(grey_out(images, masks), targets)
-        return VisualizationResult(
-            method=method,
-            neurons=neurons,
-            classes=classes,
-            images=images,
-            masked_images=masked,
-            masks=masks,
-            activations=forward.head_input[rows, neurons],
-            logits=forward.logits[rows, classes],
-            clip_similarity=similarity,
-            core_relevance=relevance,
-            steps=steps,
-            cancelled=cancelled,
-        )
+        return masked, masks, forward.head_input[rows, neurons], forward.logits[rows, classes], similarity, relevance
 
     @torch.no_grad()
     def _check_split(self) -> tuple[nn.Module, int] | None:
