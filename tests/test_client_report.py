@@ -1374,7 +1374,7 @@ def test_visualisations_whose_device_has_no_room_for_clip_stop_at_once_saying_fe
     # report could not follow and no halving would have helped: it stops at the first
     # request, with the server's words of where the memory ran out.
     class ClipTooLargeForTheDevice(torch.nn.Module):
-        def to(self, *args, **kwargs):
+        def _apply(self, *args, **kwargs):  # Module.to's walk over its tensors, which the job's move hands its copies
             raise _CUDA_OUT_OF_MEMORY
 
     clip = SimpleNamespace(name="clip", loaded=True, source="stand-in", detail="", model=(ClipTooLargeForTheDevice(), None, lambda texts: None))
