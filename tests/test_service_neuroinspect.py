@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
+import weakref
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -768,9 +769,14 @@ def test_a_visualisation_out_of_memory_scoring_its_optimised_images_together_sco
     pairs = [(7, "heart"), (11, "heart")]
     forward = engine_module._Classifier.forward
 
+    batch_logits, batch_freed = [], []  # the failed batch's memory let go of before any image is scored alone
+
     def scores_one(self, images):
         if not torch.is_grad_enabled() and len(images) > 1:
+            batch_logits.append(weakref.ref(forward(self, images)))  # held by the failure's traceback while it lives
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+        if not torch.is_grad_enabled() and batch_logits:
+            batch_freed.append(batch_logits[-1]() is None)
         return forward(self, images)
 
     try:
@@ -782,6 +788,32 @@ def test_a_visualisation_out_of_memory_scoring_its_optimised_images_together_sco
         scores = [value for v in together.visualizations for value in (v.neuron, v.activation, v.logit, v.mask_fraction)]
         assert [value for v in one_at_a_time.visualizations for value in (v.neuron, v.activation, v.logit, v.mask_fraction)] == (
             pytest.approx(scores, rel=1e-4))  # a batch of one rounds apart
+        assert batch_freed == [True, True]
+    finally:
+        _shut(engine)
+
+
+def test_a_visualisation_whose_scoring_fails_otherwise_than_out_of_memory_stays_a_bug_not_scored_one_at_a_time(tmp_path, monkeypatch):
+    # Only memory running out scoring the optimised images together is worth scoring them one
+    # at a time; another RuntimeError there (a broken kernel or device) is a bug: INTERNAL.
+    from explaind.engine import neuroinspect as engine_module
+
+    engine, inspect = _in_process(tmp_path)
+    forward, scored = engine_module._Classifier.forward, []
+
+    def broken_on_the_batch(self, images):
+        if not torch.is_grad_enabled():
+            scored.append(len(images))
+            if len(images) > 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(self, images)
+
+    monkeypatch.setattr(engine_module._Classifier, "forward", broken_on_the_batch)
+    try:
+        job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="no_clip", steps=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "INTERNAL"), record
+        assert scored == [1, 2]  # the split's check on one grey image, then the batch: no image scored alone
     finally:
         _shut(engine)
 
