@@ -6,7 +6,7 @@ import os
 import re
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,32 +32,55 @@ def _sh(script: str, tmp_path: Path, **env: str) -> None:
     subprocess.run(["bash", "-euc", script], check=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env})
 
 
+def _held_at_its_first_epoch(editor: type, held: threading.Event, released: threading.Event) -> type:
+    """``editor`` (HeadEditor) whose edit, once its first epoch is reported, sets ``held``
+    and waits there until ``released``: a job running however fast the machine trains."""
+
+    class HeldEditor(editor):
+        def edit(self, *args, callback_on_epoch_end, **kwargs):
+            def holding(*epoch):
+                stop = callback_on_epoch_end(*epoch)
+                held.set()
+                released.wait(120)
+                return stop
+
+            return super().edit(*args, callback_on_epoch_end=holding, **kwargs)
+
+    return HeldEditor
+
+
 def test_documented_live_backup_restores_sets_operations_and_active_head(tmp_path: Path, classifier_dir: Path,
-                                                                          world_images) -> None:
+                                                                          world_images, monkeypatch) -> None:
     from explaind.client import AbortedError, Client
+    from explaind.config import load_config
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.service import ExplaindServer
 
     backup, restore = _documented_commands()
     images, labels = world_images[0].numpy(), world_images[1].tolist()
     config = write_config(tmp_path / "explaind.toml", classifier_dir)
-    server = ServerProcess(config, tmp_path / "data", tmp_path / "server.log").start()
+    data_dir = tmp_path / "data"
+    # In this process, for its edit to be held running while the backup is taken.
+    server = ExplaindServer(load_config(config).replace("server", port=0, metrics_port=0, data_dir=str(data_dir)))
+    held, released = threading.Event(), threading.Event()
     try:
-        with Client(server.target, timeout=60) as client:
+        target = f"127.0.0.1:{server.start()}"
+        server.load_models()
+        with Client(target, timeout=60) as client:
             client.create_sample_set(images, labels, sample_set_id="train")
             evaluation = client.evaluate_sample_set("train").wait()
             edit = client.edit_head("train", 0, [1, 2, 3], promote=True).wait()
             assert edit.state == "succeeded", edit.error
             before = client.predict(images[:4])
             client.create_sample_set(list(images) * 10, labels * 10, sample_set_id="big")
-            running = client.edit_head("big", 1, [4, 5], max_epochs=1000, patience=1000)
-            deadline = time.monotonic() + 60
-            while running.refresh().state != "running":
-                assert time.monotonic() < deadline, running.state
-                time.sleep(0.05)
-            _sh(backup, tmp_path, DATA_DIR=str(server.data_dir), BACKUP=str(tmp_path / "backup"))
-            assert running.refresh().state == "running"  # taken while the job wrote
+            monkeypatch.setattr(engine_module, "HeadEditor", _held_at_its_first_epoch(engine_module.HeadEditor, held, released))
+            running = client.edit_head("big", 1, [4, 5])
+            assert held.wait(60), running.refresh().state
+            _sh(backup, tmp_path, DATA_DIR=str(data_dir), BACKUP=str(tmp_path / "backup"))  # taken while the job runs
             running.cancel()
     finally:
-        server.stop()
+        released.set()
+        server.stop(30)
     moved = tmp_path / "elsewhere" / "data"  # a new mount point
     moved.mkdir(parents=True)
     _sh(restore, tmp_path, DATA_DIR=str(moved), BACKUP=str(tmp_path / "backup"))
