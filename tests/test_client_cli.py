@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import types
 import uuid
@@ -1485,6 +1486,19 @@ def _wait_for_an_exit(exits: list[int]) -> None:
         time.sleep(0.01)
 
 
+def _deadline_passing_now(exits: list[int]) -> None:
+    """The SIGTERM's deadline (a --timeout the test never reaches) passing now, where the
+    command stands still: its exit (os._exit patched: :func:`_stuck_exits_recorded`) comes
+    once the command got here, not on a 0.01 s timer, which a loaded machine let fire before
+    the command had done what its words then lacked. Once only: an exit ends the process."""
+    import explaind.client.cli as cli
+
+    if not exits:
+        timer = next(thread for thread in threading.enumerate() if thread.name == cli.TERMINATED_DEADLINE_THREAD)
+        timer.cancel()
+        timer.function(*timer.args, **timer.kwargs)
+
+
 def _closing_then_terminated(close: Callable[[Client], None]) -> Callable[[Client], None]:
     """A ``Client.close`` that closes, then takes a SIGTERM (a systemd stop) there."""
     def closing(self: Client) -> None:
@@ -1543,7 +1557,7 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
     starts: list[str] = []
 
     def stuck(*_args):  # a server slow to answer: until the exit
-        _wait_for_an_exit(exits)
+        _deadline_passing_now(exits)
 
     def start(request_id):
         starts.append(request_id)
@@ -1556,7 +1570,7 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
 
     job.cancel = stuck
     client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
-    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=600, json=True)):
         with pytest.raises(cli._Terminated):
             started_job(client, start, started_by="this command", rerun_hint=False)
     out, err = capsys.readouterr()
@@ -1564,7 +1578,7 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
     note = (f"a job may have started under request_id {starts[0]}, looked for to cancel it, which was cut short: explaind operations "
             "list shows it, and explaind operations cancel NAME stops it" if stuck_in == "start_again" else
             f"{job.name} may still be running: cancelling it was cut short; explaind operations cancel {job.name} stops it")
-    assert err == ("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may still run: explaind "
+    assert err == ("terminated\n  (the command did not end within 600 s of SIGTERM; a job it started may still run: explaind "
                    f"operations list)\n  {note}\n"), err
     error = json.loads(out)["error"]
     assert (error["message"], error["notes"], error["operation"]) == ("terminated", [note], None if stuck_in == "start_again" else job.name)
@@ -1588,12 +1602,12 @@ def test_an_exit_after_the_search_for_a_sigterm_s_job_ended_still_names_what_it_
         raise DeadlineExceededError("no answer")
 
     client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
-    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=600, json=True)):
         with pytest.raises(cli._Terminated):
             try:
                 started_job(client, start, started_by="this command", rerun_hint=False)
             finally:
-                _wait_for_an_exit(exits)  # the channel's close, stuck
+                _deadline_passing_now(exits)  # the channel's close, stuck
     out, err = capsys.readouterr()
     note = (f"a job may have started under request_id {starts[0]}, not found (DEADLINE_EXCEEDED: no answer): explaind operations list "
             "shows it, and explaind operations cancel NAME stops it")
@@ -1617,12 +1631,12 @@ def test_an_exit_stuck_after_a_sigterm_stopped_a_ctrl_c_s_search_names_what_the_
         time.sleep(60)  # the signal ends it
 
     client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
-    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)):
+    with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=600, json=True)):
         with pytest.raises(KeyboardInterrupt):
             try:
                 started_job(client, start, started_by="this command", rerun_hint=False)
             finally:
-                _wait_for_an_exit(exits)  # the channel's close, stuck
+                _deadline_passing_now(exits)  # the channel's close, stuck
     out, err = capsys.readouterr()
     note = (f"a job may have started under request_id {starts[0]}, not found (interrupted again): explaind operations list shows it, "
             "and explaind operations cancel NAME stops it")

@@ -97,6 +97,8 @@ class _Terminated(KeyboardInterrupt):
 TERMINATED_GRACE_S = 5.0
 # Seconds that exit then waits for its words to be written (stdout may be a pipe nobody reads).
 TERMINATED_WORDS_S = 1.0
+# The name of the thread whose timer runs that exit (in a thread dump, what the process waits for).
+TERMINATED_DEADLINE_THREAD = "explaind-terminated-deadline"
 
 
 @contextlib.contextmanager
@@ -153,7 +155,7 @@ def _terminating_like_ctrl_c(args: argparse.Namespace) -> Iterator[Callable[[], 
             return
         # At most what a thread's wait takes (292 years): --timeout 1e10, "no limit", failed the timer's thread.
         deadline.append(threading.Timer(min(args.timeout + TERMINATED_GRACE_S, threading.TIMEOUT_MAX), exit_stuck))
-        deadline[0].daemon = True
+        deadline[0].daemon, deadline[0].name = True, TERMINATED_DEADLINE_THREAD
         deadline[0].start()
         if running[0]:
             terminating = _Terminated("terminated")
