@@ -1490,11 +1490,14 @@ def _deadline_passing_now(exits: list[int]) -> None:
     """The SIGTERM's deadline (a --timeout the test never reaches) passing now, where the
     command stands still: its exit (os._exit patched: :func:`_stuck_exits_recorded`) comes
     once the command got here, not on a 0.01 s timer, which a loaded machine let fire before
-    the command had done what its words then lacked. Once only: an exit ends the process."""
+    the command had done what its words then lacked. Once only: an exit ends the process.
+    The timer still counting down: a previous command's, cancelled as it ended, may keep its
+    thread (of the same name) alive a moment longer on a loaded machine, first in the list."""
     import explaind.client.cli as cli
 
     if not exits:
-        timer = next(thread for thread in threading.enumerate() if thread.name == cli.TERMINATED_DEADLINE_THREAD)
+        [timer] = [thread for thread in threading.enumerate()
+                   if thread.name == cli.TERMINATED_DEADLINE_THREAD and not thread.finished.is_set()]
         timer.cancel()
         timer.function(*timer.args, **timer.kwargs)
 
