@@ -345,7 +345,7 @@ class ClipIllusion:
         else:
             maps = neuron_gradient_maps(self.classifier, images.to(self._dtype), map_source, self.head, neurons)
         maps = maps.float()
-        masks = activation_masks(maps, images.shape[-2:], mask_threshold)
+        masks = activation_masks(maps, (images.shape[-2], images.shape[-1]), mask_threshold)
         keep = masks.unsqueeze(1).to(images.dtype)
         masked = images * (keep + (1 - keep) * mask_dim)
         nan = torch.full((len(rows),), float("nan"), device=self.device)
