@@ -704,6 +704,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from explaind.config import ConfigError, load_config
     from explaind.errors import FailedPrecondition
     from explaind.service import serve
+    from explaind.service.server import end_serving_process
     from explaind.store import StoreOpenError
 
     try:
@@ -739,7 +740,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             print(f"warning: {warning}", file=sys.stderr)
     try:
-        return serve(config, stop_requested)
+        return end_serving_process(serve(config, stop_requested))
     except (OSError, StoreOpenError, ConfigError, FailedPrecondition) as error:  # an address or the data dir in use, a corrupt database, a token file, no GPU
         return _start_failed(_naming_flag(str(error), changes) or str(error), json_logs=json_logs)
 

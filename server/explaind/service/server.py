@@ -9,12 +9,15 @@ with code ABORTED ("submit it again"), as after a crash.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import importlib
 import logging
+import os
 import resource
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -91,6 +94,9 @@ CLIENT_PING_INTERVAL_MIN_MS = 10_000
 # aborted ("Eventfd wakeup fd is not supported"), the bind blamed the port, the store "unable
 # to open database file".
 MIN_OPEN_FILES = 64
+# The name of the thread serve() loads the models in, which a stop while they load leaves
+# running (see end_serving_process).
+MODEL_LOAD_THREAD = "load-models"
 
 
 class ExplaindServer:
@@ -538,7 +544,7 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
     # Models load in a thread, so a stop asked for meanwhile is heeded at once: a load can
     # take minutes, longer than Kubernetes waits before it kills the pod.
     load_failures: list[Exception] = []
-    loaded = threading.Thread(target=_load_models, args=(server, load_failures), name="load-models", daemon=True)
+    loaded = threading.Thread(target=_load_models, args=(server, load_failures), name=MODEL_LOAD_THREAD, daemon=True)
     loaded.start()
     while loaded.is_alive() and not stop_requested.wait(0.5):
         pass
@@ -554,3 +560,25 @@ def serve(config: Config, stop_requested: threading.Event | None = None) -> int:
         log.info("stop requested while the models load: shutting down")
     server.stop()
     return 0
+
+
+def end_serving_process(code: int) -> int:
+    """``code``, for the process that ran :func:`serve` to exit with; or, where serve()
+    returned on a stop while the models load, their thread still running, the process ended
+    with it at once (os._exit), its logs and output flushed first. Python's exit ends that
+    (daemon) thread where it next takes the GIL, with pthread_exit, whose unwinding through
+    the torch C++ call it is in (a warm-up's conv2d) calls std::terminate: the process
+    aborted (SIGABRT, "terminate called without an active exception", a core dump) in
+    place of its graceful exit 0. The thread cannot be stopped inside torch, and waiting
+    for the load (minutes with CLIP) would outlast Kubernetes' grace. Python's exit does
+    nothing more that is needed: stop() has closed the store, ports and traces, and what the
+    load writes to the data dir survives a process killed meanwhile (an ONNX export is
+    renamed into place, its scratch folder removed by the next; the feature cache's drop is
+    one SQLite transaction)."""
+    if not any(thread.name == MODEL_LOAD_THREAD for thread in threading.enumerate()):
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, a closed stream: the exit status still says it
+            stream.flush()
+    os._exit(code)
