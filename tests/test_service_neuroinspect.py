@@ -856,18 +856,9 @@ def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no
     # not follow. One image out of memory named pairs, of which there are no fewer to ask for.
     from types import SimpleNamespace
 
-    from explaind.engine import neuroinspect as engine_module
-
     class ClipTooLargeForTheDevice(torch.nn.Module):
         def _apply(self, *args, **kwargs):  # Module.to's walk over its tensors
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.60 GiB. GPU 0 has a total capacity of 7.79 GiB")
-
-    forward = engine_module._Classifier.forward
-
-    def holds_none(self, images):
-        if torch.is_grad_enabled():
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
-        return forward(self, images)
 
     engine, inspect = _in_process(tmp_path)
     try:
@@ -881,7 +872,7 @@ def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no
                                         "would not help; retry later (should it recur, the device has no room for CLIP beside the classifier, "
                                         "which only the server's operator can change)")
         assert [r.levelname for r in caplog.records if "moving CLIP onto it: CUDA out of memory" in r.getMessage()] == ["ERROR"]
-        monkeypatch.setattr(engine_module._Classifier, "forward", holds_none)
+        _no_room_to_optimise(monkeypatch)
         job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=2)
         record = engine.jobs.wait(job.record.job_id, 120).record
         assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
@@ -892,10 +883,9 @@ def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no
         _shut(engine)
 
 
-def test_a_single_clip_illusion_image_out_of_memory_names_no_clip_as_a_different_method_that_may_fit(tmp_path, monkeypatch):
-    # One clip_illusion image out of memory said only the operator could help, though no_clip
-    # keeps none of CLIP's activations for the backward pass. Another method, not less of
-    # this request: still no field, so `explaind report` stops on it rather than halving.
+def _no_room_to_optimise(monkeypatch) -> None:
+    """The served classifier's device out of memory for any forward pass kept for a backward
+    (an image's optimisation), with room for one without (its scoring)."""
     from explaind.engine import neuroinspect as engine_module
 
     forward = engine_module._Classifier.forward
@@ -905,9 +895,16 @@ def test_a_single_clip_illusion_image_out_of_memory_names_no_clip_as_a_different
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
         return forward(self, images)
 
+    monkeypatch.setattr(engine_module._Classifier, "forward", holds_none)
+
+
+def test_a_single_clip_illusion_image_out_of_memory_names_no_clip_as_a_different_method_that_may_fit(tmp_path, monkeypatch):
+    # One clip_illusion image out of memory said only the operator could help, though no_clip
+    # keeps none of CLIP's activations for the backward pass. Another method, not less of
+    # this request: still no field, so `explaind report` stops on it rather than halving.
     engine, inspect = _in_process(tmp_path)
     _clip_illusion_with_similarities(engine, monkeypatch)
-    monkeypatch.setattr(engine_module._Classifier, "forward", holds_none)
+    _no_room_to_optimise(monkeypatch)
     try:
         job = inspect.visualize_neurons([(7, "heart")], method="clip_illusion", steps=2)
         record = engine.jobs.wait(job.record.job_id, 120).record
