@@ -818,6 +818,31 @@ def test_a_visualisation_whose_scoring_fails_otherwise_than_out_of_memory_stays_
         _shut(engine)
 
 
+def test_one_image_out_of_memory_scoring_it_is_not_scored_again_alone(tmp_path, monkeypatch):
+    # Scoring one at a time after the batch ran out is no smaller for a batch of one: the same
+    # work again, the same failure, its wait doubled.
+    from explaind.engine import neuroinspect as engine_module
+
+    engine, inspect = _in_process(tmp_path)
+    forward, scored = engine_module._Classifier.forward, []
+
+    def no_room_after_the_split_check(self, images):
+        if not torch.is_grad_enabled():
+            scored.append(len(images))
+            if len(scored) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+        return forward(self, images)
+
+    monkeypatch.setattr(engine_module._Classifier, "forward", no_room_after_the_split_check)
+    try:
+        job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
+        assert scored == [1, 1]  # the split's check on one grey image, then the image's scoring, once
+    finally:
+        _shut(engine)
+
+
 @pytest.mark.parametrize("error, code", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes"),
      "RESOURCE_EXHAUSTED"),

@@ -308,8 +308,8 @@ class ClipIllusion:
         try:
             scored = self._scores(images, neurons, classes, mask_threshold, mask_dim, map_source)
         except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
-            if not (isinstance(error, torch.OutOfMemoryError) or is_host_out_of_memory(error)):
-                raise
+            if not (isinstance(error, torch.OutOfMemoryError) or is_host_out_of_memory(error)) or len(images) == 1:
+                raise  # one image alone: scoring it alone again is the same work
         if scored is None:
             # Out of memory scoring them all at once (the device's memory taken since, by other
             # work): the optimised images are not thrown away but scored one at a time, a B-th
