@@ -793,52 +793,34 @@ def test_a_visualisation_out_of_memory_scoring_its_optimised_images_together_sco
         _shut(engine)
 
 
-def test_a_visualisation_whose_scoring_fails_otherwise_than_out_of_memory_stays_a_bug_not_scored_one_at_a_time(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("pairs", "error", "code"), [
     # Only memory running out scoring the optimised images together is worth scoring them one
     # at a time; another RuntimeError there (a broken kernel or device) is a bug: INTERNAL.
+    ([(7, "heart"), (11, "heart")], RuntimeError("CUDA error: an illegal memory access was encountered"), "INTERNAL"),
+    # Nor is a batch of one: scored alone again, the same work, the same failure, its wait doubled.
+    ([(7, "heart")], torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB"),
+     "RESOURCE_EXHAUSTED"),
+])
+def test_a_visualisation_s_scoring_that_fails_is_not_scored_one_at_a_time_unless_out_of_memory_for_a_batch(tmp_path, monkeypatch, pairs,
+                                                                                                          error, code):
     from explaind.engine import neuroinspect as engine_module
 
     engine, inspect = _in_process(tmp_path)
     forward, scored = engine_module._Classifier.forward, []
 
-    def broken_on_the_batch(self, images):
-        if not torch.is_grad_enabled():
-            scored.append(len(images))
-            if len(images) > 1:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return forward(self, images)
-
-    monkeypatch.setattr(engine_module._Classifier, "forward", broken_on_the_batch)
-    try:
-        job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="no_clip", steps=2)
-        record = engine.jobs.wait(job.record.job_id, 120).record
-        assert (record.state, record.error_code) == ("failed", "INTERNAL"), record
-        assert scored == [1, 2]  # the split's check on one grey image, then the batch: no image scored alone
-    finally:
-        _shut(engine)
-
-
-def test_one_image_out_of_memory_scoring_it_is_not_scored_again_alone(tmp_path, monkeypatch):
-    # Scoring one at a time after the batch ran out is no smaller for a batch of one: the same
-    # work again, the same failure, its wait doubled.
-    from explaind.engine import neuroinspect as engine_module
-
-    engine, inspect = _in_process(tmp_path)
-    forward, scored = engine_module._Classifier.forward, []
-
-    def no_room_after_the_split_check(self, images):
+    def fails_after_the_split_check(self, images):
         if not torch.is_grad_enabled():
             scored.append(len(images))
             if len(scored) > 1:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+                raise error
         return forward(self, images)
 
-    monkeypatch.setattr(engine_module._Classifier, "forward", no_room_after_the_split_check)
+    monkeypatch.setattr(engine_module._Classifier, "forward", fails_after_the_split_check)
     try:
-        job = inspect.visualize_neurons([(7, "heart")], method="no_clip", steps=2)
+        job = inspect.visualize_neurons(pairs, method="no_clip", steps=2)
         record = engine.jobs.wait(job.record.job_id, 120).record
-        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
-        assert scored == [1, 1]  # the split's check on one grey image, then the image's scoring, once
+        assert (record.state, record.error_code) == ("failed", code), record
+        assert scored == [1, len(pairs)]  # the split's check on one grey image, then the batch: no image scored alone
     finally:
         _shut(engine)
 
