@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import resource
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -155,10 +156,7 @@ class ExplaindServer:
             try:
                 self._metrics_http, self.metrics_port = self.metrics.serve_http(settings.host, settings.metrics_port)
             except OSError as error:
-                address = _host_port(settings.host, settings.metrics_port)
-                if error.errno == errno.EADDRNOTAVAIL:  # a host no address of this machine: the port is not at fault
-                    raise _port_refused("metrics_port", address, f"{settings.host!r} is not an address of this machine", blamed_key="host") from None
-                raise _port_refused("metrics_port", address, _ADDRESS_IN_USE if error.errno == errno.EADDRINUSE else error.strerror) from None
+                raise _bind_refused("metrics_port", settings.host, settings.metrics_port, error) from None
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -177,7 +175,7 @@ class ExplaindServer:
         _enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = _bind(server, _host_port(settings.host, settings.port), self._tls.server_credentials() if self._tls else None, key="port")
+            self.port = _bind(server, settings.host, settings.port, self._tls.server_credentials() if self._tls else None, key="port")
             if settings.health_port:
                 self._health_grpc, self.health_port = self._serve_health(settings.host, settings.health_port)
         except OSError:
@@ -205,7 +203,7 @@ class ExplaindServer:
         answer by closing it (GOAWAY too_many_pings)."""
         server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="health"), options=[("grpc.so_reuseport", 0), *keepalive_options()])
         health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), server)
-        bound = _bind(server, _host_port(host, port), None, key="health_port")
+        bound = _bind(server, host, port, None, key="health_port")
         server.start()
         return server, bound
 
@@ -445,18 +443,53 @@ _ADDRESS_IN_USE = "another process is using the port: stop it, or choose another
 _PORT_NAMES = {"port": "", "metrics_port": "metrics ", "health_port": "health "}
 
 
-def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, *, key: str) -> int:
-    """Bind ``address`` (host:port, of ``[server].KEY``) with TLS ``credentials`` or in
-    plaintext; the port, or OSError (_port_refused). gRPC says no more than that it failed."""
+def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None, *, key: str) -> int:
+    """Bind ``host:port`` (of ``[server].KEY``) with TLS ``credentials`` or in plaintext;
+    the port, or OSError (_bind_refused) with the cause _probe_bind finds, as gRPC says
+    no more than that it failed."""
+    address = _host_port(host, port)
     try:  # grpcio raises RuntimeError for an address in use; older versions returned 0
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
-        port = 0
-    if port == 0:
-        host = address.rpartition(":")[0]
-        elsewhere = "" if host in ("0.0.0.0", "[::]", "::") else f", or is {host!r} not an address of this machine"  # every address is
-        raise _port_refused(key, address, f"is another process using the port (stop it, or choose another port){elsewhere}?")
-    return port
+        bound = 0
+    if bound == 0:
+        raise _bind_refused(key, host, port, _probe_bind(host, port))
+    return bound
+
+
+def _probe_bind(host: str, port: int) -> OSError:
+    """Why ``host:port`` cannot be bound, found as gRPC binds it (SO_REUSEADDR): a plain
+    socket bound to each of the host's addresses with port 0, which touches no port and
+    fails (EADDRNOTAVAIL) only for an address not of this machine, then with ``port``
+    (EADDRINUSE for a port another socket listens on, EACCES for a privileged one). Asked
+    after gRPC's bind failed, not before it: the answer cannot race the bind it explains,
+    and the probe never listens, closed at once. An OSError without an errno where every
+    probe bound (the port was freed meanwhile)."""
+    try:
+        addresses = socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return error
+    for family, kind, protocol, _, address in addresses:
+        for probed_port in (0, port):
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((address[0], probed_port, *address[2:]))
+                except OSError as error:
+                    return error
+    return OSError("gRPC gave no reason, and the port was free when checked after: another process may have held it meanwhile")
+
+
+def _bind_refused(key: str, host: str, port: int, error: OSError) -> OSError:
+    """The bind of ``[server].KEY`` at ``host:port`` failed with ``error``: an address not
+    of this machine, or one no name resolves to, blames [server].host (the port is not at
+    fault), a port in use says so, any other cause in the system's words."""
+    address = _host_port(host, port)
+    if isinstance(error, socket.gaierror):
+        return _port_refused(key, address, f"{host!r} is not an address of this machine ({error.strerror})", blamed_key="host")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return _port_refused(key, address, f"{host!r} is not an address of this machine", blamed_key="host")
+    return _port_refused(key, address, _ADDRESS_IN_USE if error.errno == errno.EADDRINUSE else (error.strerror or str(error)))
 
 
 def _port_refused(key: str, address: str, reason: str, *, blamed_key: str | None = None) -> OSError:
