@@ -2007,25 +2007,34 @@ def test_serve_with_a_missing_model_path_fails_before_it_says_it_is_listening(ca
     assert "listening" not in err and not (tmp_path / "data").exists(), err
 
 
-@pytest.mark.parametrize("unreadable", ["the directory", "a directory above it"])
-def test_serve_with_a_model_path_its_user_may_not_read_fails_before_it_says_it_is_listening(tmp_path, classifier_dir, unreadable):
+@pytest.mark.parametrize(("unreadable", "mode", "key", "denied"), [
+    ("the directory", 0o000, "[classifier].path (a world classifier directory):", "classifier"),
+    ("a directory above it", 0o600, "[classifier].path (a world classifier directory):", ""),  # 0o600: listed, not searched
+    # Inside a readable directory: found only as the models loaded, after "listening on".
+    ("its weights file", 0o000, "[classifier].path:", "classifier/model.safetensors"),
+    ("a diffusers component's file", 0o000, "[diffusion].path:", "diffusion/unet/diffusion_pytorch_model.safetensors"),
+])
+def test_serve_with_a_model_path_its_user_may_not_read_fails_before_it_says_it_is_listening(tmp_path, classifier_dir, unreadable, mode, key, denied):
     # Root reads anything: only without its capabilities does the server meet what an operator's user would.
     import shutil
 
     prefix = _without_root_privileges()
     models = tmp_path / "models"
     shutil.copytree(classifier_dir, models / "classifier")
-    config = write_config(tmp_path / "explaind.toml", models / "classifier")
-    denied = models / "classifier" if unreadable == "the directory" else models
-    denied.chmod(0o000 if unreadable == "the directory" else 0o600)  # 0o600: listed, not searched
+    (models / "diffusion" / "unet").mkdir(parents=True)
+    (models / "diffusion" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    (models / "diffusion" / "unet" / "diffusion_pytorch_model.safetensors").write_text("")
+    config = write_config(tmp_path / "explaind.toml", models / "classifier", diffusion={"path": str(models / "diffusion")})
+    denied_path = models / denied
+    denied_path.chmod(mode)
     try:
         ended = subprocess.run([*prefix, sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", "0",
                                 "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
     finally:
-        denied.chmod(0o755)
+        denied_path.chmod(0o755)
     assert ended.returncode == 1 and "listening" not in ended.stderr and "Traceback" not in ended.stderr, ended.stderr
-    assert ended.stderr.strip().splitlines()[-1] == (
-        f"error: [classifier].path (a world classifier directory): cannot read {models / 'classifier'}: Permission denied"), ended.stderr
+    unread = models / "classifier" if unreadable == "a directory above it" else denied_path
+    assert ended.stderr.strip().splitlines()[-1] == f"error: {key} cannot read {unread}: Permission denied", ended.stderr
 
 
 @pytest.mark.parametrize("argv", [["--token", "s3cret", "serve"], ["--target=127.0.0.1:1", "demo"], ["--timeout", "5", "serve", "--port", "0"],

@@ -3,8 +3,10 @@ refused naming its key, so a bad file stops the start and a good one is never re
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -278,6 +280,59 @@ def test_a_model_path_the_loader_does_not_read_is_not_checked_before_the_bind(tm
     by_name = {"classifier": {"loader": "torchvision", "name": "resnet18", "weights": "ResNet18_Weights.IMAGENET1K_V1"},
                "clip": {"model": "ViT-B-32", "checkpoint": "laion2b_s34b_b79k"}}
     assert unusable_model_path(load_config(write_config(tmp_path / "c.toml", classifier_dir, **by_name))) is None
+
+
+def _diffusers_directory(directory: Path, _classifier_dir: Path) -> None:
+    """A diffusers pipeline's files as the pre-bind check reads them (no weights in them)."""
+    directory.mkdir()
+    (directory / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                                                            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None]}))
+    for part, file in (("unet", "diffusion_pytorch_model.safetensors"), ("scheduler", "scheduler_config.json")):
+        (directory / part).mkdir()
+        (directory / part / file).write_text("{}")
+
+
+def _open_clip_directory(directory: Path, _classifier_dir: Path) -> None:
+    directory.mkdir()
+    (directory / "open_clip_config.json").write_text("{}")
+    (directory / "open_clip_model.safetensors").write_text("")
+
+
+def _world_t2i_directory(directory: Path, classifier_dir: Path) -> None:
+    _diffusers_directory(directory, classifier_dir)
+    (directory / "model_index.json").unlink()
+    (directory / "vae").mkdir()
+
+
+# A readable directory passed the check whatever it held: a file the loader reads missing inside it failed after "listening on".
+@pytest.mark.parametrize(("section", "make", "break_it", "message"), [
+    ("diffusion", _diffusers_directory, lambda d: shutil.rmtree(d / "unet"), "[diffusion].path: not found: {d}/unet"),
+    ("diffusion", _diffusers_directory, lambda d: (d / "unet" / "config.json").symlink_to(d / "gone"), "[diffusion].path: not found: {d}/unet/config.json"),
+    ("diffusion", _diffusers_directory, lambda d: (d / "model_index.json").write_text("{"), "[diffusion].path: {d}/model_index.json is not JSON: "),
+    ("diffusion", _world_t2i_directory, lambda d: shutil.rmtree(d / "scheduler"),
+     "[diffusion].path: not found: {d}/model_index.json (nor scheduler/; it has vae/, unet/)"),
+    ("clip", _open_clip_directory, lambda d: (d / "open_clip_model.safetensors").unlink(), "[clip].path {d} has no weights file"),
+    ("clip", _open_clip_directory, lambda d: (d / "open_clip_config.json").unlink(), "[clip].path {d} is not a directory holding open_clip_config.json"),
+    ("classifier", lambda d, classifier_dir: shutil.copytree(classifier_dir, d), lambda d: (d / "model.safetensors").unlink(),
+     "[classifier].path: not found: {d}/model.safetensors"),
+])
+def test_a_model_directory_missing_a_file_its_loader_reads_is_refused_before_the_bind(tmp_path, classifier_dir, section, make, break_it, message):
+    directory = tmp_path / "model"
+    make(directory, classifier_dir)
+    config = write_config(tmp_path / "c.toml", classifier_dir, **{section: {"path": str(directory)}})
+    assert unusable_model_path(load_config(config)) is None
+    break_it(directory)
+    problem = unusable_model_path(load_config(config))
+    assert problem is not None and problem.startswith(message.format(d=directory)), problem
+
+
+def test_a_weights_file_as_clip_path_is_refused_before_the_bind_not_only_as_clip_loads(tmp_path, classifier_dir):
+    # [clip].path is open_clip's directory; its weights file alone passed the check, readable.
+    _open_clip_directory(tmp_path / "clip", classifier_dir)
+    weights = tmp_path / "clip" / "open_clip_model.safetensors"
+    problem = unusable_model_path(load_config(write_config(tmp_path / "c.toml", classifier_dir, clip={"path": str(weights)})))
+    assert problem == (f"[clip].path {weights} is not a directory holding open_clip_config.json; a weights file alone is [clip].checkpoint, "
+                       "with its architecture as [clip].model")
 
 
 def test_a_model_path_with_a_nul_is_not_found_before_the_bind_not_a_traceback(tmp_path):

@@ -664,9 +664,10 @@ def missing_classifier_key(section: ClassifierSection) -> str | None:
 
 def unusable_model_path(config: Config) -> str | None:
     """Why a model file or directory the config names cannot be used (missing, or not
-    readable by this process), naming its key; None when each can be opened. A stat and an
-    access check each, so serve() says it before it listens rather than once the models
-    load in the background, after "listening on" was logged."""
+    readable by this process), or a file its loader reads inside a directory
+    (_directory_problem), naming its key; None when each can be opened. Stats, access
+    checks and one small JSON read, so serve() says it before it listens rather than once
+    the models load in the background, after "listening on" was logged."""
     classifier = config.classifier
     needs = dict(_CLASSIFIER_NEEDS.get(classifier.loader, ()))
     keys = [("classifier", key, needs.get(key, "")) for key in ("path", "weights") if key in _LOADER_READS.get(classifier.loader, ())]
@@ -679,14 +680,113 @@ def unusable_model_path(config: Config) -> str | None:
         if not value or (key in ("weights", "checkpoint") and _names_pretrained_weights(value)):
             continue
         where = f"[{section}].{key}" + (f" ({meaning})" if meaning else "")
-        try:
-            mode = os.stat(value).st_mode
-        except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in it, which Path.exists (the loaders') calls absent
-            return f"{where} not found: {value}"
-        except OSError as error:  # a directory above it this user may not search
-            return f"{where}: cannot read {value}: {error.strerror}"
-        if not os.access(value, os.R_OK | (os.X_OK if stat.S_ISDIR(mode) else 0)):
-            return f"{where}: cannot read {value}: Permission denied"
+        if why := _unreadable(value):
+            return f"{where} not found: {value}" if why == _NOT_FOUND else f"{where}: cannot read {value}: {why}"
+        if key == "path" and (problem := _directory_problem(f"[{section}].{key}", section, classifier.loader, Path(value))):
+            return problem
+    return None
+
+
+_NOT_FOUND = "not found"
+
+
+def _unreadable(path: str | Path) -> str | None:
+    """_NOT_FOUND, or why this process cannot read ``path`` (a directory: list and search
+    it), or None when it can."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in it, which Path.exists (the loaders') calls absent
+        return _NOT_FOUND
+    except OSError as error:  # a directory above it this user may not search
+        return error.strerror
+    return None if os.access(path, os.R_OK | (os.X_OK if stat.S_ISDIR(mode) else 0)) else "Permission denied"
+
+
+# What a diffusers directory without model_index.json must hold: the shapes world's layout.
+WORLD_T2I_PARTS = ("vae", "unet", "scheduler")
+# What a world classifier directory holds (world.classifier's save_classifier writes them).
+WORLD_CLASSIFIER_FILES = ("config.json", "model.safetensors")
+# What open_clip reads of a [clip].path directory: its config, and one weights file of these.
+CLIP_DIRECTORY_CONFIG = "open_clip_config.json"
+CLIP_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+
+
+def diffusion_directory_problem(directory: Path) -> str | None:
+    """Why ``directory`` is neither a diffusers pipeline (model_index.json) nor the shapes
+    world's layout (WORLD_T2I_PARTS), naming the parts a copy left out; None when it is one."""
+    if (directory / "model_index.json").is_file():
+        return None
+    if missing := [f"{part}/" for part in WORLD_T2I_PARTS if not (directory / part).is_dir()]:
+        present = [f"{part}/" for part in WORLD_T2I_PARTS if f"{part}/" not in missing]
+        return f"[diffusion].path: not found: {directory / 'model_index.json'} (nor {', '.join(missing)}{'; it has ' + ', '.join(present) if present else ''})"
+    return None
+
+
+def clip_directory_problem(directory: Path) -> str | None:
+    """Why open_clip cannot load ``directory`` ([clip].path), or None: without its config
+    it said "Directory ... not found" of a file; without a weights file it loads a randomly
+    initialised CLIP, with a warning, which clip_illusion would then optimise against."""
+    if not (directory / CLIP_DIRECTORY_CONFIG).is_file():
+        return (f"[clip].path {directory} is not a directory holding {CLIP_DIRECTORY_CONFIG}; a weights "
+                "file alone is [clip].checkpoint, with its architecture as [clip].model")
+    if not _clip_weight_files(directory):
+        return (f"[clip].path {directory} has no weights file (open_clip_model.safetensors, or another "
+                f".safetensors, .bin or .pth file) beside its {CLIP_DIRECTORY_CONFIG}")
+    return None
+
+
+def _clip_weight_files(directory: Path) -> list[Path]:
+    return [path for suffix in CLIP_WEIGHT_SUFFIXES for path in sorted(directory.glob(f"*{suffix}"))]
+
+
+def _diffusion_component_folders(directory: Path) -> tuple[str | None, list[Path]]:
+    """(why model_index.json cannot be used, or None; the component folders the pipeline
+    loads): those model_index.json names with a library and class, else WORLD_T2I_PARTS."""
+    index_file = directory / "model_index.json"
+    if not index_file.is_file():
+        return None, [directory / part for part in WORLD_T2I_PARTS]
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except OSError as error:
+        return f"cannot read {index_file}: {error.strerror}", []
+    except ValueError as error:
+        return f"{index_file} is not JSON: {error}", []
+    if not isinstance(index, dict):
+        return f"{index_file} is not a JSON object", []
+    return None, [directory / component for component, value in index.items()
+                  if isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)]  # [null, null]: none
+
+
+def _directory_problem(where: str, section: str, loader: str, directory: Path) -> str | None:
+    """Why a file the loader of ``section`` reads inside ``directory`` (``where``, a key)
+    is missing or unreadable, or None: a diffusers pipeline's model_index.json and each
+    component folder it names (or the world layout's) with the files directly in them,
+    open_clip's config and weights files, a world classifier's files. Only what is known
+    without importing the libraries: what they make of the files comes as the models load."""
+    files: list[Path] = []
+    if section == "diffusion":
+        if problem := diffusion_directory_problem(directory):
+            return problem
+        problem, folders = _diffusion_component_folders(directory)
+        if problem:
+            return f"{where}: {problem}"
+        for folder in folders:
+            if problem := _file_problem(where, folder):
+                return problem
+            files += sorted(path for path in folder.iterdir() if path.is_file() or not path.exists())  # a dangling link: not found
+    elif section == "clip":
+        if problem := clip_directory_problem(directory):
+            return problem
+        files = [directory / CLIP_DIRECTORY_CONFIG, *_clip_weight_files(directory)]
+    elif section == "classifier" and loader == "world":
+        files = [directory / name for name in WORLD_CLASSIFIER_FILES]
+    return next(filter(None, map(functools.partial(_file_problem, where), files)), None)
+
+
+def _file_problem(where: str, path: Path) -> str | None:
+    """Why ``path`` in the directory of key ``where`` is missing or unreadable, or None."""
+    if why := _unreadable(path):
+        return f"{where}: {why}: {path}" if why == _NOT_FOUND else f"{where}: cannot read {path}: {why}"
     return None
 
 

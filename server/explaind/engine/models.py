@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ..class_names import class_name_key
-from ..config import ClassifierSection, ClipSection, ConfigError, DiffusionSection, missing_classifier_key, parse_factory, resize_size_problem
+from ..config import (ClassifierSection, ClipSection, ConfigError, DiffusionSection, clip_directory_problem, diffusion_directory_problem,
+                      missing_classifier_key, parse_factory, resize_size_problem)
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import DECODING_VERSION, InputGeometry
 from ..kernels import FLOAT_TYPES, ImageInput, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
@@ -970,15 +971,8 @@ def load_clip(section: ClipSection, *, required: bool) -> ComponentStatus:
         import open_clip
 
         if section.path:
-            directory = Path(section.path)
-            if not (directory / "open_clip_config.json").is_file():  # open_clip said "Directory ... not found" of a file
-                raise ModelLoadError(f"[clip].path {section.path} is not a directory holding open_clip_config.json; a weights "
-                                     "file alone is [clip].checkpoint, with its architecture as [clip].model")
-            # open_clip loads a directory without a weights file as a randomly initialised
-            # CLIP, with a warning, which clip_illusion would then optimise against.
-            if not any(next(directory.glob(f"*{suffix}"), None) for suffix in (".safetensors", ".bin", ".pth")):
-                raise ModelLoadError(f"[clip].path {section.path} has no weights file (open_clip_model.safetensors, or another "
-                                     ".safetensors, .bin or .pth file) beside its open_clip_config.json")
+            if problem := clip_directory_problem(Path(section.path)):
+                raise ModelLoadError(problem)
             model_name = f"local-dir:{section.path}"
             model, _, preprocess = open_clip.create_model_and_transforms(model_name)
         else:
@@ -1010,14 +1004,8 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
         return ComponentStatus("diffusion", False, "", "not configured")
     directory = Path(section.path)
     has_index = (directory / "model_index.json").is_file()
-    if not has_index and (missing := [f"{part}/" for part in _WORLD_T2I_PARTS if not (directory / part).is_dir()]):
-        # The parts it has say which one a copy left out: the whole list said nothing of it.
-        present = [f"{part}/" for part in _WORLD_T2I_PARTS if f"{part}/" not in missing]
-        return _optional_failure(
-            "diffusion", section.path,
-            f"[diffusion].path: not found: {directory / 'model_index.json'} (nor {', '.join(missing)}{'; it has ' + ', '.join(present) if present else ''})",
-            required,
-        )
+    if problem := diffusion_directory_problem(directory):
+        return _optional_failure("diffusion", section.path, problem, required)
     if has_index and (absent := _absent_pipeline_libraries(directory / "model_index.json")):
         library, components = next(iter(absent.items()))
         return _optional_failure(
@@ -1053,9 +1041,6 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
         )
     return ComponentStatus("diffusion", True, section.path, type(pipeline).__name__, pipeline)
 
-
-# What a diffusers directory without model_index.json must hold: the shapes world's layout.
-_WORLD_T2I_PARTS = ("vae", "unet", "scheduler")
 
 # The packages a diffusers component may need that an explaind extra installs, by extra:
 # its version range is explaind's, which a bare `pip install transformers` would not keep.

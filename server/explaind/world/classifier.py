@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import WORLD_CLASSIFIER_FILES
 from .render import SHAPES
 from .weights import load_weights, save_weights
 
@@ -105,16 +106,18 @@ def save_classifier(model: WorldClassifier, directory: str | Path, *, half: bool
     """Write ``config.json`` and ``model.safetensors`` (fp16 by default) into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(model.config.to_json())
-    save_weights(model, directory / "model.safetensors", half=half)
+    config_file, weights_file = WORLD_CLASSIFIER_FILES
+    (directory / config_file).write_text(model.config.to_json())
+    save_weights(model, directory / weights_file, half=half)
     return directory
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> WorldClassifier:
     """Load a classifier written by :func:`save_classifier`; weights are cast to fp32."""
-    config_path = Path(directory) / "config.json"
+    config_file, weights_file = WORLD_CLASSIFIER_FILES
+    config_path = Path(directory) / config_file
     if not config_path.is_file():
         raise FileNotFoundError(f"classifier config missing: {config_path}")
     model = WorldClassifier(ClassifierConfig.from_json(config_path.read_text()))
-    load_weights(model, Path(directory) / "model.safetensors")
+    load_weights(model, Path(directory) / weights_file)
     return model.to(device).eval()
