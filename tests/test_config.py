@@ -308,6 +308,8 @@ def _world_t2i_directory(directory: Path, classifier_dir: Path) -> None:
 @pytest.mark.parametrize(("section", "make", "break_it", "message"), [
     ("diffusion", _diffusers_directory, lambda d: shutil.rmtree(d / "unet"), "[diffusion].path: not found: {d}/unet"),
     ("diffusion", _diffusers_directory, lambda d: (d / "unet" / "config.json").symlink_to(d / "gone"), "[diffusion].path: not found: {d}/unet/config.json"),
+    # A file where model_index.json names a component folder: listing it raised NotADirectoryError: "error: [Errno 20] Not a directory", no key.
+    ("diffusion", _diffusers_directory, lambda d: (shutil.rmtree(d / "unet"), (d / "unet").write_text("{}")), "[diffusion].path: not a directory: {d}/unet"),
     ("diffusion", _diffusers_directory, lambda d: (d / "model_index.json").write_text("{"), "[diffusion].path: {d}/model_index.json is not JSON: "),
     ("diffusion", _world_t2i_directory, lambda d: shutil.rmtree(d / "scheduler"),
      "[diffusion].path: not found: {d}/model_index.json (nor scheduler/; it has vae/, unet/)"),

@@ -773,6 +773,8 @@ def _directory_problem(where: str, section: str, loader: str, directory: Path) -
         for folder in folders:
             if problem := _file_problem(where, folder):
                 return problem
+            if not folder.is_dir():  # diffusers would load the component from the pipeline's root instead
+                return f"{where}: not a directory: {folder}"
             files += sorted(path for path in folder.iterdir() if path.is_file() or not path.exists())  # a dangling link: not found
     elif section == "clip":
         if problem := clip_directory_problem(directory):
