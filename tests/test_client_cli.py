@@ -2115,6 +2115,26 @@ def test_serve_on_a_host_not_of_this_machine_names_the_host_not_the_grpc_port(ca
     flag = "--host: " if set_by == "flag" else ""
     assert line == f"error: {flag}[server].host: cannot bind {host}:50051: '{host}' is not an address of this machine"
 
+# gRPC fails only where it could bind none of a name's addresses: localhost as ::1 on a
+# host without IPv6 (Docker's default) and 127.0.0.1 with the port busy. The probe said
+# the first address's cause, that localhost was not an address of this machine.
+def test_serve_on_a_busy_port_of_a_name_with_a_foreign_address_too_says_the_port_is_busy(capsys, tmp_path, monkeypatch):
+    resolve = socket.getaddrinfo
+
+    def with_a_foreign_address_first(host, *args, **kwargs):
+        found = resolve(host, *args, **kwargs)
+        foreign = [(family, kind, protocol, name, ("192.0.2.1", *address[1:])) for family, kind, protocol, name, address in found[:1]]
+        return foreign + found if host == "localhost" else found
+
+    monkeypatch.setattr(socket, "getaddrinfo", with_a_foreign_address_first)  # the probe's resolver, not gRPC's
+    with socket.socket(socket.AF_INET6) as busy:  # dual-stack: busy on 127.0.0.1 and ::1, both of which gRPC binds for localhost
+        busy.bind(("::", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _error(capsys, ["serve", "--host", "localhost", "--port", str(port), "--data-dir", str(tmp_path / "data")])
+    assert line == f"error: --port: [server].port: cannot bind localhost:{port}: another process is using the port: stop it, or choose another port"
+
+
 # Before the check: at 12 the bind failed, said to be a busy port; at 14 "listening", then
 # the classifier's load failed. Tried at 16 (the imports before the check need about 10 on
 # their own: a limit nearer may fail there on a loaded machine) and at the floor's last refusal.

@@ -463,21 +463,31 @@ def _probe_bind(host: str, port: int) -> OSError:
     fails (EADDRNOTAVAIL) only for an address not of this machine, then with ``port``
     (EADDRINUSE for a port another socket listens on, EACCES for a privileged one). Asked
     after gRPC's bind failed, not before it: the answer cannot race the bind it explains,
-    and the probe never listens, closed at once. An OSError without an errno where every
-    probe bound (the port was freed meanwhile)."""
+    and the probe never listens, closed at once. gRPC fails only where it bound none of
+    the host's addresses, so an address of this machine's cause comes before another's
+    EADDRNOTAVAIL (localhost as ::1 where IPv6 is off and 127.0.0.1's port busy: the port
+    is at fault). An OSError without an errno where every probe bound (the port was freed
+    meanwhile)."""
     try:
         addresses = socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
         return error
-    for family, kind, protocol, _, address in addresses:
-        for probed_port in (0, port):
+    errors = [error for family, kind, protocol, _, address in addresses if (error := _probe_address(family, kind, protocol, address, port))]
+    return next((error for error in errors if error.errno != errno.EADDRNOTAVAIL), errors[0] if errors else OSError(
+        "gRPC gave no reason, and the port was free when checked after: another process may have held it meanwhile"))
+
+
+def _probe_address(family: int, kind: int, protocol: int, address: tuple, port: int) -> OSError | None:
+    """Why a plain socket cannot bind ``address`` with port 0 (not this machine's), then
+    with ``port``; None when both bind."""
+    for probed_port in (0, port):
+        try:
             with socket.socket(family, kind, protocol) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind((address[0], probed_port, *address[2:]))
-                except OSError as error:
-                    return error
-    return OSError("gRPC gave no reason, and the port was free when checked after: another process may have held it meanwhile")
+                probe.bind((address[0], probed_port, *address[2:]))
+        except OSError as error:
+            return error
+    return None
 
 
 def _bind_refused(key: str, host: str, port: int, error: OSError) -> OSError:
