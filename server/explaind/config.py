@@ -753,8 +753,17 @@ def _diffusion_component_folders(directory: Path) -> tuple[str | None, list[Path
         return f"{index_file} is not JSON: {error}", []
     if not isinstance(index, dict):
         return f"{index_file} is not a JSON object", []
-    return None, [directory / component for component, value in index.items()
-                  if isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)]  # [null, null]: none
+    return None, [directory / component for component in pipeline_components(index)]
+
+
+def pipeline_components(index: object) -> dict[str, tuple[str, str]]:
+    """Component -> (library, class) of a diffusers model_index.json's parsed ``index``:
+    the entries diffusers loads a folder for ({} when it is no JSON object). Skipped:
+    "_class_name" and the like, and [null, null] (a component left out)."""
+    if not isinstance(index, dict):
+        return {}
+    return {component: (value[0], value[1]) for component, value in index.items()
+            if isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)}
 
 
 def _directory_problem(where: str, section: str, loader: str, directory: Path) -> str | None:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..class_names import class_name_key
 from ..config import (ClassifierSection, ClipSection, ConfigError, DiffusionSection, clip_directory_problem, diffusion_directory_problem,
-                      missing_classifier_key, parse_factory, resize_size_problem)
+                      missing_classifier_key, parse_factory, pipeline_components, resize_size_problem)
 from ..errors import FailedPrecondition, ModelLoadError
 from ..imaging import DECODING_VERSION, InputGeometry
 from ..kernels import FLOAT_TYPES, ImageInput, UnsplittableGraph, execution_providers, fixed_batch_size, onnx_runtime_features, run_in_batches, split_onnx_classifier
@@ -1085,13 +1085,11 @@ def _absent_pipeline_libraries(index_file: Path) -> dict[str, list[str]]:
     except (OSError, ValueError):
         return {}
     absent: dict[str, list[str]] = {}
-    for component, value in index.items() if isinstance(index, dict) else ():
-        if not (isinstance(value, list) and len(value) == 2 and isinstance(library := value[0], str)):  # [null, null]: none; "_class_name"
-            continue
+    for component, (library, class_name) in pipeline_components(index).items():
         custom_code = index_file.parent / component / f"{library}.py"  # a component of the directory's own code
         package = library.split(".")[0]  # a library "a.b" is package a's module: find_spec("a.b") would raise where a is absent
         if importlib.util.find_spec(package) is None and not custom_code.is_file() and not _is_diffusers_pipeline_module(library):
-            absent.setdefault(package, []).append(f"{component} ({value[1]})")
+            absent.setdefault(package, []).append(f"{component} ({class_name})")
     return absent
 
 

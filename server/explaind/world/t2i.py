@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from ..config import WORLD_T2I_PARTS
 from .assets import clip_dir as default_clip_dir
 from .assets import t2i_dir
 from .autoencoder_pixel_shuffle import PixelShuffleAutoencoder
@@ -377,7 +378,7 @@ def load_world_t2i(
 ) -> WorldTextToImagePipeline:
     """The shipped pipeline from files only; ``clip`` is ``load_world_clip()``'s tuple (loaded if None)."""
     directory = Path(directory or t2i_dir())
-    for part in ("vae", "unet", "scheduler"):
+    for part in WORLD_T2I_PARTS:
         if not (directory / part).is_dir():
             raise FileNotFoundError(f"text-to-image component missing: {directory / part} (build it with python -m explaind.world.t2i)")
     model, tokenizer = (clip or load_world_clip())[:2]
