@@ -2135,6 +2135,25 @@ def test_serve_on_a_busy_port_of_a_name_with_a_foreign_address_too_says_the_port
     assert line == f"error: --port: [server].port: cannot bind localhost:{port}: another process is using the port: stop it, or choose another port"
 
 
+def test_serve_on_a_busy_ipv4_port_of_the_ipv6_wildcard_where_ipv6_is_off_says_the_port_is_busy(capsys, tmp_path, monkeypatch):
+    # gRPC binds "::" as 0.0.0.0 where the kernel has no IPv6: its failure there is the IPv4
+    # port's, which the probe said was "Address family not supported by protocol".
+    plain_socket = socket.socket
+
+    def without_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return plain_socket(family, *args, **kwargs)
+
+    with plain_socket(socket.AF_INET) as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(socket, "socket", without_ipv6)  # the probe's sockets, not gRPC's
+        line = _error(capsys, ["serve", "--host", "::", "--port", str(port), "--data-dir", str(tmp_path / "data")])
+    assert line == f"error: --port: [server].port: cannot bind [::]:{port}: another process is using the port: stop it, or choose another port"
+
+
 # Before the check: at 12 the bind failed, said to be a busy port; at 14 "listening", then
 # the classifier's load failed. Tried at 16 (the imports before the check need about 10 on
 # their own: a limit nearer may fail there on a loaded machine) and at the floor's last refusal.

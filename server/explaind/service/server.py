@@ -465,16 +465,24 @@ def _probe_bind(host: str, port: int) -> OSError:
     after gRPC's bind failed, not before it: the answer cannot race the bind it explains,
     and the probe never listens, closed at once. gRPC fails only where it bound none of
     the host's addresses, so an address of this machine's cause comes before another's
-    EADDRNOTAVAIL (localhost as ::1 where IPv6 is off and 127.0.0.1's port busy: the port
-    is at fault). An OSError without an errno where every probe bound (the port was freed
+    EADDRNOTAVAIL or EAFNOSUPPORT (localhost as ::1 where IPv6 is off and 127.0.0.1's port
+    busy: the port is at fault); "::" is probed as 0.0.0.0 too, where gRPC binds it with
+    IPv6 off. An OSError without an errno where every probe bound (the port was freed
     meanwhile)."""
     try:
         addresses = socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
         return error
+    if any(family == socket.AF_INET6 and address[0] == "::" for family, *_, address in addresses):
+        addresses.append((socket.AF_INET, socket.SOCK_STREAM, 0, "", ("0.0.0.0", port)))  # gRPC's fallback where IPv6 is off
     errors = [error for family, kind, protocol, _, address in addresses if (error := _probe_address(family, kind, protocol, address, port))]
-    return next((error for error in errors if error.errno != errno.EADDRNOTAVAIL), errors[0] if errors else OSError(
+    return next((error for error in errors if error.errno not in _NOT_THIS_ADDRESS), errors[0] if errors else OSError(
         "gRPC gave no reason, and the port was free when checked after: another process may have held it meanwhile"))
+
+
+# A probe's errors that say the address is not one gRPC could have bound here (not this
+# machine's; a family the kernel lacks, IPv6 switched off): another address's cause comes first.
+_NOT_THIS_ADDRESS = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 
 
 def _probe_address(family: int, kind: int, protocol: int, address: tuple, port: int) -> OSError | None:
