@@ -641,11 +641,12 @@ def test_edit_promote_rollback_persist_and_never_mix_heads(tmp_path, world_set):
 
 
 def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: bool = True, device: str = "cpu", classifier: dict | None = None,
-                clip: dict | None = None, server: dict | None = None):
+                clip: dict | None = None, server: dict | None = None, jobs: dict | None = None):
     """An engine and its NeuroInspect engine serving ``classifier_dir`` (or the
     ``classifier`` of these `[classifier]` keys) from ``data_dir`` on ``device``, as a
-    server would; with the CLIP of these `[clip]` keys, or none, and these further `[server]` keys."""
-    from explaind.config import ClassifierSection, ClipSection, Config, RuntimeSection, ServerSection
+    server would; with the CLIP of these `[clip]` keys, or none, and these further `[server]`
+    and `[jobs]` keys."""
+    from explaind.config import ClassifierSection, ClipSection, Config, JobsSection, RuntimeSection, ServerSection
     from explaind.engine import Engine
     from explaind.engine.neuroinspect import NeuroInspectEngine
     from explaind.metrics import Metrics
@@ -655,6 +656,8 @@ def _in_process(data_dir: Path, classifier_dir: Path = SPURIOUS, *, restore: boo
     config = Config(classifier=section, server=ServerSection(data_dir=str(data_dir), **(server or {})), runtime=RuntimeSection(device=device))
     if clip is not None:
         config = dataclasses.replace(config, clip=ClipSection(**clip))
+    if jobs is not None:
+        config = dataclasses.replace(config, jobs=JobsSection(**jobs))
     engine = Engine(config, SQLiteStore(data_dir), Metrics())
     engine.load()
     inspect = NeuroInspectEngine(engine)
@@ -863,14 +866,12 @@ def test_a_visualisation_out_of_memory_where_fewer_pairs_would_not_help_names_no
     # not follow. One image out of memory named pairs, of which there are no fewer to ask for.
     from types import SimpleNamespace
 
-    class ClipTooLargeForTheDevice(torch.nn.Module):
-        def _apply(self, *args, **kwargs):  # Module.to's walk over its tensors
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.60 GiB. GPU 0 has a total capacity of 7.79 GiB")
-
     engine, inspect = _in_process(tmp_path)
     try:
-        clip = SimpleNamespace(name="clip", loaded=True, source="", detail="", model=(ClipTooLargeForTheDevice(), None, lambda texts: None))
+        clip = SimpleNamespace(name="clip", loaded=True, source="", detail="", model=(_clip_whose_move_raises(torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 1.60 GiB. GPU 0 has a total capacity of 7.79 GiB")), None, lambda texts: None))
         with monkeypatch.context() as patch:
+            patch.setattr(engine, "device", torch.device("meta"))
             patch.setitem(engine.components, "clip", clip)
             job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="clip_illusion", steps=2)
             record = engine.jobs.wait(job.record.job_id, 120).record
@@ -925,19 +926,31 @@ def test_a_single_clip_illusion_image_out_of_memory_names_no_clip_as_a_different
         _shut(engine)
 
 
+def _clip_whose_move_raises(error: BaseException) -> torch.nn.Module:
+    """A stand-in CLIP, one parameter on the CPU, whose move onto the device (the meta
+    device in these tests: the CPU would need none) raises ``error``."""
+
+    class ClipThatCannotMove(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def _apply(self, *args, **kwargs):  # Module.to's walk over its tensors
+            raise error
+
+    return ClipThatCannotMove()
+
+
 def _visualisation_whose_clip_move_raises(tmp_path, message: str):
     """The job record of a two-pair clip_illusion visualisation whose CLIP's move onto the
     device raises RuntimeError(``message``)."""
     from types import SimpleNamespace
 
-    class ClipThatCannotMove(torch.nn.Module):
-        def _apply(self, *args, **kwargs):  # Module.to's walk over its tensors
-            raise RuntimeError(message)
-
     engine, inspect = _in_process(tmp_path)
     try:
+        engine.device = torch.device("meta")
         engine.components["clip"] = SimpleNamespace(name="clip", loaded=True, source="", detail="",
-                                                    model=(ClipThatCannotMove(), None, lambda texts: None))
+                                                    model=(_clip_whose_move_raises(RuntimeError(message)), None, lambda texts: None))
         job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="clip_illusion", steps=2)
         return engine.jobs.wait(job.record.job_id, 120).record
     finally:
@@ -987,6 +1000,66 @@ def test_a_clip_move_out_of_memory_part_way_leaves_clip_where_it_was_and_the_nex
         _shut(engine)
 
 
+def test_two_visualisations_starting_at_once_move_clip_onto_the_device_once_and_optimise_side_by_side(tmp_path, monkeypatch):
+    # With [jobs].gpu_workers = 2, two clip_illusion jobs starting together each copied CLIP
+    # onto the device: two copies there, one wasted (or the second out of memory). The meta
+    # device stands in for the GPU; the first job's first copy waits for the second job to
+    # reach the move (or, where a lock holds it out, a second), so both would be copying.
+    import threading
+
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.jobs import JobContext
+    from explaind.world import assets
+
+    engine, inspect = _in_process(tmp_path, clip={"path": str(assets.clip_dir())}, jobs={"gpu_workers": 2})
+    clip_model = engine.components["clip"].model[0]
+    to, stage = torch.Tensor.to, JobContext.stage
+    copied, copiers, at_the_move, second_copier = [], set(), threading.Semaphore(0), threading.Event()
+
+    def slowed_copy(self, *args, **kwargs):
+        moved = to(self, *args, **kwargs)
+        if moved.device.type == "meta" and self.device.type != "meta":
+            copied.append(moved)
+            copiers.add(threading.get_ident())
+            if len(copiers) > 1:
+                second_copier.set()
+            if len(copied) == 1:
+                assert at_the_move.acquire(timeout=60) and at_the_move.acquire(timeout=60)  # both jobs at the move
+                second_copier.wait(timeout=1)
+        return moved
+
+    def counted_stage(self, name):
+        if name == "setup":
+            at_the_move.release()
+        stage(self, name)
+
+    moved_to, optimising = [], threading.Barrier(2, timeout=60)
+
+    class OptimisingSideBySide(engine_module.ClipIllusion):
+        def __init__(self, classifier, layer, clip, tokenizer, **options):
+            moved_to.append(next(clip.parameters()).device.type)
+            super().__init__(classifier, layer, None, None, **options)  # CLIP on the meta device runs nothing
+
+        def visualize(self, pairs, **options):
+            optimising.wait()  # both jobs optimise at once: the move's lock is not theirs
+            return super().visualize(pairs, **{**options, "method": "no_clip"})
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "device", torch.device("meta"))
+            patch.setattr(torch.Tensor, "to", slowed_copy)
+            patch.setattr(JobContext, "stage", counted_stage)
+            patch.setattr(engine_module, "ClipIllusion", OptimisingSideBySide)
+            jobs = [inspect.visualize_neurons([(neuron, "heart")], method="clip_illusion", steps=1) for neuron in (7, 11)]
+            records = [engine.jobs.wait(job.record.job_id, 120).record for job in jobs]
+        assert [record.state for record in records] == ["succeeded", "succeeded"], [record.error_message for record in records]
+        tensors = [*clip_model.parameters(), *clip_model.buffers()]
+        assert len(copied) == len(tensors) and len(copiers) == 1  # one copy of each, by one job
+        assert moved_to == ["meta", "meta"] and {tensor.device.type for tensor in tensors} == {"meta"}
+    finally:
+        _shut(engine)
+
+
 def test_a_whole_move_moves_every_parameter_and_buffer_as_module_to_does():
     from explaind.engine.neuroinspect import _move_whole
 
@@ -994,6 +1067,9 @@ def test_a_whole_move_moves_every_parameter_and_buffer_as_module_to_does():
     _move_whole(module, torch.device("meta"))
     assert {name: tensor.device.type for name, tensor in module.state_dict().items()} == dict.fromkeys(module.state_dict(), "meta")
     assert all(isinstance(parameter, torch.nn.Parameter) for parameter in module.parameters())
+    # A module already there is left alone: no walk swapping its tensors as another job runs it.
+    module._apply = lambda *args, **kwargs: pytest.fail("walked a module already on the device")
+    _move_whole(module, torch.device("meta"))
 
 
 def test_a_clip_move_that_fails_for_another_reason_than_memory_stays_a_bug_not_a_retry_later(tmp_path):

@@ -73,6 +73,8 @@ def _move_whole(module: nn.Module, device: torch.device) -> None:
     and swapped in (as ``Module.to`` swaps its own) only once all exist; a failure drops
     the copies, freeing their memory at once, and leaves the module as it was."""
     copies = {tensor: tensor.to(device) for tensor in (*module.parameters(), *module.buffers())}
+    if all(copy is tensor for tensor, copy in copies.items()):  # Tensor.to returns a tensor already there itself
+        return  # already moved: no walk over a module another job may be running
     # Module.to's own walk, handed the copies (a gradient, which CLIP's parameters lack, is moved as it goes).
     module._apply(lambda tensor: copies[tensor] if tensor in copies else tensor.to(device))
 
@@ -252,6 +254,9 @@ class NeuroInspectEngine:
         # never depends on its stored copy (the others are read from the store when served).
         self._file_head: tuple[tuple[str, str], nn.Linear] | None = None
         self._restored = threading.Event()  # set by restore(): until then the served head may still change
+        # Held while a visualisation moves CLIP onto the device: with [jobs].gpu_workers > 1, two
+        # starting at once each copied it there, one copy wasted (or out of memory) beside the other.
+        self._clip_move_lock = threading.Lock()
 
     @property
     def restored(self) -> bool:
@@ -577,7 +582,8 @@ class NeuroInspectEngine:
         clip_model, tokenizer = (clip.model[0], clip.model[2]) if clip is not None and clip.loaded else (None, None)
         if clip_model is not None:
             try:
-                _move_whole(clip_model, self._engine.device)
+                with self._clip_move_lock:  # the move alone: the optimisations that follow run side by side
+                    _move_whole(clip_model, self._engine.device)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
                 # CLIP's size alone, whatever the pairs: fewer of them would not help, and the
                 # report, told so by no field, stops rather than halving them.
