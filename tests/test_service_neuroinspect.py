@@ -828,6 +828,44 @@ def test_a_visualisation_s_scoring_that_fails_is_not_scored_one_at_a_time_unless
         _shut(engine)
 
 
+@pytest.mark.parametrize(("pairs", "method", "scorers", "alone"), [
+    ([(7, "heart")], "no_clip", "the classifier's", ""),
+    ([(7, "heart"), (11, "heart")], "clip_illusion", "CLIP's and the classifier's", ", together and then one at a time,"),
+])
+def test_a_visualisation_out_of_memory_scoring_its_optimised_images_says_so_not_that_its_optimisation_ran_out(tmp_path, monkeypatch, pairs,
+                                                                                                             method, scorers, alone):
+    # Out of memory scoring the finished images (one alone at the last) was worded as the
+    # optimisation's: "optimising 1 image" with no_clip as a remedy, or `pairs` to cut for
+    # two, though CLIP scores every method's images and each failed alone. No field: the
+    # report stops on "retry later", as for the other failures fewer pairs would not help.
+    from explaind.engine import neuroinspect as engine_module
+    from explaind.world import assets
+
+    engine, inspect = _in_process(tmp_path, clip={"path": str(assets.clip_dir())} if method == "clip_illusion" else None)
+    forward, scored = engine_module._Classifier.forward, []
+
+    def no_room_after_the_split_check(self, images):
+        if not torch.is_grad_enabled():
+            scored.append(len(images))
+            if len(scored) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+        return forward(self, images)
+
+    monkeypatch.setattr(engine_module._Classifier, "forward", no_room_after_the_split_check)
+    try:
+        job = inspect.visualize_neurons(pairs, method=method, steps=2)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
+        counted = f"{len(pairs)} image{'' if len(pairs) == 1 else 's'}"
+        assert record.error_message == (f"the model's device ran out of memory scoring {counted}{alone} once optimised ({scorers} forward "
+                                        "passes over the finished images, without gradients), so fewer pairs would not help; retry later "
+                                        "(should it recur, the device has no room to score one image beside its other work, which only the "
+                                        "server's operator can change)")
+        assert scored == [1, len(pairs), 1][: 2 + (len(pairs) > 1)]  # the split's check, the batch, then (of two) the first alone
+    finally:
+        _shut(engine)
+
+
 @pytest.mark.parametrize("error, code", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes"),
      "RESOURCE_EXHAUSTED"),

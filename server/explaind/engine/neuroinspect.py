@@ -570,8 +570,8 @@ class NeuroInspectEngine:
             VISUALIZE_KIND,
             lambda ctx: self._visualize(ctx, version, resolved, method, steps, gamma, epsilon, learning_rate, seed, preview_every),
             # No less_work: fewer pairs help only where the pairs are on the device at once, in the
-            # optimisation, whose own error names them; elsewhere (moving CLIP there, saving the
-            # images one by one) a retry waits.
+            # optimisation, whose own error names them; elsewhere (moving CLIP there, scoring the finished
+            # images, saving them one by one) a retry waits.
             request=request, owner=caller,
         )
 
@@ -600,8 +600,10 @@ class NeuroInspectEngine:
         names = version.class_names
         captions = [f"n{n} {names[c]}" for n, c in pairs]
         counted = f"{len(pairs)} image{'' if len(pairs) == 1 else 's'}"
+        optimised = False  # past the last step's callback: what fails then is the finished images' scoring
 
         def on_step(step: int, total: int, images: torch.Tensor) -> bool:
+            nonlocal optimised
             context.raise_if_cancelled()
             preview = None
             if step % preview_every == 0 or step == total:
@@ -610,6 +612,7 @@ class NeuroInspectEngine:
                                      compress_level=JOB_IMAGE_COMPRESS_LEVEL)
             context.report_progress(step, total, f"optimising {counted}", preview=preview)
             context.stage("optimise")
+            optimised = step == total
             return False
 
         context.stage("optimise")
@@ -626,6 +629,17 @@ class NeuroInspectEngine:
             # The allocator's report is the operator's, at ERROR as any device out of memory is.
             if not _out_of_memory(error):
                 raise
+            if optimised:
+                # Scored without gradients, together and then (out of memory) one at a time: one
+                # image's scoring did not fit, which fewer pairs or another method (CLIP scores
+                # every method's images) would not change. No field: the report stops, not halves.
+                log.error("job %s (%s): the device ran out of memory scoring the %s optimised: %s", context.job_id, VISUALIZE_KIND, counted, error)
+                scorers = "the classifier's" if clip_model is None else "CLIP's and the classifier's"
+                alone = "" if len(pairs) == 1 else ", together and then one at a time,"
+                raise ResourceExhausted(f"the model's device ran out of memory scoring {counted}{alone} once optimised ({scorers} forward "
+                                        "passes over the finished images, without gradients), so fewer pairs would not help; retry "
+                                        "later (should it recur, the device has no room to score one image beside its other work, "
+                                        "which only the server's operator can change)") from None
             log.error("job %s (%s): the device ran out of memory optimising %s at once: %s", context.job_id, VISUALIZE_KIND, counted, error)
             if len(pairs) == 1:  # no fewer to ask for: naming pairs would send the report (or a caller) to halve one
                 # Still no field: no_clip is another method (another image), not less of this
