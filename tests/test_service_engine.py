@@ -8786,27 +8786,27 @@ def test_a_stable_diffusion_directory_without_transformers_says_to_install_the_s
         "'transformers' package, which is not installed: pip install 'explaind[stable-diffusion]'")
 
 
-def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_says_so(tmp_path, monkeypatch):
-    # transformers 5.25 and later import Hugging Face's `kernels` package (installed beside them); Python run in a
-    # directory whose kernels/ does not hand the name over (an explaind checkout's from before it did: explaind's own
-    # is tests/test_kernels.py's) finds that first, and diffusers then failed to import any model with "cannot import
-    # name 'CUDAProperties' from 'kernels'", which says nothing of the cause.
-    import sys
-    import types
-
+def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kernels: dict[str, str], hugging_faces: str | None):
+    """The diffusion component's status where loading the pipeline imports ``kernels`` as
+    transformers' hub_kernels does, with Python run in a checkout whose kernels/ holds
+    ``checkout_kernels`` (file name -> source), and Hugging Face's kernels 0.19.1 installed
+    further on sys.path: its metadata, and its package of source ``hugging_faces`` (None:
+    none). Returns the status and the checkout's and the installed package's directories."""
     import diffusers
 
     from explaind.config import DiffusionSection
-    from explaind.engine.models import ComponentStatus, _directory_hiding_kernels, load_diffusion
+    from explaind.engine.models import ComponentStatus, load_diffusion
 
-    checkout = tmp_path / "checkout"  # an older explaind checkout, the directory Python runs in
+    checkout = tmp_path / "checkout"  # the directory Python runs in
     (checkout / "kernels").mkdir(parents=True)
-    (checkout / "kernels" / "__init__.py").write_text('"""Engines that run the classifier\'s feature extractor h_b outside eager PyTorch."""\n')
-    site = tmp_path / "site"  # Hugging Face's kernels, installed
+    for name, source in checkout_kernels.items():
+        (checkout / "kernels" / name).write_text(source)
+    site = tmp_path / "site"
     (site / "kernels-0.19.1.dist-info").mkdir(parents=True)
     (site / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
-    (site / "kernels").mkdir()
-    (site / "kernels" / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
+    if hugging_faces is not None:
+        (site / "kernels").mkdir()
+        (site / "kernels" / "__init__.py").write_text(hugging_faces)
 
     def from_pretrained(path: str) -> object:  # what transformers' hub_kernels does as diffusers imports a model
         from kernels import CUDAProperties
@@ -8816,21 +8816,71 @@ def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_sa
     # DiffusionPipeline imported before the checkout comes first: its import takes the installed kernels, as a
     # server's does, and leaves no half-imported module to the tests after this one.
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
-    monkeypatch.setattr(sys, "path", [str(checkout), *sys.path, str(site)])
+    repository = Path(__file__).resolve().parents[1]  # whose kernels/ (python -m pytest at the root) would take a hand-over
+    monkeypatch.setattr(sys, "path", [str(checkout), *(entry for entry in sys.path if Path(entry or ".").resolve() != repository), str(site)])
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     hidden = sys.modules.pop("kernels", None)  # python -m pytest at the root: transformers imported a `kernels` already
     try:
         status = load_diffusion(DiffusionSection(path=str(tmp_path / "sd")), ComponentStatus("clip", False, "", "not configured"), required=False)
     finally:
-        sys.modules.pop("kernels", None)
+        for name in [name for name in sys.modules if name == "kernels" or name.startswith("kernels.")]:
+            del sys.modules[name]
         if hidden is not None:
             sys.modules["kernels"] = hidden
-    assert not status.loaded and f"Hugging Face's kernels package, which transformers imports, is hidden by {checkout / 'kernels'}" in status.detail
+    return status, checkout / "kernels", site / "kernels"
+
+
+def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_says_so(tmp_path, monkeypatch):
+    # transformers 5.25 and later import Hugging Face's `kernels` package (installed beside them); Python run in a
+    # directory whose kernels/ does not hand the name over (an explaind checkout's from before it did: explaind's own
+    # is tests/test_kernels.py's) finds that first, and diffusers then failed to import any model with "cannot import
+    # name 'CUDAProperties' from 'kernels'", which says nothing of the cause.
+    import types
+
+    from explaind.engine.models import _directory_hiding_kernels
+
+    old_checkout = {"__init__.py": '"""Engines that run the classifier\'s feature extractor h_b outside eager PyTorch."""\n'}
+    status, hiding, _ = _diffusion_load_importing_kernels(tmp_path, monkeypatch, old_checkout, "class CUDAProperties:\n    pass\n")
+    assert not status.loaded and f"Hugging Face's kernels package, which transformers imports, is hidden by {hiding}" in status.detail
     assert "run explaind from another directory" in status.detail and "CUDAProperties" in status.detail
     # A `kernels` module without a spec (find_spec's ValueError) is no hidden package, not a second error.
     monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))
     assert _directory_hiding_kernels() is None
+
+
+# This checkout's kernels/, which hands the name over, its engines stood in for: a directory of its own.
+_HANDING_OVER = {"__init__.py": (Path(__file__).resolve().parents[1] / "kernels" / "__init__.py").read_text(),
+                 "_onnx_runtime.py": "".join(f"{name} = None\n" for name in (
+                     "FLOAT_TYPES", "ONNX_BACKENDS", "ImageInput", "OnnxClassifierSplit", "UnsplittableGraph", "execution_providers",
+                     "export_onnx", "fixed_batch_size", "onnx_runtime_features", "require_providers", "run_in_batches",
+                     "split_onnx_classifier"))}
+
+
+def test_a_diffusers_load_failing_in_hugging_faces_kernels_own_import_says_so_with_its_error_not_that_a_directory_hides_it(tmp_path,
+                                                                                                                           monkeypatch):
+    # Hugging Face's kernels, installed but broken (its import raises), found through the checkout's kernels/ that hands
+    # the name over: its error came without a word of kernels, and where it named the checkout's kernels/ it was put
+    # down to "an explaind checkout's from before", whose advice (another directory) changes nothing.
+    broken = "from huggingface_hub import no_such_name\n\nclass CUDAProperties:\n    pass\n"
+    status, _, package = _diffusion_load_importing_kernels(tmp_path, monkeypatch, _HANDING_OVER, broken)
+    assert not status.loaded and (
+        f"Hugging Face's kernels package, which transformers imports, is installed ({package}) but its own import fails with the error "
+        "that follows (no kernels directory hides it): repair that install (pip install --force-reinstall 'kernels==0.19.1', its "
+        "dependencies too); ImportError: cannot import name 'no_such_name' from 'huggingface_hub'") in status.detail, status.detail
+    assert "hidden by" not in status.detail
+
+
+def test_a_diffusers_load_where_hugging_faces_kernels_is_installed_without_its_package_says_so_not_that_a_directory_hides_it(tmp_path,
+                                                                                                                             monkeypatch):
+    # Its metadata without its package (a half-removed install): the checkout's kernels/ finds nothing to hand the
+    # name to and serves its own engines, so "cannot import name 'CUDAProperties' from 'kernels' (checkout/kernels/
+    # __init__.py)" was put down to an old checkout's kernels/ hiding it.
+    status, hiding, package = _diffusion_load_importing_kernels(tmp_path, monkeypatch, _HANDING_OVER, None)
+    assert not status.loaded and (
+        f"Hugging Face's kernels distribution 0.19.1, which transformers imports, is installed without its package ({package / '__init__.py'} "
+        f"is missing), so Python took {hiding} for it: repair that install") in status.detail, status.detail
+    assert "CUDAProperties" in status.detail and "hidden by" not in status.detail
 
 
 def test_a_diffusers_load_failing_for_another_reason_where_kernels_is_hidden_does_not_blame_kernels(tmp_path, monkeypatch):

@@ -24,10 +24,12 @@ import logging
 import pickle
 import re
 import threading
+import traceback
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Callable
 
 import torch
@@ -1031,13 +1033,10 @@ def load_diffusion(section: DiffusionSection, clip: ComponentStatus, *, required
             model, _, tokenizer = clip.model
             pipeline = load_world_t2i(directory, (model, tokenizer))
     except Exception as error:  # noqa: BLE001
-        cause = ""
-        if (hiding := _directory_hiding_kernels()) and str(hiding / "__init__.py") in str(error):
-            cause = (f"Hugging Face's kernels package, which transformers imports, is hidden by {hiding} (a kernels package in "
-                     "the directory Python runs in, such as an explaind checkout's from before its kernels/ handed the name over): "
-                     "run explaind from another directory; ")
         return _optional_failure(
-            "diffusion", section.path, f"cannot load the diffusion pipeline ([diffusion].path) from {section.path}: {cause}{type(error).__name__}: {error}", required
+            "diffusion", section.path,
+            f"cannot load the diffusion pipeline ([diffusion].path) from {section.path}: {_kernels_cause(error)}{type(error).__name__}: {error}",
+            required
         )
     return ComponentStatus("diffusion", True, section.path, type(pipeline).__name__, pipeline)
 
@@ -1051,6 +1050,47 @@ def _install_command(package: str) -> str:
     """What installs ``package``: explaind's extra that declares it, else the package itself."""
     extra = _EXTRA_OF_PACKAGE.get(package)
     return f"pip install 'explaind[{extra}]'" if extra else f"pip install {package}"
+
+
+def _kernels_cause(error: BaseException) -> str:
+    """What a diffusion load's ``error`` owes to Hugging Face's ``kernels`` package, which
+    transformers imports, as a clause ending in "; " ("" where nothing): that package failing
+    as it is imported (its own module code on the error's traceback, or its causes'); its
+    distribution installed without the package; or another ``kernels`` directory found first
+    that does not hand the name over, named by the error. A broken install was put down to
+    the last, "an explaind checkout's from before", whose advice did not help."""
+    try:
+        installed = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    package = Path(str(installed.locate_file("kernels/__init__.py"))).resolve()
+    reinstall = f"repair that install (pip install --force-reinstall 'kernels=={installed.version}', its dependencies too)"
+    if any(_imports_from(chained.__traceback__, package.parent) for chained in _chain(error)):
+        return (f"Hugging Face's kernels package, which transformers imports, is installed ({package.parent}) but its own import fails "
+                f"with the error that follows (no kernels directory hides it): {reinstall}; ")
+    if (hiding := _directory_hiding_kernels()) is None or str(hiding / "__init__.py") not in str(error):
+        return ""
+    if not package.is_file():
+        return (f"Hugging Face's kernels distribution {installed.version}, which transformers imports, is installed without its package "
+                f"({package} is missing), so Python took {hiding} for it: {reinstall}; ")
+    return (f"Hugging Face's kernels package, which transformers imports, is hidden by {hiding} (a kernels package in the directory "
+            "Python runs in, such as an explaind checkout's from before its kernels/ handed the name over): run explaind from another "
+            "directory; ")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it was raised from or while handling, each once."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _imports_from(trace: TracebackType | None, directory: Path) -> bool:
+    """Whether ``trace`` runs a module's own code (its import) from a file under ``directory``."""
+    return any(frame.f_code.co_name == "<module>" and Path(frame.f_code.co_filename).resolve().is_relative_to(directory)
+               for frame, _ in traceback.walk_tb(trace))
 
 
 def _directory_hiding_kernels() -> Path | None:
