@@ -8786,12 +8786,14 @@ def test_a_stable_diffusion_directory_without_transformers_says_to_install_the_s
         "'transformers' package, which is not installed: pip install 'explaind[stable-diffusion]'")
 
 
-def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kernels: dict[str, str], hugging_faces: str | None):
+def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kernels: dict[str, str], hugging_faces: str | None,
+                                      *, editable: bool = False):
     """The diffusion component's status where loading the pipeline imports ``kernels`` as
     transformers' hub_kernels does, with Python run in a checkout whose kernels/ holds
     ``checkout_kernels`` (file name -> source), and Hugging Face's kernels 0.19.1 installed
     further on sys.path: its metadata, and its package of source ``hugging_faces`` (None:
-    none). Returns the status and the checkout's and the installed package's directories."""
+    none), beside the metadata or, ``editable`` (maturin's .pth), in a source directory
+    after it. Returns the status and the checkout's and the installed package's directories."""
     import diffusers
 
     from explaind.config import DiffusionSection
@@ -8804,9 +8806,13 @@ def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kern
     site = tmp_path / "site"
     (site / "kernels-0.19.1.dist-info").mkdir(parents=True)
     (site / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    package = (tmp_path / "source" if editable else site) / "kernels"
+    if editable:  # its .pth, which site.py puts on sys.path (below), listed in its RECORD
+        (site / "kernels.pth").write_text(f"{package.parent}\n")
+        (site / "kernels-0.19.1.dist-info" / "RECORD").write_text("kernels.pth,,\nkernels-0.19.1.dist-info/METADATA,,\n")
     if hugging_faces is not None:
-        (site / "kernels").mkdir()
-        (site / "kernels" / "__init__.py").write_text(hugging_faces)
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(hugging_faces)
 
     def from_pretrained(path: str) -> object:  # what transformers' hub_kernels does as diffusers imports a model
         from kernels import CUDAProperties
@@ -8817,7 +8823,8 @@ def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kern
     # server's does, and leaves no half-imported module to the tests after this one.
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
     repository = Path(__file__).resolve().parents[1]  # whose kernels/ (python -m pytest at the root) would take a hand-over
-    monkeypatch.setattr(sys, "path", [str(checkout), *(entry for entry in sys.path if Path(entry or ".").resolve() != repository), str(site)])
+    monkeypatch.setattr(sys, "path", [str(checkout), *(entry for entry in sys.path if Path(entry or ".").resolve() != repository), str(site),
+                                      *([str(package.parent)] if editable else [])])
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     hidden = sys.modules.pop("kernels", None)  # python -m pytest at the root: transformers imported a `kernels` already
@@ -8828,10 +8835,11 @@ def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kern
             del sys.modules[name]
         if hidden is not None:
             sys.modules["kernels"] = hidden
-    return status, checkout / "kernels", site / "kernels"
+    return status, checkout / "kernels", package
 
 
-def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("editable", [False, True])
+def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_says_so(tmp_path, monkeypatch, editable):
     # transformers 5.25 and later import Hugging Face's `kernels` package (installed beside them); Python run in a
     # directory whose kernels/ does not hand the name over (an explaind checkout's from before it did: explaind's own
     # is tests/test_kernels.py's) finds that first, and diffusers then failed to import any model with "cannot import
@@ -8841,7 +8849,9 @@ def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_sa
     from explaind.engine.models import _directory_hiding_kernels
 
     old_checkout = {"__init__.py": '"""Engines that run the classifier\'s feature extractor h_b outside eager PyTorch."""\n'}
-    status, hiding, _ = _diffusion_load_importing_kernels(tmp_path, monkeypatch, old_checkout, "class CUDAProperties:\n    pass\n")
+    # Installed editable, its package is not beside its metadata but hidden all the same, not missing.
+    status, hiding, _ = _diffusion_load_importing_kernels(tmp_path, monkeypatch, old_checkout, "class CUDAProperties:\n    pass\n",
+                                                          editable=editable)
     assert not status.loaded and f"Hugging Face's kernels package, which transformers imports, is hidden by {hiding}" in status.detail
     assert "run explaind from another directory" in status.detail and "CUDAProperties" in status.detail
     # A `kernels` module without a spec (find_spec's ValueError) is no hidden package, not a second error.
@@ -8857,13 +8867,15 @@ _HANDING_OVER = {"__init__.py": (Path(__file__).resolve().parents[1] / "kernels"
                      "split_onnx_classifier"))}
 
 
+@pytest.mark.parametrize("editable", [False, True])
 def test_a_diffusers_load_failing_in_hugging_faces_kernels_own_import_says_so_with_its_error_not_that_a_directory_hides_it(tmp_path,
-                                                                                                                           monkeypatch):
+                                                                                                                           monkeypatch,
+                                                                                                                           editable):
     # Hugging Face's kernels, installed but broken (its import raises), found through the checkout's kernels/ that hands
     # the name over: its error came without a word of kernels, and where it named the checkout's kernels/ it was put
     # down to "an explaind checkout's from before", whose advice (another directory) changes nothing.
     broken = "from huggingface_hub import no_such_name\n\nclass CUDAProperties:\n    pass\n"
-    status, _, package = _diffusion_load_importing_kernels(tmp_path, monkeypatch, _HANDING_OVER, broken)
+    status, _, package = _diffusion_load_importing_kernels(tmp_path, monkeypatch, _HANDING_OVER, broken, editable=editable)
     assert not status.loaded and (
         f"Hugging Face's kernels package, which transformers imports, is installed ({package}) but its own import fails with the error "
         "that follows (no kernels directory hides it): repair that install (pip install --force-reinstall 'kernels==0.19.1', its "

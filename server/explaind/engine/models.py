@@ -1063,7 +1063,7 @@ def _kernels_cause(error: BaseException) -> str:
         installed = importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         return ""
-    package = Path(str(installed.locate_file("kernels/__init__.py"))).resolve()
+    package = _installed_kernels_file(installed)
     reinstall = f"repair that install (pip install --force-reinstall 'kernels=={installed.version}', its dependencies too)"
     if any(_imports_from(chained.__traceback__, package.parent) for chained in _chain(error)):
         return (f"Hugging Face's kernels package, which transformers imports, is installed ({package.parent}) but its own import fails "
@@ -1111,7 +1111,25 @@ def _directory_hiding_kernels() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     found = Path(spec.origin)  # as the ImportError names it
-    return None if found.resolve() == Path(str(installed.locate_file("kernels/__init__.py"))).resolve() else found.parent
+    return None if found.resolve() == _installed_kernels_file(installed) else found.parent
+
+
+def _installed_kernels_file(installed: importlib.metadata.Distribution) -> Path:
+    """The ``__init__.py`` of the ``kernels`` distribution ``installed``'s package (which may
+    be missing): beside its metadata or, installed editable, in the source directory its
+    .pth puts on sys.path (maturin's, hatchling's). Not beside its metadata, an editable
+    install's package was taken for missing, or for a directory hiding itself."""
+    beside = Path(str(installed.locate_file("kernels/__init__.py"))).resolve()
+    for listed in installed.files or ():
+        if listed.suffix == ".pth":
+            try:
+                lines = Path(str(installed.locate_file(listed))).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError):
+                continue
+            for line in lines:  # a .pth's other lines (import ..., comments) name no directory holding the package
+                if (candidate := Path(line.strip()) / "kernels" / "__init__.py").is_absolute() and candidate.is_file():
+                    return candidate.resolve()
+    return beside
 
 
 def _absent_pipeline_libraries(index_file: Path) -> dict[str, list[str]]:
