@@ -857,8 +857,8 @@ def test_a_visualisation_out_of_memory_scoring_its_optimised_images_says_so_not_
         record = engine.jobs.wait(job.record.job_id, 120).record
         assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED"), record
         counted = f"{len(pairs)} image{'' if len(pairs) == 1 else 's'}"
-        assert record.error_message == (f"the model's device ran out of memory scoring {counted}{alone} once optimised ({scorers} forward "
-                                        "passes over the finished images, without gradients), so fewer pairs would not help; retry later "
+        assert record.error_message == (f"the model's device ran out of memory scoring {counted}{alone} once optimised ({scorers} passes "
+                                        "over the finished images, to mask and score them), so fewer pairs would not help; retry later "
                                         "(should it recur, the device has no room to score one image beside its other work, which only the "
                                         "server's operator can change)")
         assert scored == [1, len(pairs), 1][: 2 + (len(pairs) > 1)]  # the split's check, the batch, then (of two) the first alone

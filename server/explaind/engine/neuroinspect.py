@@ -630,14 +630,14 @@ class NeuroInspectEngine:
             if not _out_of_memory(error):
                 raise
             if optimised:
-                # Scored without gradients, together and then (out of memory) one at a time: one
+                # Scored together and then (out of memory) one at a time: one
                 # image's scoring did not fit, which fewer pairs or another method (CLIP scores
                 # every method's images) would not change. No field: the report stops, not halves.
                 log.error("job %s (%s): the device ran out of memory scoring the %s optimised: %s", context.job_id, VISUALIZE_KIND, counted, error)
                 scorers = "the classifier's" if clip_model is None else "CLIP's and the classifier's"
                 alone = "" if len(pairs) == 1 else ", together and then one at a time,"
-                raise ResourceExhausted(f"the model's device ran out of memory scoring {counted}{alone} once optimised ({scorers} forward "
-                                        "passes over the finished images, without gradients), so fewer pairs would not help; retry "
+                raise ResourceExhausted(f"the model's device ran out of memory scoring {counted}{alone} once optimised ({scorers} passes "
+                                        "over the finished images, to mask and score them), so fewer pairs would not help; retry "
                                         "later (should it recur, the device has no room to score one image beside its other work, "
                                         "which only the server's operator can change)") from None
             log.error("job %s (%s): the device ran out of memory optimising %s at once: %s", context.job_id, VISUALIZE_KIND, counted, error)
