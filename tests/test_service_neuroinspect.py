@@ -1041,35 +1041,45 @@ def test_a_clip_move_out_of_memory_part_way_leaves_clip_where_it_was_and_the_nex
 def test_two_visualisations_starting_at_once_move_clip_onto_the_device_once_and_optimise_side_by_side(tmp_path, monkeypatch):
     # With [jobs].gpu_workers = 2, two clip_illusion jobs starting together each copied CLIP
     # onto the device: two copies there, one wasted (or the second out of memory). The meta
-    # device stands in for the GPU; the first job's first copy waits for the second job to
-    # reach the move (or, where a lock holds it out, a second), so both would be copying.
+    # device stands in for the GPU; the first job's first copy waits until the second job
+    # has reached the move too: it copies as well, or waits on the move's lock (watched here).
     import threading
 
     from explaind.engine import neuroinspect as engine_module
-    from explaind.jobs import JobContext
     from explaind.world import assets
 
     engine, inspect = _in_process(tmp_path, clip={"path": str(assets.clip_dir())}, jobs={"gpu_workers": 2})
     clip_model = engine.components["clip"].model[0]
-    to, stage = torch.Tensor.to, JobContext.stage
-    copied, copiers, at_the_move, second_copier = [], set(), threading.Semaphore(0), threading.Event()
+    to = torch.Tensor.to
+    copied, copiers, at_the_move, both_at_the_move = [], set(), set(), threading.Event()
+
+    def reached_the_move():
+        at_the_move.add(threading.get_ident())
+        if len(at_the_move) > 1:
+            both_at_the_move.set()
 
     def slowed_copy(self, *args, **kwargs):
         moved = to(self, *args, **kwargs)
         if moved.device.type == "meta" and self.device.type != "meta":
             copied.append(moved)
             copiers.add(threading.get_ident())
-            if len(copiers) > 1:
-                second_copier.set()
+            reached_the_move()
             if len(copied) == 1:
-                assert at_the_move.acquire(timeout=60) and at_the_move.acquire(timeout=60)  # both jobs at the move
-                second_copier.wait(timeout=1)
+                assert both_at_the_move.wait(timeout=60)
         return moved
 
-    def counted_stage(self, name):
-        if name == "setup":
-            at_the_move.release()
-        stage(self, name)
+    class WatchedLock:
+        """The move's lock, saying when a job is about to take it."""
+
+        def __init__(self, lock):
+            self._lock = lock
+
+        def __enter__(self):
+            reached_the_move()
+            return self._lock.__enter__()
+
+        def __exit__(self, *exc_info):
+            return self._lock.__exit__(*exc_info)
 
     moved_to, optimising = [], threading.Barrier(2, timeout=60)
 
@@ -1086,7 +1096,7 @@ def test_two_visualisations_starting_at_once_move_clip_onto_the_device_once_and_
         with monkeypatch.context() as patch:
             patch.setattr(engine, "device", torch.device("meta"))
             patch.setattr(torch.Tensor, "to", slowed_copy)
-            patch.setattr(JobContext, "stage", counted_stage)
+            patch.setattr(inspect, "_clip_move_lock", WatchedLock(inspect._clip_move_lock))
             patch.setattr(engine_module, "ClipIllusion", OptimisingSideBySide)
             jobs = [inspect.visualize_neurons([(neuron, "heart")], method="clip_illusion", steps=1) for neuron in (7, 11)]
             records = [engine.jobs.wait(job.record.job_id, 120).record for job in jobs]
