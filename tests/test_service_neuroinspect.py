@@ -866,6 +866,33 @@ def test_a_visualisation_out_of_memory_scoring_its_optimised_images_says_so_not_
         _shut(engine)
 
 
+def test_a_visualisation_out_of_memory_at_a_later_step_is_still_its_optimisation_s_naming_the_pairs(tmp_path, monkeypatch):
+    # Only past the last step's callback is an out of memory the scoring's: one at step 2 of 3,
+    # after step 1's callback, is the optimisation's, whose pairs a retry may cut.
+    from explaind.engine import neuroinspect as engine_module
+
+    forward, optimising = engine_module._Classifier.forward, []
+
+    def out_of_memory_at_step_two(self, images):
+        if torch.is_grad_enabled():
+            optimising.append(len(images))
+            if len(optimising) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB")
+        return forward(self, images)
+
+    monkeypatch.setattr(engine_module._Classifier, "forward", out_of_memory_at_step_two)
+    engine, inspect = _in_process(tmp_path)
+    try:
+        job = inspect.visualize_neurons([(7, "heart"), (11, "heart")], method="no_clip", steps=3)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        assert (record.state, record.error_code) == ("failed", "RESOURCE_EXHAUSTED")
+        assert record.error_message == ("pairs: the model's device ran out of memory optimising 2 images at once; retry with fewer pairs "
+                                        "(or a smaller classes_per_neuron) per request, or later")
+        assert optimising == [2, 2]
+    finally:
+        _shut(engine)
+
+
 @pytest.mark.parametrize("error, code", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes"),
      "RESOURCE_EXHAUSTED"),
