@@ -10305,8 +10305,8 @@ def test_a_sample_set_listing_refuses_an_owner_that_is_no_caller_name_and_tokens
 @pytest.mark.parametrize(("listing", "second_page", "written"), [
     ("ListSampleSets", ["b"], "sample_sets/"),
     # ListSamples' offsets carried none either: a later release could not change them
-    # (tie one to its set's uid, say) without misreading this one's.
-    ("ListSamples", [1], "1"),
+    # (tie one to its set's uid, as this one does) without misreading this one's.
+    ("ListSamples", [1], "samples[set=a]/"),
 ])
 def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_refused_asking_to_list_from_the_start(engine, listing, second_page, written):
     # Tokens carried no version: a release changing what they hold would have misread
@@ -10330,7 +10330,9 @@ def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_r
     token = page("")[1]
     prefix = f"{PAGE_TOKEN_VERSION}:"
     assert token.startswith(prefix + written)
-    assert page(token)[0] == page(token.removeprefix(prefix))[0] == second_page  # the unversioned one of the releases before
+    # The unversioned one of the releases before: a resume point, or a bare offset.
+    unversioned = token.removeprefix(prefix) if listing == "ListSampleSets" else token.rpartition("/")[2]
+    assert page(token)[0] == page(unversioned)[0] == second_page
     for version in (3, 999999999):
         unknown = f"{version}:{token.removeprefix(prefix)}"
         with pytest.raises(InvalidArgument) as refused:
@@ -10344,6 +10346,47 @@ def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_r
     for forged in (f"0:{token.removeprefix(prefix)}", f"1:{token.removeprefix(prefix)}", prefix):
         with pytest.raises(InvalidArgument) as refused:
             page(forged)
+        assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")
+
+
+def test_a_list_samples_page_token_pages_only_its_own_set_and_not_one_created_again_under_its_id(engine):
+    # An offset alone: set a's token sent for set b (or for a set a created again since)
+    # silently paged that other set from a's offset.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    def create(sample_set_id: str) -> None:
+        engine.create_sample_set(sample_set_id, "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), label) for label in range(3)])
+
+    for sample_set_id in ("a", "b"):
+        create(sample_set_id)
+    servicer = SampleSetServicer(engine)
+
+    def page(sample_set_id: str, token: str = "") -> sample_sets_pb2.ListSamplesResponse:
+        return servicer.ListSamples(sample_sets_pb2.ListSamplesRequest(sample_set_id=sample_set_id, page_size=1, page_token=token), None)
+
+    token = page("a").next_page_token
+    assert [s.label for s in page("a", token).samples] == [1]
+    with pytest.raises(InvalidArgument) as refused:
+        page("b", token)
+    assert refused.value.field == "page_token"
+    assert refused.value.description == f"{token[:40]!r} is a page token of sample set 'a''s samples, not of 'b''s: page a set with the tokens of its own listing"
+    old_uid = engine.store.get_sample_set("a").uid
+    engine.delete_sample_set("a")
+    create("a")
+    new_uid = engine.store.get_sample_set("a").uid
+    with pytest.raises(InvalidArgument) as refused:
+        page("a", token)
+    assert refused.value.field == "page_token"
+    assert refused.value.description == (f"{token[:40]!r} is a page token of an earlier sample set 'a' (uid {old_uid}), deleted since and "
+                                         f"created again (uid {new_uid}): list its samples from the start, without a page_token")
+    # Offsets that name no set are read as ever, in any set: the SDK's start=, and tokens of the releases before.
+    for untied in ("1", "2:1"):
+        assert [s.label for s in page("b", untied).samples] == [1]
+    # No release wrote a set's token without its version, nor one whose uid is no uid.
+    for forged in (token.removeprefix("2:"), token.replace(old_uid, old_uid.upper()), "2:samples[set=A]/" + token.partition("]/")[2]):
+        with pytest.raises(InvalidArgument) as refused:
+            page("a", forged)
         assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")
 
 

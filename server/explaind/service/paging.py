@@ -1,15 +1,17 @@
 """Page sizes and page tokens of the List RPCs.
 
-Two kinds of token: an offset, for lists that only grow at their end (a set's samples),
-and a resume point ``"<listing>/<create_time>/<id>"``, for lists whose items come and go
-while a client pages (operations, sample sets, head versions): an offset would then skip
+Two kinds of token: an offset into a set's samples, a list that only grows at its end,
+named for the set and its uid (a set deleted and created again under its id is another
+set, whose samples an earlier set's offset would page), and a resume point
+``"<listing>/<create_time>/<id>"``, for lists whose items come and go while a client pages (operations, sample sets, head versions): an offset would then skip
 or repeat items. The listing's name makes a token from one list an error in another,
 where it would resume at an unrelated point, typically past the end: an empty last page.
 A listing kept to one caller's items (owner=) or to some of them (kind=, state=) is
 named for those too, so its tokens are refused by a listing asked with other ones, as
 AIP-158 asks (it would resume at the right time, but among other items than page one's).
 
-Both carry their format's version, ``"2:<listing>/<create_time>/<id>"`` and ``"2:<offset>"``,
+Both carry their format's version, ``"2:<listing>/<create_time>/<id>"`` and
+``"2:samples[set=<id>]/<uid>/<offset>"`` (``"2:<offset>"``, naming no set, read as before),
 so that a later release that changes what a token holds refuses (or converts) this one's
 rather than misreading them, and a release rolled back to tells a newer one's from a
 damaged one; tokens without one (version 1, handed out before versions, which a client
@@ -37,6 +39,10 @@ _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
 PAGE_TOKEN_VERSION = 2
 _VERSION_PREFIX = re.compile(r"([0-9]{1,9}):")
 _FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
+# The listing of a set's samples (listing_name("samples", set=...): ids need no quoting) and
+# a set's uid (SampleSet.uid: a lowercase UUID), as an offset token holds them.
+_SAMPLES_LISTING = re.compile(r"samples\[set=([a-z0-9][a-z0-9_-]{0,62})\]")
+_UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # What listing_name writes (a quoted value is "%XX" escapes and URL-safe characters); a
 # token's name that is not is no token of ours, and is not echoed back as words.
 _LISTING_NAME = re.compile(rf"[a-z_]+(\[[a-z_]+=[%A-Za-z0-9_.~-]*(,[a-z_]+=[%A-Za-z0-9_.~-]*)*\])?(@{CALLER_NAME.pattern})?")
@@ -74,27 +80,50 @@ def _token_body(token: str) -> str:
     return token[version.end():]
 
 
-def offset_page(token: str, size: int, default: int, maximum: int) -> tuple[int, int]:
-    """(offset, limit) from an offset page token (of PAGE_TOKEN_VERSION, or a bare offset)
-    and a page size."""
+def offset_page(token: str, size: int, default: int, maximum: int, *, sample_set_id: str, uid: str) -> tuple[int, int]:
+    """(offset, limit) into the samples of set ``sample_set_id`` of ``uid`` from a page
+    token and a page size. A token of PAGE_TOKEN_VERSION names the set and its uid (see
+    offset_token): one of another set, or of an earlier set of the id, deleted since, is
+    InvalidArgument saying so, as it would page another set from its offset. A bare offset
+    (version 1's, and the SDK's start), or one of version 2 without a set (the releases
+    before the set was named), is read as it always was: it names no set to check."""
     limit = page_limit(size, default, maximum)
     if not token:
         return 0, limit
     offset = _token_body(token)
+    if "/" in offset:  # "samples[set=<id>]/<uid>/<offset>"
+        name, token_uid, offset = (offset.split("/", 2) + [""])[:3]
+        _require_token_of_set(token, name, token_uid, sample_set_id, uid)
     # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
     if not (offset.isascii() and offset.isdigit() and len(offset) <= 19 and int(offset) <= _MAX_OFFSET):
         raise bad_page_token(token)
     return int(offset), limit
 
 
-def offset_token(offset: int) -> str:
-    """The token of the page starting at item ``offset``, prefixed with its format's version."""
-    return f"{PAGE_TOKEN_VERSION}:{offset}"
+def _require_token_of_set(token: str, name: str, token_uid: str, sample_set_id: str, uid: str) -> None:
+    """InvalidArgument naming page_token unless ``token``, whose listing is ``name`` and
+    set uid ``token_uid``, pages the samples of set ``sample_set_id`` of ``uid``."""
+    named = _SAMPLES_LISTING.fullmatch(name)
+    if _VERSION_PREFIX.match(token) is None or named is None or not _UID.fullmatch(token_uid):  # no release wrote one unprefixed
+        raise bad_page_token(token)
+    if named[1] != sample_set_id:
+        raise InvalidArgument(f"{token[:40]!r} is a page token of sample set {named[1]!r}'s samples, not of {sample_set_id!r}'s: "
+                              "page a set with the tokens of its own listing", field="page_token")
+    if token_uid != uid:
+        raise InvalidArgument(f"{token[:40]!r} is a page token of an earlier sample set {sample_set_id!r} (uid {token_uid}), deleted "
+                              f"since and created again (uid {uid}): list its samples from the start, without a page_token",
+                              field="page_token")
 
 
-def next_offset_token(offset: int, limit: int, returned: int) -> str:
+def offset_token(offset: int, *, sample_set_id: str, uid: str) -> str:
+    """The token of the page starting at sample ``offset`` of the set ``sample_set_id`` of
+    ``uid``, prefixed with its format's version: ``"2:samples[set=<id>]/<uid>/<offset>"``."""
+    return f"{PAGE_TOKEN_VERSION}:{listing_name('samples', set=sample_set_id)}/{uid}/{offset}"
+
+
+def next_offset_token(offset: int, limit: int, returned: int, *, sample_set_id: str, uid: str) -> str:
     """The token of the page after a full one (``returned == limit``); "" after a short one, the last."""
-    return offset_token(offset + limit) if returned == limit else ""
+    return offset_token(offset + limit, sample_set_id=sample_set_id, uid=uid) if returned == limit else ""
 
 
 def resume_token(listing: str, create_time: float, item_id: str) -> str:

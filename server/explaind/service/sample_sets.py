@@ -95,16 +95,19 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
     def ListSamples(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.ListSamplesResponse:
         """A page of samples that ends early (but never empty) where one more would exceed the
         server's send limit: large images would otherwise fail the whole page."""
-        offset, limit = offset_page(request.page_token, request.page_size, 256, 4096)
-        store = self._engine.store
-        records = store.list_samples(required_set_id(request), offset, limit)
+        set_id, store = required_set_id(request), self._engine.store
+        # Its tokens name the set and its uid: another set's, or an earlier set's of the id, would page this one from their offset.
+        uid = store.get_sample_set(set_id).uid
+        offset, limit = offset_page(request.page_token, request.page_size, 256, 4096, sample_set_id=set_id, uid=uid)
+        records = store.list_samples(set_id, offset, limit)
         stored = (sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(record.digest)), label=record.label,
                                          attributes=record.attributes) for record in records)  # read as the page fills
         samples = messages_that_fit(stored, self._engine.config.server.max_message_bytes)
         ended_early = len(samples) < len(records)
         return sample_sets_pb2.ListSamplesResponse(
             samples=samples,
-            next_page_token=offset_token(offset + len(samples)) if ended_early else next_offset_token(offset, limit, len(records)))
+            next_page_token=offset_token(offset + len(samples), sample_set_id=set_id, uid=uid) if ended_early
+            else next_offset_token(offset, limit, len(records), sample_set_id=set_id, uid=uid))
 
     def DeleteSampleSet(self, request, context: grpc.ServicerContext) -> sample_sets_pb2.DeleteSampleSetResponse:
         self._engine.delete_sample_set(required_set_id(request), uid=optional_uid(request), caller=current_caller())
