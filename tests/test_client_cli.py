@@ -1022,7 +1022,7 @@ def test_a_job_command_says_whose_job_it_got_by_its_state_and_whether_a_request_
 
     operation = types.SimpleNamespace(name="operations/x", state=state, done=state in ("succeeded", "failed", "cancelled"),
                                       requested_again=requested_again)
-    assert _announcement(operation, waiting=False, rerun=rerun, unsaid=False) == said
+    assert _announcement(operation, waiting=False, rerun=rerun, unsaid="") == said
 
 
 @pytest.mark.parametrize(("waiting", "then"), [(True, "waiting for it"), (False, "explaind operations wait operations/x waits for it")])
@@ -1030,7 +1030,7 @@ def test_a_job_command_whose_server_does_not_say_whose_queued_job_it_got_says_ei
     from explaind.client.cli import _announcement
 
     operation = types.SimpleNamespace(name="operations/x", state="queued", done=False, requested_again=False)
-    assert _announcement(operation, waiting=waiting, rerun=True, unsaid=True) == (
+    assert _announcement(operation, waiting=waiting, rerun=True, unsaid="the server does not say which") == (
         f"operations/x, started by this run or by an earlier one with this --request-id (the server does not say which), is queued; {then}")
 
 
@@ -1055,12 +1055,13 @@ def test_an_older_server_s_queued_job_under_a_given_request_id_is_not_said_to_be
 
 
 @pytest.mark.parametrize(("state", "rerun", "requested_again", "capabilities", "unsaid"), [
-    ("queued", True, False, (), True),  # an older server: the words cannot say whose
-    ("queued", True, False, None, True),  # the capabilities unread: nor then
-    ("queued", True, False, ("requested_again",), False),  # the server says it is new
-    ("queued", True, True, (), False),  # it was said to be an earlier run's
-    ("queued", False, False, (), False),  # no --request-id: this run's
-    ("running", True, False, (), False),  # running, or ended, the server's queued-or-new answer does not arise: an earlier run's
+    ("queued", True, False, (), "the server does not say which"),  # an older server: the words cannot say whose
+    # The capabilities unread: nor then, and the server was not found to be an older one (the words said it was).
+    ("queued", True, False, None, "whether the server says which could not be asked: UNAVAILABLE: connection refused"),
+    ("queued", True, False, ("requested_again",), ""),  # the server says it is new
+    ("queued", True, True, (), ""),  # it was said to be an earlier run's
+    ("queued", False, False, (), ""),  # no --request-id: this run's
+    ("running", True, False, (), ""),  # running, or ended, the server's queued-or-new answer does not arise: an earlier run's
 ])
 def test_whether_a_job_command_may_not_know_whose_job_it_got(state, rerun, requested_again, capabilities, unsaid):
     from explaind.client import UnavailableError
@@ -1073,7 +1074,7 @@ def test_whether_a_job_command_may_not_know_whose_job_it_got(state, rerun, reque
 
     operation = types.SimpleNamespace(name="operations/x", state=state, requested_again=requested_again,
                                       _cancelled_if_interrupted=contextlib.nullcontext)
-    assert _earlier_run_unsaid(types.SimpleNamespace(model_metadata=model_metadata), operation, rerun) is unsaid
+    assert _earlier_run_unsaid(types.SimpleNamespace(model_metadata=model_metadata), operation, rerun) == unsaid
 
 
 @pytest.mark.parametrize("options", [["--json"], ["--no-wait"]])

@@ -1147,28 +1147,31 @@ def _started_by_earlier_run(operation: Operation[Any], rerun: bool) -> bool:
     return rerun and (operation.state != "queued" or operation.requested_again)
 
 
-def _earlier_run_unsaid(client: Client, operation: Operation[Any], rerun: bool) -> bool:
-    """Whether a job command's queued ``operation``, got under the --request-id the user gave
-    (``rerun``), may be an earlier run's without the server saying so: one that does not
-    list the requested_again capability (an older server) answers an earlier run's queued
-    job as it does a new one, so "started" would claim it for this run."""
+def _earlier_run_unsaid(client: Client, operation: Operation[Any], rerun: bool) -> str:
+    """Why a job command's queued ``operation``, got under the --request-id the user gave
+    (``rerun``), may be an earlier run's without the server saying so ("" when it would
+    say): one that does not list the requested_again capability (an older server)
+    answers an earlier run's queued job as it does a new one, so "started" would claim it
+    for this run. Where asking for that list fails, the server may say it or not: the
+    words say that the asking failed, not that the server is an older one."""
     if not rerun or operation.state != "queued" or operation.requested_again:
-        return False
+        return ""
     # Its name not said yet: a Ctrl-C in the call cancels the job, as one inside its start does.
     with operation._cancelled_if_interrupted():
         try:
-            return REQUESTED_AGAIN_CAPABILITY not in client.model_metadata().capabilities
-        except ExplaindError:  # it did not say
-            return True
+            capabilities = client.model_metadata().capabilities
+        except ExplaindError as error:
+            return f"whether the server says which could not be asked: {error}"
+    return "" if REQUESTED_AGAIN_CAPABILITY in capabilities else "the server does not say which"
 
 
-def _announcement(operation: Operation[Any], waiting: bool, rerun: bool, unsaid: bool) -> str:
+def _announcement(operation: Operation[Any], waiting: bool, rerun: bool, unsaid: str) -> str:
     """What a job command says of the ``operation`` it got: started by this run, or by an
     earlier one (:func:`_started_by_earlier_run`), queued, running or ended; or, queued,
-    by either, where the server does not say which (``unsaid``: :func:`_earlier_run_unsaid`)."""
+    by either, where the server does not say which (``unsaid``, why: :func:`_earlier_run_unsaid`)."""
     wait = f"explaind operations wait {operation.name} waits for it"
     if unsaid:
-        return (f"{operation.name}, started by this run or by an earlier one with this --request-id (the server does not say which), "
+        return (f"{operation.name}, started by this run or by an earlier one with this --request-id ({unsaid}), "
                 f"is queued; {'waiting for it' if waiting else wait}")
     if not _started_by_earlier_run(operation, rerun):
         return f"started {operation.name}" + ("" if waiting else f"; {wait}")
@@ -1188,7 +1191,7 @@ def _announce_and_wait(client: Client, operation: Operation[_Result], args: argp
     job; ``name`` kept for scripts that read it; see :func:`_started_json`), and the note
     goes to stderr; with --json, stdout gets only the JSON."""
     rerun = args.request_id is not None
-    unsaid = not (args.no_wait and args.json) and _earlier_run_unsaid(client, operation, rerun)
+    unsaid = "" if args.no_wait and args.json else _earlier_run_unsaid(client, operation, rerun)
     if args.no_wait:
         if args.json:
             _print_json({"operation": operation.name, "name": operation.name, "requested_again": operation.requested_again}, args)
