@@ -831,6 +831,24 @@ def test_ctrl_c_inside_a_start_under_a_request_id_of_another_request_says_no_job
     assert (error["code"], error["operation"]) == ("INTERRUPTED", None), error
 
 
+def test_ctrl_c_inside_a_start_under_a_request_id_whose_job_was_deleted_says_no_job_started_under_it(server, capsys, monkeypatch):
+    # The server refuses a request whose request_id's job was deleted (FAILED_PRECONDITION on request_id), the repeat too:
+    # the note sent the user to run the command again under that id, "starting it if none did", which is refused again.
+    given = str(uuid.uuid4())
+    with Client(server.target, timeout=30) as client:
+        earlier = client.visualize_neurons([5], method="no_clip", steps=1, request_id=given)
+        earlier.wait(60)
+        earlier.delete()
+    _interrupted_once_started(monkeypatch, "visualize_neurons", sent=False)
+    assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--request-id", given,
+                 "--no-wait", "--json"]) == 130
+    out, err = capsys.readouterr()
+    assert err.startswith(f"interrupted\n  no job started under request_id {given} (FAILED_PRECONDITION: request_id: request_id {given} "
+                          f"started {earlier.name}, which was deleted since (DeleteOperation)") and "--no-wait names it" not in err, err
+    assert err.count("\n") == 2, err
+    assert json.loads(out)["error"]["operation"] is None
+
+
 def test_ctrl_c_inside_the_call_that_starts_a_ranking_names_its_request_id_where_the_job_cannot_be_found(capsys, monkeypatch):
     # rank has no --no-wait: the note sends to the list.
     request_ids = _interrupted_once_started(monkeypatch, "_start_ranking", sent=False)

@@ -9497,10 +9497,47 @@ def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_resta
     again = restarted.submit("evaluate", job, request=key)
     assert again.record.job_id == job_id and again.record.state == "succeeded" and len(runs) == 2
     assert restarted.metrics.registry.get_sample_value("explaind_job_requests_repeated_total", {"kind": "evaluate"}) == 1
-    restarted.delete(job_id)  # forgotten with its operation: the request is new again
-    assert restarted.submitted(key) is None
-    assert restarted.submit("evaluate", job, request=key).record.job_id not in (job_id, other.record.job_id)
     restarted.shutdown(5)
+
+
+def test_a_request_id_whose_job_was_deleted_is_refused_until_retention_would_have_dropped_the_job(tmp_path):
+    # Forgotten with its operation, a request_id started a new job for its request arriving
+    # late: the CLI's interrupted start had found the job by sending it again, cancelled and
+    # deleted it, and then the first request came, its job waited on and cancelled by nobody.
+    store, runs = SQLiteStore(tmp_path), []
+    jobs = JobManager(store, Metrics(), workers=1)
+    key = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint")
+    job_id = jobs.submit("evaluate", lambda ctx: runs.append(ctx.job_id) or _empty(), request=key).record.job_id
+    ended = jobs.wait(job_id, 10).record.end_time
+    jobs.delete(job_id)
+    refusal = (f"^request_id: request_id {key.request_id} started operations/{job_id}, which was deleted since \\(DeleteOperation\\), so this request is "
+               "not run again: to run it, send it with a new request_id \\(a new UUID\\)$")
+    with pytest.raises(FailedPrecondition, match=refusal) as refused:
+        jobs.submit("evaluate", lambda ctx: runs.append(ctx.job_id) or _empty(), request=key)
+    assert refused.value.field == "request_id"
+    # Another request under its id is the id reused, whatever the RPC.
+    with pytest.raises(InvalidArgument, match=f"request_id {key.request_id} was sent with another request, which created operations/{job_id}"):
+        jobs.submitted(RequestKey(key.request_id, "another fingerprint"))
+    with store.writing_blobs() as put, pytest.raises(InvalidArgument, match=f"request_id {key.request_id} was sent with another request"):
+        store.create_sample_set("s", "", [SampleRecord(put(b"image"), 0)], request=RequestKey(key.request_id, "a set's"))
+    jobs.shutdown(5)
+    store.close()
+
+    restarted = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)  # kept as request records are
+    try:
+        restarted.delete_ended_before(ended)  # retention up to the job's end: the job would still be kept
+        with pytest.raises(FailedPrecondition, match=refusal):
+            restarted.submitted(key)
+        restarted.delete_ended_before(ended + 1)  # the job would have gone now: so does what its id started
+        assert restarted.submitted(key) is None
+        again = restarted.submit("evaluate", lambda ctx: runs.append(ctx.job_id) or _empty(), request=key).record.job_id
+        assert restarted.wait(again, 10).record.state == "succeeded" and runs == [job_id, again]
+        # Retention's deletes leave nothing under the id: only a caller's delete says it was deleted.
+        restarted.delete_ended_before(math.inf)
+        assert restarted.submitted(key) is None
+    finally:
+        restarted.shutdown(5)
+        restarted.store.close()
 
 
 def test_a_request_whose_operation_the_sweep_deletes_as_it_is_looked_up_is_new_again(tmp_path, monkeypatch):
@@ -9735,6 +9772,33 @@ def test_request_ids_are_kept_in_a_store_the_previous_release_wrote_and_still_op
         db.execute("DELETE FROM jobs WHERE id = 'new'")
     with closing(SQLiteStore(tmp_path)) as store:
         assert store.job_of_request(RequestKey(request_id, "f")) is None
+
+
+def test_a_deleted_job_s_request_id_is_kept_in_a_store_the_previous_release_wrote_and_still_opens(tmp_path):
+    """deleted_job_requests is added without a schema version: a store the release before
+    left opens with the table, and a job deleted then (no row of it kept) leaves its id
+    free, as that release did; the rows are retention's to delete, by their own time."""
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    old, new = RequestKey("123e4567-e89b-42d3-a456-426614174000", "f"), RequestKey("123e4567-e89b-42d3-a456-426614174001", "f")
+    store = SQLiteStore(tmp_path)
+    store.insert_job(JobRecord("old", "evaluate", "succeeded", 1.0, end_time=2.0), request=old)
+    store.close()
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # as the release before left it
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DROP TABLE deleted_job_requests")
+        db.execute("DELETE FROM jobs WHERE id = 'old'")  # as it deletes a job
+    store = SQLiteStore(tmp_path)
+    assert store.job_of_request(old) is None
+    store.insert_job(JobRecord("new", "evaluate", "succeeded", 3.0, end_time=4.0), request=new)
+    store.delete_job("new")
+    with pytest.raises(FailedPrecondition, match="started operations/new, which was deleted since"):
+        store.job_of_request(new)
+    store.close()
+    assert _user_version(tmp_path) == SCHEMA_VERSION == 1  # what the release before reads
+    with closing(SQLiteStore(tmp_path)) as store:
+        store.delete_jobs_ended_before(4.5)
+        assert store.job_of_request(new) is None
 
 
 def test_a_failed_jobs_error_details_live_in_a_table_the_previous_release_neither_needs_nor_loses(tmp_path):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._client import REQUEST_ID_CAPABILITY, REQUESTED_AGAIN_CAPABILITY
-from ._errors import ExplaindError, InvalidArgumentError
+from ._errors import ExplaindError, FailedPreconditionError, InvalidArgumentError
 from ._neuroinspect import NeuronRanking
 from ._operations import cancel_outcome
 
@@ -134,7 +134,8 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
             return
         operation = start(request_id)
     except (ExplaindError, KeyboardInterrupt) as error:  # e.g. the server gone: the interrupt is still what happened
-        if isinstance(error, InvalidArgumentError) and error.field == "request_id":  # --request-id another request's: refused again
+        # --request-id another request's, or one whose job was deleted (FAILED_PRECONDITION): refused again, as the start was.
+        if isinstance(error, (InvalidArgumentError, FailedPreconditionError)) and error.field == "request_id":
             interrupt.add_note(f"no job started under request_id {request_id} ({error})")
             return
         why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error

@@ -111,6 +111,17 @@ def request_id_reused(request_id: str, *, operation: str | None = None, sample_s
                            field="request_id", operation=operation)
 
 
+def request_of_deleted_job(request_id: str, operation: str) -> FailedPrecondition:
+    """The error for a request, sent again or first arriving late (its resend found the job,
+    cancelled and deleted it), whose request_id started ``operation``, deleted since: run
+    again it would make a job nobody waits on. FAILED_PRECONDITION, not ALREADY_EXISTS
+    (nothing exists now) nor the deleted job (AIP-155's repeat answer, which a GetOperation
+    of it would then refuse NOT_FOUND): the server's state, not the request, refuses it,
+    and the same request will not succeed until sent under a new request_id."""
+    return FailedPrecondition(f"request_id {request_id} started {operation}, which was deleted since (DeleteOperation), so this request "
+                              "is not run again: to run it, send it with a new request_id (a new UUID)", field="request_id")
+
+
 @dataclass(frozen=True)
 class ArtifactRef:
     name: str
@@ -223,7 +234,9 @@ class Store(Protocol):
     # Jobs. A job inserted with a ``request_id`` (AIP-155) is found by it, with the
     # fingerprint of its request, until the job is deleted or another is inserted with it
     # after it failed ABORTED; an id given to another job raises AlreadyExists naming
-    # request_id.
+    # request_id. After delete_job (not retention's), the id raises request_of_deleted_job
+    # (another request's, request_id_reused) until delete_jobs_ended_before passes the
+    # job's end time.
     def insert_job(self, job: JobRecord, *, request: RequestKey | None = None) -> None: ...
     # The job inserted with ``request_id``; None if none is kept. Another request's
     # ``fingerprint`` raises InvalidArgument naming request_id (request_id_reused: the job

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted, store_remedy
 from ..ownership import OwnerCheck
 from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
-                   SampleSetInfo, StoreOpenError, request_id_reused, require_sample_set_uid, sample_set_id_taken)
+                   SampleSetInfo, StoreOpenError, request_id_reused, request_of_deleted_job, require_sample_set_uid, sample_set_id_taken)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_sets (
@@ -78,6 +78,17 @@ CREATE INDEX IF NOT EXISTS job_artifacts_by_digest ON job_artifacts (digest);
 CREATE TABLE IF NOT EXISTS job_requests (
     request_id TEXT PRIMARY KEY, job_id TEXT NOT NULL UNIQUE REFERENCES jobs(id) ON DELETE CASCADE, fingerprint TEXT NOT NULL
 );
+-- The request_id of each job DeleteOperation deleted, with its request's fingerprint,
+-- the job's owner (NULL: none named) and end time: that request arriving later (a first
+-- request delayed past its resend, whose job was found, cancelled and deleted) would
+-- start a job nobody waits on, so it is refused (FAILED_PRECONDITION naming request_id)
+-- for as long as the job would have been kept: retention deletes a row with the jobs
+-- that ended when it did. The release before never reads it (after a rollback such a
+-- request starts a job again, as it did there); a job retention deletes leaves none.
+CREATE TABLE IF NOT EXISTS deleted_job_requests (
+    request_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, fingerprint TEXT NOT NULL, owner TEXT, end_time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deleted_job_requests_by_end_time ON deleted_job_requests (end_time);
 -- The request_id (AIP-155) of each CreateSampleSet and AppendSamples applied to a set,
 -- and a fingerprint of the rest of its request: a request sent again changes nothing and
 -- gets the set, for as long as the set is kept (its rows go with it).
@@ -153,7 +164,8 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # older release would misread or damage: a table it never reads, whose rows go with their
 # job or set when it deletes one (ON DELETE CASCADE), keeps the version, so a rollback still
 # opens the data dir (job_requests and sample_set_requests, 2026-12-03;
-# sample_set_request_senders, 2026-12-07); so does an index, which SQLite keeps up to date
+# sample_set_request_senders, 2026-12-07; deleted_job_requests, whose rows retention
+# deletes by their own time, 2026-12-07); so does an index, which SQLite keeps up to date
 # for any release that writes the table.
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -947,6 +959,7 @@ class SQLiteStore:
             if row := db.execute("SELECT job_id FROM job_requests WHERE request_id = ?", (request.request_id,)).fetchone():
                 # One id, one request, whatever its RPC.
                 raise request_id_reused(request.request_id, operation=SQLiteStore._operation_of_request(db, request, row[0]))
+            SQLiteStore._refuse_request_of_deleted_job(db, request)
             db.execute("INSERT INTO sample_set_requests VALUES (?, ?, ?)", (request.request_id, set_id, request.fingerprint))
             if request.caller is not None:
                 db.execute("INSERT INTO sample_set_request_senders VALUES (?, ?)", (request.request_id, request.caller))
@@ -1061,6 +1074,7 @@ class SQLiteStore:
                                         operation=f"operations/{row[0]}")
                 if row := db.execute("SELECT set_id FROM sample_set_requests WHERE request_id = ?", (request_id,)).fetchone():
                     raise request_id_reused(request_id, sample_set=self._sample_set_of_request(db, request, row[0]))
+                self._refuse_request_of_deleted_job(db, request)
                 db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request.fingerprint))
 
     def job_of_request(self, request: RequestKey) -> str | None:
@@ -1068,7 +1082,23 @@ class SQLiteStore:
             row = self._db.execute("SELECT job_id, fingerprint FROM job_requests WHERE request_id = ?", (request.request_id,)).fetchone()
             if row is not None and row[1] != request.fingerprint:
                 raise request_id_reused(request.request_id, operation=self._operation_of_request(self._db, request, row[0]))
+            if row is None:
+                self._refuse_request_of_deleted_job(self._db, request)
         return None if row is None else row[0]
+
+    @staticmethod
+    def _refuse_request_of_deleted_job(db: sqlite3.Connection, request: RequestKey) -> None:
+        """FailedPrecondition naming request_id where ``request``'s id started a job that
+        DeleteOperation deleted since (see deleted_job_requests); InvalidArgument where the
+        id came with another request (request_id_reused, naming the job as _made_by would)."""
+        row = db.execute("SELECT job_id, fingerprint, owner FROM deleted_job_requests WHERE request_id = ?", (request.request_id,)).fetchone()
+        if row is None:
+            return
+        job_id, fingerprint, owner = row
+        if fingerprint != request.fingerprint:
+            named = request.caller is None or owner in (None, request.caller)
+            raise request_id_reused(request.request_id, operation=f"operations/{job_id}" if named else None)
+        raise request_of_deleted_job(request.request_id, f"operations/{job_id}")
 
     def update_job(self, job: JobRecord) -> None:
         # A job's failure or cancellation is bookkeeping (no response; an error's details),
@@ -1140,6 +1170,10 @@ class SQLiteStore:
                     f"SELECT version_id FROM head_versions WHERE {_STORED_BY} = ?", (job_id,)).fetchone()):
                 raise FailedPrecondition(f"operations/{job_id} stored head version {version[0]} but did not succeed; delete that version "
                                          f"first (DeleteHeadVersion), or the server's next start does", field="name")
+            db.execute("""INSERT OR REPLACE INTO deleted_job_requests
+                          SELECT request_id, job_id, fingerprint, (SELECT owner FROM job_owners WHERE job_owners.job_id = jobs.id),
+                                 COALESCE(end_time, ?)
+                          FROM job_requests JOIN jobs ON jobs.id = job_id WHERE job_id = ?""", (self.now(), job_id))
             self._forget_jobs(db, "id = ?", (job_id,))
 
     @_frees_space
@@ -1150,6 +1184,8 @@ class SQLiteStore:
         Once ``interrupt`` is set (the server stopping), returns after the chunk under way."""
         placeholders = ", ".join("?" * len(FINISHED_STATES))
         deleted = 0
+        with self._transaction() as db:  # one row per job a caller deleted: few
+            db.execute("DELETE FROM deleted_job_requests WHERE end_time < ?", (end_time,))
         while True:
             with self._transaction() as db:
                 # By end time only (+state uses no index): by state, each minute's sweep
