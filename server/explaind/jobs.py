@@ -382,7 +382,8 @@ class JobManager:
         """The job a request with ``request``'s request_id created, as it is now; None if
         none is kept, or the server's shutdown ended it (ABORTED: it runs again), or
         ``request`` is None. InvalidArgument naming request_id when that job was created
-        by another request (another fingerprint)."""
+        by another request (another fingerprint); FailedPrecondition naming it when
+        DeleteOperation deleted that job (the store's request_of_deleted_job)."""
         if request is None:
             return None
         with self._changed:
