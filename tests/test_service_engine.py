@@ -10367,16 +10367,17 @@ def test_a_sample_set_listing_refuses_an_owner_that_is_no_caller_name_and_tokens
 
 
 @pytest.mark.parametrize(("listing", "second_page", "written"), [
-    ("ListSampleSets", ["b"], "sample_sets/"),
+    ("ListSampleSets", ["b"], "2:sample_sets/"),
     # ListSamples' offsets carried none either: a later release could not change them
-    # (tie one to its set's uid, as this one does) without misreading this one's.
-    ("ListSamples", [1], "samples[set=a]/"),
+    # (tie one to its set's uid, as this one does) without misreading this one's. Tied,
+    # they are version 3: under 2, the release before took one for a damaged token.
+    ("ListSamples", [1], "3:samples[set=a]/"),
 ])
 def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_refused_asking_to_list_from_the_start(engine, listing, second_page, written):
     # Tokens carried no version: a release changing what they hold would have misread
     # this one's. Those handed out before versions (none) still resume, as a client may
     # hold one across an upgrade.
-    from explaind.service.paging import PAGE_TOKEN_VERSION
+    from explaind.service.paging import PAGE_TOKEN_VERSION, SAMPLES_PAGE_TOKEN_VERSION
     from explaind.service.sample_sets import SampleSetServicer
     from explaind.v1 import sample_sets_pb2
 
@@ -10392,22 +10393,27 @@ def test_a_page_token_says_its_format_version_and_one_of_an_unknown_version_is_r
         return [s.label for s in samples.samples], samples.next_page_token
 
     token = page("")[1]
-    prefix = f"{PAGE_TOKEN_VERSION}:"
-    assert token.startswith(prefix + written)
+    prefix, _, _ = written.partition(":")
+    prefix += ":"
+    assert token.startswith(written)
     # The unversioned one of the releases before: a resume point, or a bare offset.
     unversioned = token.removeprefix(prefix) if listing == "ListSampleSets" else token.rpartition("/")[2]
     assert page(token)[0] == page(unversioned)[0] == second_page
-    for version in (3, 999999999):
+    if listing == "ListSamples":  # and version 2's offset, which named no set
+        assert page(f"{PAGE_TOKEN_VERSION}:{unversioned}")[0] == second_page
+    for version in (SAMPLES_PAGE_TOKEN_VERSION + 1, 999999999):
         unknown = f"{version}:{token.removeprefix(prefix)}"
         with pytest.raises(InvalidArgument) as refused:
             page(unknown)
         assert refused.value.field == "page_token", refused.value
         assert refused.value.description == (f"{unknown[:40]!r} is a page token of format version {version}, which this server does not read "
-                                             f"(it writes version {PAGE_TOKEN_VERSION}): list from the start, without a page_token")
+                                             f"(it writes version {prefix[:-1]}): list from the start, without a page_token")
     # No server wrote a version below its own with a prefix: not "a version this server
     # does not read" of version 1, which it reads (unprefixed), but no token of ours; nor
-    # is a prefix with nothing after it (an offset's: not the first page).
-    for forged in (f"0:{token.removeprefix(prefix)}", f"1:{token.removeprefix(prefix)}", prefix):
+    # is a prefix with nothing after it (an offset's: not the first page), nor the other
+    # listings' version around this one's body (a version this server knows).
+    other = {"2:": "3:", "3:": "2:"}[prefix]
+    for forged in (f"0:{token.removeprefix(prefix)}", f"1:{token.removeprefix(prefix)}", prefix, other + token.removeprefix(prefix)):
         with pytest.raises(InvalidArgument) as refused:
             page(forged)
         assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")
@@ -10448,7 +10454,7 @@ def test_a_list_samples_page_token_pages_only_its_own_set_and_not_one_created_ag
     for untied in ("1", "2:1"):
         assert [s.label for s in page("b", untied).samples] == [1]
     # No release wrote a set's token without its version, nor one whose uid is no uid.
-    for forged in (token.removeprefix("2:"), token.replace(old_uid, old_uid.upper()), "2:samples[set=A]/" + token.partition("]/")[2]):
+    for forged in (token.removeprefix("3:"), token.replace(old_uid, old_uid.upper()), "3:samples[set=A]/" + token.partition("]/")[2]):
         with pytest.raises(InvalidArgument) as refused:
             page("a", forged)
         assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")

@@ -11,8 +11,8 @@ named for those too, so its tokens are refused by a listing asked with other one
 AIP-158 asks (it would resume at the right time, but among other items than page one's).
 
 Both carry their format's version, ``"2:<listing>/<create_time>/<id>"`` and
-``"2:samples[set=<id>]/<uid>/<offset>"`` (``"2:<offset>"``, naming no set, read as before),
-so that a later release that changes what a token holds refuses (or converts) this one's
+``"3:samples[set=<id>]/<uid>/<offset>"`` (version 3: version 2's ``"2:<offset>"`` named no
+set, and is read as before; a release rolled back to says the new one is a newer release's), so that a later release that changes what a token holds refuses (or converts) this one's
 rather than misreading them, and a release rolled back to tells a newer one's from a
 damaged one; tokens without one (version 1, handed out before versions, which a client
 may hold across an upgrade; a bare offset is also how the SDK starts a set's samples at an
@@ -37,6 +37,11 @@ _MAX_OFFSET = 2**63 - 1  # SQLite's OFFSET is a signed 64-bit integer
 # The format of the page tokens written, their "<version>:" prefix. Version 1's have none:
 # a resume point begins with its listing's name, never a digit; an offset is digits alone.
 PAGE_TOKEN_VERSION = 2
+# A set's samples' tokens name the set and its uid from version 3 on; version 2's were
+# "2:<offset>". A new version, not new contents under 2: a release that reads 2 says a
+# version-3 token is a newer release's, where it would take one of 2 it cannot read for damaged.
+SAMPLES_PAGE_TOKEN_VERSION = 3
+_NEWEST_PAGE_TOKEN_VERSION = max(PAGE_TOKEN_VERSION, SAMPLES_PAGE_TOKEN_VERSION)
 _VERSION_PREFIX = re.compile(r"([0-9]{1,9}):")
 _FLOAT_REPR = re.compile(r"[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?")
 # The listing of a set's samples (listing_name("samples", set=...): ids need no quoting) and
@@ -64,35 +69,36 @@ def bad_page_token(token: str) -> InvalidArgument:
     return InvalidArgument(f"{token[:40]!r} is not a page token from a previous response", field="page_token")
 
 
-def _token_body(token: str) -> str:
-    """A non-empty page token without its format version's prefix: one of
-    PAGE_TOKEN_VERSION, or of version 1 (unprefixed) as it is. A prefix of a version below
-    (no release wrote one) is no token of ours; one above is INVALID_ARGUMENT telling to
-    list from the start."""
+def _token_body(token: str, versions: tuple[int, ...] = (PAGE_TOKEN_VERSION,)) -> tuple[int, str]:
+    """(version, body) of a non-empty page token of one of the prefixed ``versions`` its
+    listing reads, without the prefix, or of version 1 (unprefixed) as it is. A prefix of
+    another version this release knows (below: no release wrote one; another listing's)
+    is no token of the listing; one above all it knows is INVALID_ARGUMENT telling to list
+    from the start."""
     version = _VERSION_PREFIX.match(token)
     if version is None:
-        return token
-    if int(version[1]) < PAGE_TOKEN_VERSION:  # version 1's have no prefix, and this release reads them
-        raise bad_page_token(token)
-    if int(version[1]) > PAGE_TOKEN_VERSION:
+        return 1, token
+    if int(version[1]) > _NEWEST_PAGE_TOKEN_VERSION:
         raise InvalidArgument(f"{token[:40]!r} is a page token of format version {int(version[1])}, which this server does not read "
-                              f"(it writes version {PAGE_TOKEN_VERSION}): list from the start, without a page_token", field="page_token")
-    return token[version.end():]
+                              f"(it writes version {max(versions)}): list from the start, without a page_token", field="page_token")
+    if int(version[1]) not in versions:  # version 1's have no prefix, and this release reads them
+        raise bad_page_token(token)
+    return int(version[1]), token[version.end():]
 
 
 def offset_page(token: str, size: int, default: int, maximum: int, *, sample_set_id: str, uid: str) -> tuple[int, int]:
     """(offset, limit) into the samples of set ``sample_set_id`` of ``uid`` from a page
-    token and a page size. A token of PAGE_TOKEN_VERSION names the set and its uid (see
-    offset_token): one of another set, or of an earlier set of the id, deleted since, is
-    InvalidArgument saying so, as it would page another set from its offset. A bare offset
-    (version 1's, and the SDK's start), or one of version 2 without a set (the releases
-    before the set was named), is read as it always was: it names no set to check."""
+    token and a page size. A token of SAMPLES_PAGE_TOKEN_VERSION names the set and its uid
+    (see offset_token): one of another set, or of an earlier set of the id, deleted since,
+    is InvalidArgument saying so, as it would page another set from its offset. A bare
+    offset (version 1's, and the SDK's start), or one of version 2 (the releases before the
+    set was named), is read as it always was: it names no set to check."""
     limit = page_limit(size, default, maximum)
     if not token:
         return 0, limit
-    offset = _token_body(token)
-    if "/" in offset:  # "samples[set=<id>]/<uid>/<offset>"
-        name, token_uid, offset = (offset.split("/", 2) + [""])[:3]
+    version, offset = _token_body(token, (PAGE_TOKEN_VERSION, SAMPLES_PAGE_TOKEN_VERSION))
+    if version == SAMPLES_PAGE_TOKEN_VERSION:  # "samples[set=<id>]/<uid>/<offset>"
+        name, token_uid, offset = (offset.split("/", 2) + ["", ""])[:3]
         _require_token_of_set(token, name, token_uid, sample_set_id, uid)
     # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
     if not (offset.isascii() and offset.isdigit() and len(offset) <= 19 and int(offset) <= _MAX_OFFSET):
@@ -104,7 +110,7 @@ def _require_token_of_set(token: str, name: str, token_uid: str, sample_set_id: 
     """InvalidArgument naming page_token unless ``token``, whose listing is ``name`` and
     set uid ``token_uid``, pages the samples of set ``sample_set_id`` of ``uid``."""
     named = _SAMPLES_LISTING.fullmatch(name)
-    if _VERSION_PREFIX.match(token) is None or named is None or not _UID.fullmatch(token_uid):  # no release wrote one unprefixed
+    if named is None or not _UID.fullmatch(token_uid):
         raise bad_page_token(token)
     if named[1] != sample_set_id:
         raise InvalidArgument(f"{token[:40]!r} is a page token of sample set {named[1]!r}'s samples, not of {sample_set_id!r}'s: "
@@ -117,8 +123,8 @@ def _require_token_of_set(token: str, name: str, token_uid: str, sample_set_id: 
 
 def offset_token(offset: int, *, sample_set_id: str, uid: str) -> str:
     """The token of the page starting at sample ``offset`` of the set ``sample_set_id`` of
-    ``uid``, prefixed with its format's version: ``"2:samples[set=<id>]/<uid>/<offset>"``."""
-    return f"{PAGE_TOKEN_VERSION}:{listing_name('samples', set=sample_set_id)}/{uid}/{offset}"
+    ``uid``, prefixed with its format's version: ``"3:samples[set=<id>]/<uid>/<offset>"``."""
+    return f"{SAMPLES_PAGE_TOKEN_VERSION}:{listing_name('samples', set=sample_set_id)}/{uid}/{offset}"
 
 
 def next_offset_token(offset: int, limit: int, returned: int, *, sample_set_id: str, uid: str) -> str:
@@ -160,7 +166,7 @@ def resume_point(token: str, listing: str) -> tuple[float, str] | None:
     PAGE_TOKEN_VERSION or of version 1 (unprefixed)."""
     if not token:
         return None
-    name, _, point = _token_body(token).partition("/")
+    name, _, point = _token_body(token)[1].partition("/")
     create_time, _, item_id = point.partition("/")
     if name != listing and _LISTING_NAME.fullmatch(name) and name.partition("[")[0].partition("@")[0] == listing.partition("[")[0].partition("@")[0]:
         raise InvalidArgument(f"{token[:40]!r} is a page token of {_described(name)}, not of {_described(listing)}: "
