@@ -10460,6 +10460,35 @@ def test_a_list_samples_page_token_pages_only_its_own_set_and_not_one_created_ag
         assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")
 
 
+def test_a_list_samples_page_token_is_not_read_into_a_set_made_again_between_its_check_and_the_read(engine, monkeypatch):
+    # The token was checked against the uid read first; the samples read after it were of
+    # whichever set held the id then: one made again in between was paged from the earlier one's offset.
+    from explaind.service.sample_sets import SampleSetServicer
+    from explaind.v1 import sample_sets_pb2
+
+    def create(labels: range) -> None:
+        engine.create_sample_set("a", "", [NewSample.from_array(np.zeros((8, 8, 3), np.uint8), label) for label in labels])
+
+    create(range(3))
+    servicer = SampleSetServicer(engine)
+    request = sample_sets_pb2.ListSamplesRequest(sample_set_id="a", page_size=1)
+    token = servicer.ListSamples(request, None).next_page_token
+    get_sample_set = engine.store.get_sample_set
+
+    def made_again_once_read(sample_set_id):
+        info = get_sample_set(sample_set_id)
+        monkeypatch.setattr(engine.store, "get_sample_set", get_sample_set)
+        engine.delete_sample_set("a")
+        create(range(3, 6))
+        return info
+
+    monkeypatch.setattr(engine.store, "get_sample_set", made_again_once_read)
+    request.page_token = token
+    with pytest.raises(FailedPrecondition, match="^sample_set_id: sample set 'a' is not the set of uid .* any more: it was deleted and created again since"):
+        servicer.ListSamples(request, None)
+    assert [s.label for s in servicer.ListSamples(sample_sets_pb2.ListSamplesRequest(sample_set_id="a", page_size=1), None).samples] == [3]
+
+
 def test_only_a_damaged_database_is_data_loss_and_sqlites_other_errors_stay_internal():
     # A locked, full or misused database is no reason to restore a backup.
     from explaind.errors import report_unexpected

@@ -99,7 +99,7 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         # Its tokens name the set and its uid: another set's, or an earlier set's of the id, would page this one from their offset.
         uid = store.get_sample_set(set_id).uid
         offset, limit = offset_page(request.page_token, request.page_size, 256, 4096, sample_set_id=set_id, uid=uid)
-        records = store.list_samples(set_id, offset, limit)
+        records = store.list_samples(set_id, offset, limit, uid=uid)  # the set the token was checked against, not one made since
         stored = (sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(record.digest)), label=record.label,
                                          attributes=record.attributes) for record in records)  # read as the page fills
         samples = messages_that_fit(stored, self._engine.config.server.max_message_bytes)

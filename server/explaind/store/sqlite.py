@@ -972,13 +972,14 @@ class SQLiteStore:
         )
 
     @staticmethod
-    def _require_set(db: sqlite3.Connection, sample_set_id: str, uid: str | None = None, check_owner: OwnerCheck | None = None) -> tuple:
-        """The set's row; NotFound, or FailedPrecondition when it is not the set of ``uid``,
-        or what ``check_owner`` raises given its owner."""
+    def _require_set(db: sqlite3.Connection, sample_set_id: str, uid: str | None = None, check_owner: OwnerCheck | None = None,
+                     uid_field: str = "sample_set_uid") -> tuple:
+        """The set's row; NotFound, or FailedPrecondition naming ``uid_field`` when it is not
+        the set of ``uid``, or what ``check_owner`` raises given its owner."""
         row = db.execute(f"SELECT {_SET_COLUMNS} FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone()
         if row is None:
             raise NotFound(f"no sample set {sample_set_id!r}", field="sample_set_id")
-        require_sample_set_uid(sample_set_id, row[2], uid, "sample_set_uid")
+        require_sample_set_uid(sample_set_id, row[2], uid, uid_field)
         if check_owner is not None:
             check_owner(row[5])
         return row
@@ -1005,9 +1006,9 @@ class SQLiteStore:
             ).fetchall()
             return [self._info(row) for row in rows]
 
-    def list_samples(self, sample_set_id: str, offset: int = 0, limit: int | None = None) -> list[SampleRecord]:
+    def list_samples(self, sample_set_id: str, offset: int = 0, limit: int | None = None, *, uid: str | None = None) -> list[SampleRecord]:
         with self._lock:
-            self._require_set(self._db, sample_set_id)
+            self._require_set(self._db, sample_set_id, uid, uid_field="sample_set_id")
             # Positions run 0, 1, ... (samples are only appended): the page starts at its
             # offset by the primary key, where OFFSET stepped over every sample before it.
             rows = self._db.execute(
