@@ -9540,6 +9540,19 @@ def test_a_request_id_whose_job_was_deleted_is_refused_until_retention_would_hav
         restarted.store.close()
 
 
+def test_a_request_id_whose_job_a_shutdown_aborted_runs_again_after_that_job_is_deleted_too(tmp_path):
+    # Such a job keeps no id (operations.proto: "the repeat starts a new one"); deleting it
+    # (tidying up before submitting again) left the id refused as a deleted job's.
+    key = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint")
+    with closing(SQLiteStore(tmp_path)) as store:
+        store.insert_job(JobRecord("aborted", "evaluate", "running", 1.0), request=key)
+        store.fail_unfinished_jobs("the server restarted")
+        store.delete_job("aborted")
+        assert store.job_of_request(key) is None
+        store.insert_job(JobRecord("again", "evaluate", "queued", 2.0), request=key)
+        assert store.job_of_request(key) == "again"
+
+
 def test_a_request_whose_operation_the_sweep_deletes_as_it_is_looked_up_is_new_again(tmp_path, monkeypatch):
     # The retention sweep deletes ended operations without the job manager's lock: between
     # finding a request's operation and reading it, it may be gone.

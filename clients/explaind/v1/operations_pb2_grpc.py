@@ -218,7 +218,8 @@ class OperationsServiceServicer:
         cancel it and wait for it first. Head versions an EditHead operation created stay;
         an EditHead that did not succeed is FAILED_PRECONDITION while the version it stored
         remains (DeleteHeadVersion, or the server's next start, removes that version).
-        The request_id that started it is kept: that request arriving again (or late) is
+        The request_id that started it is kept (not one ABORTED kept: its request runs
+        again): that request arriving again (or late) is
         FAILED_PRECONDITION naming request_id until the retention would have removed the
         operation (EvaluateSampleSetRequest.request_id says more).
         """

@@ -236,7 +236,7 @@ class Store(Protocol):
     # Jobs. A job inserted with a ``request_id`` (AIP-155) is found by it, with the
     # fingerprint of its request, until the job is deleted or another is inserted with it
     # after it failed ABORTED; an id given to another job raises AlreadyExists naming
-    # request_id. After delete_job (not retention's), the id raises request_of_deleted_job
+    # request_id. After delete_job (not retention's) of a job not ABORTED, the id raises request_of_deleted_job
     # (another request's, request_id_reused) until delete_jobs_ended_before passes the
     # job's end time.
     def insert_job(self, job: JobRecord, *, request: RequestKey | None = None) -> None: ...

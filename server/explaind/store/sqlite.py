@@ -1171,10 +1171,12 @@ class SQLiteStore:
                     f"SELECT version_id FROM head_versions WHERE {_STORED_BY} = ?", (job_id,)).fetchone()):
                 raise FailedPrecondition(f"operations/{job_id} stored head version {version[0]} but did not succeed; delete that version "
                                          f"first (DeleteHeadVersion), or the server's next start does", field="name")
+            # Not one a shutdown aborted: its request runs again when repeated, deleted or not.
             db.execute("""INSERT OR REPLACE INTO deleted_job_requests
                           SELECT request_id, job_id, fingerprint, (SELECT owner FROM job_owners WHERE job_owners.job_id = jobs.id),
                                  COALESCE(end_time, ?)
-                          FROM job_requests JOIN jobs ON jobs.id = job_id WHERE job_id = ?""", (self.now(), job_id))
+                          FROM job_requests JOIN jobs ON jobs.id = job_id WHERE job_id = ? AND (state, error_code) != (?, ?)""",
+                       (self.now(), job_id, FAILED, ABORTED))
             self._forget_jobs(db, "id = ?", (job_id,))
 
     @_frees_space
