@@ -10466,11 +10466,15 @@ def test_a_list_samples_page_token_pages_only_its_own_set_and_not_one_created_ag
     # Offsets that name no set are read as ever, in any set: the SDK's start=, and tokens of the releases before.
     for untied in ("1", "2:1"):
         assert [s.label for s in page("b", untied).samples] == [1]
-    # No release wrote a set's token without its version, nor one whose uid is no uid.
+    # No release wrote a set's token without its version, nor one whose uid is no uid;
+    # malformed, it is the request's mistake, for an unknown set too (as a negative size is).
     for forged in (token.removeprefix("3:"), token.replace(old_uid, old_uid.upper()), "3:samples[set=A]/" + token.partition("]/")[2]):
-        with pytest.raises(InvalidArgument) as refused:
-            page("a", forged)
-        assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")
+        for sample_set_id in ("a", "unknown"):
+            with pytest.raises(InvalidArgument) as refused:
+                page(sample_set_id, forged)
+            assert (refused.value.field, refused.value.description) == ("page_token", f"{forged[:40]!r} is not a page token from a previous response")
+    with pytest.raises(InvalidArgument, match="^page_size: must not be negative$"):
+        servicer.ListSamples(sample_sets_pb2.ListSamplesRequest(sample_set_id="unknown", page_size=-1), None)
 
 
 def test_a_list_samples_page_token_is_not_read_into_a_set_made_again_between_its_check_and_the_read(engine, monkeypatch):

@@ -86,34 +86,41 @@ def _token_body(token: str, versions: tuple[int, ...] = (PAGE_TOKEN_VERSION,)) -
     return int(version[1]), token[version.end():]
 
 
-def offset_page(token: str, size: int, default: int, maximum: int, *, sample_set_id: str, uid: str) -> tuple[int, int]:
-    """(offset, limit) into the samples of set ``sample_set_id`` of ``uid`` from a page
-    token and a page size. A token of SAMPLES_PAGE_TOKEN_VERSION names the set and its uid
-    (see offset_token): one of another set, or of an earlier set of the id, deleted since,
-    is InvalidArgument saying so, as it would page another set from its offset. A bare
+def offset_page(token: str, size: int, default: int, maximum: int) -> tuple[int, int, tuple[str, str] | None]:
+    """(offset, limit, named) into a set's samples from a page token and a page size;
+    ``named``: the (id, uid) of the set a token of SAMPLES_PAGE_TOKEN_VERSION names (see
+    offset_token), for require_token_of_set to check once the set listed is read. A bare
     offset (version 1's, and the SDK's start), or one of version 2 (the releases before the
-    set was named), is read as it always was: it names no set to check."""
+    set was named), names none (None) and is read as it always was. Only the form is
+    checked here, before the set is looked up: a malformed token or size is the request's
+    mistake, for an unknown set too."""
     limit = page_limit(size, default, maximum)
     if not token:
-        return 0, limit
+        return 0, limit, None
     version, offset = _token_body(token, (PAGE_TOKEN_VERSION, SAMPLES_PAGE_TOKEN_VERSION))
+    named = None
     if version == SAMPLES_PAGE_TOKEN_VERSION:  # "samples[set=<id>]/<uid>/<offset>"
         name, token_uid, offset = (offset.split("/", 2) + ["", ""])[:3]
-        _require_token_of_set(token, name, token_uid, sample_set_id, uid)
+        listing = _SAMPLES_LISTING.fullmatch(name)
+        if listing is None or not _UID.fullmatch(token_uid):
+            raise bad_page_token(token)
+        named = listing[1], token_uid
     # ASCII digits only: int() also takes "+1", " 1", "1_0" and non-ASCII digits.
     if not (offset.isascii() and offset.isdigit() and len(offset) <= 19 and int(offset) <= _MAX_OFFSET):
         raise bad_page_token(token)
-    return int(offset), limit
+    return int(offset), limit, named
 
 
-def _require_token_of_set(token: str, name: str, token_uid: str, sample_set_id: str, uid: str) -> None:
-    """InvalidArgument naming page_token unless ``token``, whose listing is ``name`` and
-    set uid ``token_uid``, pages the samples of set ``sample_set_id`` of ``uid``."""
-    named = _SAMPLES_LISTING.fullmatch(name)
-    if named is None or not _UID.fullmatch(token_uid):
-        raise bad_page_token(token)
-    if named[1] != sample_set_id:
-        raise InvalidArgument(f"{token[:40]!r} is a page token of sample set {named[1]!r}'s samples, not of {sample_set_id!r}'s: "
+def require_token_of_set(token: str, named: tuple[str, str] | None, sample_set_id: str, uid: str) -> None:
+    """InvalidArgument naming page_token unless ``token``, naming the set ``named`` (id,
+    uid; None: none, see offset_page), pages the samples of set ``sample_set_id`` of
+    ``uid``: one of another set, or of an earlier set of the id, deleted since, would page
+    this one from its offset."""
+    if named is None:
+        return
+    token_set, token_uid = named
+    if token_set != sample_set_id:
+        raise InvalidArgument(f"{token[:40]!r} is a page token of sample set {token_set!r}'s samples, not of {sample_set_id!r}'s: "
                               "page a set with the tokens of its own listing", field="page_token")
     if token_uid != uid:
         raise InvalidArgument(f"{token[:40]!r} is a page token of an earlier sample set {sample_set_id!r} (uid {token_uid}), deleted "

@@ -12,7 +12,7 @@ from ..errors import InvalidArgument
 from ..imaging import PixelBudget
 from . import convert
 from .auth import current_caller
-from .paging import messages_that_fit, listing_name, next_offset_token, offset_page, offset_token, page_limit, resume_point, resume_token
+from .paging import messages_that_fit, listing_name, next_offset_token, offset_page, offset_token, page_limit, require_token_of_set, resume_point, resume_token
 
 def required_set_id(request) -> str:
     """The request's ``sample_set_id``; an empty or malformed one is a bad request, not an unknown set."""
@@ -96,9 +96,10 @@ class SampleSetServicer(sample_sets_pb2_grpc.SampleSetServiceServicer):
         """A page of samples that ends early (but never empty) where one more would exceed the
         server's send limit: large images would otherwise fail the whole page."""
         set_id, store = required_set_id(request), self._engine.store
+        offset, limit, named = offset_page(request.page_token, request.page_size, 256, 4096)  # malformed: the request's mistake, before an unknown set
         # Its tokens name the set and its uid: another set's, or an earlier set's of the id, would page this one from their offset.
         uid = store.get_sample_set(set_id).uid
-        offset, limit = offset_page(request.page_token, request.page_size, 256, 4096, sample_set_id=set_id, uid=uid)
+        require_token_of_set(request.page_token, named, set_id, uid)
         records = store.list_samples(set_id, offset, limit, uid=uid)  # the set the token was checked against, not one made since
         stored = (sample_sets_pb2.Sample(image=common_pb2.Image(encoded=store.get_blob(record.digest)), label=record.label,
                                          attributes=record.attributes) for record in records)  # read as the page fills
