@@ -3836,7 +3836,7 @@ def test_sample_set_listings_use_the_documented_default_and_largest_page_sizes(e
     limits = []
     list_sets, list_samples = engine.store.list_sample_sets, engine.store.list_samples
     monkeypatch.setattr(engine.store, "list_sample_sets", lambda *, limit, **where: limits.append(limit) or list_sets(limit=limit, **where))
-    monkeypatch.setattr(engine.store, "list_samples", lambda set_id, offset, limit: limits.append(limit) or list_samples(set_id, offset, limit))
+    monkeypatch.setattr(engine.store, "list_samples", lambda set_id, offset, limit, uid=None: limits.append(limit) or list_samples(set_id, offset, limit, uid=uid))
     servicer = SampleSetServicer(engine)
     for page_size in (0, 1000, 1001):
         servicer.ListSampleSets(sample_sets_pb2.ListSampleSetsRequest(page_size=page_size), None)
