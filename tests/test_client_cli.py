@@ -683,7 +683,8 @@ def _repeat_deleted_note(request_id: str) -> str:
     """The note of an interrupted start whose search's repeat started the job, then cancelled and deleted it: not "no job had
     started", which a restart that ended the start's own job (FAILED, ABORTED; the server then runs the request again) belies."""
     return (f"no job runs under request_id {request_id}: the one sending it again started, to find it, was cancelled and deleted (the "
-            "start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations list shows it)")
+            "start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations list shows it); running "
+            "it again takes a new --request-id, as the server refuses a deleted job's")
 
 
 def test_a_run_waiting_on_the_job_an_interrupted_start_s_repeat_made_says_why_it_is_gone(server, capsys, monkeypatch):
@@ -759,6 +760,12 @@ def test_ctrl_c_inside_a_start_that_never_reached_an_idle_server_leaves_no_job_b
     note = _repeat_deleted_note(request_ids[0])
     assert left == set() and err == f"interrupted\n  {note}\n", err
     assert json.loads(out)["error"]["notes"] == [note]
+    # As the note says: the start's own request, reaching the server late, or a rerun under the id, is refused.
+    monkeypatch.undo()
+    assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "10000", "--no-wait", "--json",
+                 "--request-id", request_ids[0]]) == 1
+    refused = json.loads(capsys.readouterr().out)["error"]
+    assert (refused["code"], refused["field"]) == ("FAILED_PRECONDITION", "request_id"), refused
 
 
 def test_an_interrupted_start_whose_repeat_started_a_job_it_cannot_delete_names_it_cancelled():

@@ -169,7 +169,7 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
         # the server runs such a request again), which nothing here tells apart.
         interrupt.add_note(f"no job runs under request_id {request_id}: the one sending it again started, to find it, was cancelled and "
                            "deleted (the start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations "
-                           "list shows it)")
+                           "list shows it); running it again takes a new --request-id, as the server refuses a deleted job's")
         return
     interrupt.add_note(cancel_outcome(operation))
 
