@@ -1343,7 +1343,11 @@ class Client:
 
     def delete_operation(self, name: str) -> None:
         """Forget a finished operation: its result and artifacts (head versions an edit
-        created stay). FailedPreconditionError while it is queued or running."""
+        created stay). FailedPreconditionError while it is queued or running. The
+        request_id that started it is not forgotten with it: a start sent again under it
+        is refused (FailedPreconditionError, field request_id) while the server keeps
+        request ids, so a late first attempt cannot start it again; one a shutdown
+        ended (ABORTED) runs again as before."""
         self._call("operations", "DeleteOperation", _request(operations_pb2.DeleteOperationRequest, name=name))
 
     # NeuroInspect ----------------------------------------------------------------------
