@@ -24,7 +24,7 @@ from explaind.client import _async, _operations
 from explaind.config import default_config
 from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
 from test_client_sdk import (_channels_made_while_another_thread_warns, _closing_before_the_lookup, _operation_message, _ranking_with_omega,
-                             _running_operation, _serve, _serve_a_reused_request_id_s_refusal)
+                             _running_operation, _serve, _serve_a_reused_request_id_s_refusal, _SkippingClock)
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -305,39 +305,55 @@ def test_an_awaited_wait_asks_for_no_more_than_its_step_or_the_time_left(monkeyp
 
 
 class _RestartingThenFailed(operations_pb2_grpc.OperationsServiceServicer):
-    """UNAVAILABLE for ``restarting_s`` seconds from the first call (a server restarting),
-    then the job failed. Timed from the first call, not from its making: a client slow to
-    call on a loaded machine found the restart over and the job failed at once."""
+    """UNAVAILABLE for ``restarting_s`` seconds of ``clock`` from the first call (a server
+    restarting), then the job failed. Timed from the first call, not from its making: a
+    client slow to call on a loaded machine found the restart over and the job failed at
+    once; and on the client's clock, a :class:`_SkippingClock` whose retry pauses cost no
+    wall time, so no call of the SDK's has to be answered within a fraction of a second."""
 
-    def __init__(self, restarting_s: float) -> None:
-        self.restarting_s = restarting_s
+    def __init__(self, restarting_s: float, clock: _SkippingClock) -> None:
+        self.restarting_s, self.clock = restarting_s, clock
         self.ready_at: float | None = None
 
     def WaitOperation(self, request, context):
         if self.ready_at is None:
-            self.ready_at = time.monotonic() + self.restarting_s
-        if time.monotonic() < self.ready_at:
+            self.ready_at = self.clock.monotonic() + self.restarting_s
+        if self.clock.monotonic() < self.ready_at:
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         failed = _operation_message(request.name, done=True, kind="edit_head", state=operations_pb2.OPERATION_STATE_FAILED)
         failed.error.code, failed.error.message = grpc.StatusCode.INVALID_ARGUMENT.value[0], "no such class"
         return operations_pb2.WaitOperationResponse(operation=failed)
 
 
+def _skipping_sdk_clock(monkeypatch) -> _SkippingClock:
+    """A :class:`_SkippingClock` standing in for the SDK's time (its calls, waits and
+    awaited results): their retry pauses cost no wall time, and each call is given its
+    full deadline (seconds), however slow a loaded machine answers."""
+    from explaind.client import _client
+
+    clock = _SkippingClock()
+    for module in (_client, _operations, _async):
+        monkeypatch.setattr(module, "time", clock)
+    return clock
+
+
 @pytest.mark.parametrize("retry", [True, False])
 def test_an_awaited_result_waits_through_a_restart_only_when_its_client_retries(monkeypatch, retry):
     # Each step's wait gives up on an unavailable server at its end; the next step asks
     # again while the result's time lasts, unless the client was made not to retry.
-    monkeypatch.setattr(_async, "RESULT_STEP_S", 0.2)
-    monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.2)
-    server, target = _serve(_RestartingThenFailed(0.8), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    clock = _skipping_sdk_clock(monkeypatch)
+    servicer = _RestartingThenFailed(1.5 * _async.RESULT_STEP_S, clock)  # longer than one step's retries
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
 
     async def await_result() -> Any:
         async with AsyncClient(target, retry=retry) as client:
-            return await client.result(Operation(client.client, _running_operation("operations/x")), timeout=20)
+            client.client._reached = True  # as after the call that started the job
+            return await client.result(Operation(client.client, _running_operation("operations/x")), timeout=3 * _async.RESULT_STEP_S)
 
     try:
         with pytest.raises(OperationError if retry else UnavailableError):
             asyncio.run(await_result())
+        assert clock.monotonic() > servicer.ready_at if retry else not clock.pauses
     finally:
         server.stop(0)
 
@@ -346,18 +362,20 @@ def test_an_awaited_result_waits_through_a_restart_only_when_its_client_retries(
 def test_a_result_whose_server_is_unavailable_until_its_timeout_raises_unavailable(monkeypatch, asynchronous):
     # The awaited result, retrying its last step too, said the job was late where
     # Operation.result says what happened: the server was unavailable to the end.
-    monkeypatch.setattr(_async, "RESULT_STEP_S", 0.2)
-    monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.2)
-    server, target = _serve(_RestartingThenFailed(60), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    clock = _skipping_sdk_clock(monkeypatch)
+    timeout = 3 * _async.RESULT_STEP_S
+    server, target = _serve(_RestartingThenFailed(float("inf"), clock), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
 
     async def await_result(operation: Operation) -> Any:
         async with AsyncClient(target) as client:
-            return await client.result(operation, timeout=0.6)
+            return await client.result(operation, timeout=timeout)
 
     try:
         with Client(target) as client, pytest.raises(UnavailableError):
+            client._reached = True  # as after the call that started the job
             operation = Operation(client, _running_operation("operations/x"))
-            asyncio.run(await_result(operation)) if asynchronous else operation.result(timeout=0.6)
+            asyncio.run(await_result(operation)) if asynchronous else operation.result(timeout=timeout)
+        assert timeout - 1 <= sum(clock.pauses) <= timeout  # retried to the end of the result's timeout
     finally:
         server.stop(0)
 
