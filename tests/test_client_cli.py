@@ -1492,14 +1492,17 @@ def test_sigterm_in_the_visualisations_of_a_report_told_to_discard_its_edit_says
                         stored_again), stored_again
 
 
-def _stuck_exits_recorded(monkeypatch) -> list[int]:
+def _stuck_exits_recorded(monkeypatch, *, grace: bool = False) -> list[int]:
     """The statuses a stuck command's exit would end the process with (os._exit patched to
-    record them), its grace after a SIGTERM's deadline none."""
+    record them), its grace after a SIGTERM's deadline none (the test waits for its timer)
+    unless ``grace``: a test whose deadline :func:`_deadline_passing_now` passes at once
+    keeps it, and checks the timer's length with it."""
     import explaind.client.cli as cli
 
     exits: list[int] = []
     monkeypatch.setattr(os, "_exit", exits.append)
-    monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
+    if not grace:
+        monkeypatch.setattr(cli, "TERMINATED_GRACE_S", 0.0)
     return exits
 
 
@@ -1512,18 +1515,20 @@ def _wait_for_an_exit(exits: list[int]) -> None:
         time.sleep(0.01)
 
 
-def _deadline_passing_now(exits: list[int]) -> None:
+def _deadline_passing_now(exits: list[int], timeout: float) -> None:
     """The SIGTERM's deadline (a --timeout the test never reaches) passing now, where the
     command stands still: its exit (os._exit patched: :func:`_stuck_exits_recorded`) comes
     once the command got here, not on a 0.01 s timer, which a loaded machine let fire before
     the command had done what its words then lacked. Once only: an exit ends the process.
     The timer still counting down: a previous command's, cancelled as it ended, may keep its
-    thread (of the same name) alive a moment longer on a loaded machine, first in the list."""
+    thread (of the same name) alive a moment longer on a loaded machine, first in the list.
+    Its length checked first: the command's ``timeout`` and TERMINATED_GRACE_S after the signal."""
     import explaind.client.cli as cli
 
     if not exits:
         [timer] = [thread for thread in threading.enumerate()
                    if thread.name == cli.TERMINATED_DEADLINE_THREAD and not thread.finished.is_set()]
+        assert timer.interval == timeout + cli.TERMINATED_GRACE_S > timeout, (timer.interval, timeout)
         timer.cancel()
         timer.function(*timer.args, **timer.kwargs)
 
@@ -1581,12 +1586,12 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
     import explaind.client.cli as cli
     from explaind.client._interrupted import started_job
 
-    exits = _stuck_exits_recorded(monkeypatch)
+    exits = _stuck_exits_recorded(monkeypatch, grace=True)
     job = types.SimpleNamespace(name="operations/00000000000000bb", state="running", done=False, requested_again=False)
     starts: list[str] = []
 
     def stuck(*_args):  # a server slow to answer: until the exit
-        _deadline_passing_now(exits)
+        _deadline_passing_now(exits, 600)
 
     def start(request_id):
         starts.append(request_id)
@@ -1607,7 +1612,7 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
     note = (f"a job may have started under request_id {starts[0]}, looked for to cancel it, which was cut short: explaind operations "
             "list shows it, and explaind operations cancel NAME stops it" if stuck_in == "start_again" else
             f"{job.name} may still be running: cancelling it was cut short; explaind operations cancel {job.name} stops it")
-    assert err == ("terminated\n  (the command did not end within 600 s of SIGTERM; a job it started may still run: explaind "
+    assert err == ("terminated\n  (the command did not end within 605 s of SIGTERM; a job it started may still run: explaind "
                    f"operations list)\n  {note}\n"), err
     error = json.loads(out)["error"]
     assert (error["message"], error["notes"], error["operation"]) == ("terminated", [note], None if stuck_in == "start_again" else job.name)
@@ -1620,7 +1625,7 @@ def test_an_exit_after_the_search_for_a_sigterm_s_job_ended_still_names_what_it_
     from explaind.client._errors import DeadlineExceededError
     from explaind.client._interrupted import started_job
 
-    exits = _stuck_exits_recorded(monkeypatch)
+    exits = _stuck_exits_recorded(monkeypatch, grace=True)
     starts: list[str] = []
 
     def start(request_id):
@@ -1636,7 +1641,7 @@ def test_an_exit_after_the_search_for_a_sigterm_s_job_ended_still_names_what_it_
             try:
                 started_job(client, start, started_by="this command", rerun_hint=False)
             finally:
-                _deadline_passing_now(exits)  # the channel's close, stuck
+                _deadline_passing_now(exits, 600)  # the channel's close, stuck
     out, err = capsys.readouterr()
     note = (f"a job may have started under request_id {starts[0]}, not found (DEADLINE_EXCEEDED: no answer): explaind operations list "
             "shows it, and explaind operations cancel NAME stops it")
@@ -1649,7 +1654,7 @@ def test_an_exit_stuck_after_a_sigterm_stopped_a_ctrl_c_s_search_names_what_the_
     import explaind.client.cli as cli
     from explaind.client._interrupted import started_job
 
-    exits = _stuck_exits_recorded(monkeypatch)
+    exits = _stuck_exits_recorded(monkeypatch, grace=True)
     starts: list[str] = []
 
     def start(request_id):
@@ -1665,7 +1670,7 @@ def test_an_exit_stuck_after_a_sigterm_stopped_a_ctrl_c_s_search_names_what_the_
             try:
                 started_job(client, start, started_by="this command", rerun_hint=False)
             finally:
-                _deadline_passing_now(exits)  # the channel's close, stuck
+                _deadline_passing_now(exits, 600)  # the channel's close, stuck
     out, err = capsys.readouterr()
     note = (f"a job may have started under request_id {starts[0]}, not found (interrupted again): explaind operations list shows it, "
             "and explaind operations cancel NAME stops it")
