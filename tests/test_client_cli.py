@@ -736,6 +736,9 @@ def test_ctrl_c_inside_a_start_that_never_reached_the_server_leaves_no_job_behin
             assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--no-wait", "--json"]) == 130
             out, err = capsys.readouterr()
             left = {op.name for op in client.operations(kind="visualize_neurons")} - before
+            # Still running: the repeat's job queued behind it throughout, cancelled before it ran (not the idle worker's
+            # case, tested below, which ends the same way: a machine that ended this job first would pass untested).
+            assert not ahead.refresh().done
         finally:
             ahead.cancel()
     error = json.loads(out)["error"]

@@ -413,6 +413,8 @@ def test_a_full_queue_gives_a_repeated_request_id_its_job_and_refuses_another_re
             error = json.loads(capsys.readouterr().out)["error"]
             assert (error["code"], error["option"], error["operation"], error["retry_delay_seconds"]) == (
                 "INVALID_ARGUMENT", "--request-id", queued.name, None), error
+            # Still running: the queue stayed full throughout (a machine that ended this job first would pass on an empty queue).
+            assert not running.refresh().done
         finally:
             for operation in (queued, running):
                 operation.cancel()
