@@ -1275,14 +1275,15 @@ def test_a_wait_answered_a_little_after_the_servers_wait_ends_is_no_deadline_exc
 
 
 class _RestartingOperations(operations_pb2_grpc.OperationsServiceServicer):
-    """One operation, answered UNAVAILABLE (a server restarting) until ``ready_at``
-    (``time.monotonic()``), then done; its watch stream always fails."""
+    """One operation, answered UNAVAILABLE (a server restarting) until ``ready_at`` on
+    ``clock`` (the SDK's: its retry pauses pass the outage, not the wall clock), then
+    done; its watch stream always fails."""
 
-    def __init__(self) -> None:
-        self.ready_at = 0.0
+    def __init__(self, clock: _SkippingClock) -> None:
+        self.clock, self.ready_at = clock, 0.0
 
     def _operation(self, name: str, context) -> operations_lro.Operation:
-        if time.monotonic() < self.ready_at:
+        if self.clock.monotonic() < self.ready_at:
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         metadata = any_pb2.Any()
         metadata.Pack(operations_pb2.OperationMetadata(kind="edit_head", state=operations_pb2.OPERATION_STATE_SUCCEEDED))
@@ -1300,22 +1301,27 @@ class _RestartingOperations(operations_pb2_grpc.OperationsServiceServicer):
 
 def test_wait_and_watch_ride_over_an_outage_longer_than_one_call(monkeypatch):
     # wait() gave up when one WaitOperation call's retries ended (its deadline, 70 s at
-    # most, scaled down here), and watch() when one GetOperation's did (the client's
-    # timeout), whatever their own timeouts said.
-    from explaind.client import _operations
+    # most), and watch() when one GetOperation's did (the client's timeout), whatever
+    # their own timeouts said. On a skipping clock: each call has its whole deadline to be
+    # answered, however loaded the machine (scaled down to 0.5 s, a late first answer
+    # failed the wait with DEADLINE_EXCEEDED).
+    from explaind.client import _client, _operations
 
-    monkeypatch.setattr(_operations, "WAIT_STEP_S", 0.5)
-    monkeypatch.setattr(_operations, "WAIT_CALL_MARGIN_S", 0.2)
-    servicer = _RestartingOperations()
+    clock = _SkippingClock()
+    monkeypatch.setattr(_client, "time", clock)
+    monkeypatch.setattr(_operations, "time", clock)
+    servicer = _RestartingOperations(clock)
     server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    outage = 3 * (_operations.WAIT_STEP_S + _operations.WAIT_CALL_MARGIN_S)  # three times one wait call's retries
     try:
-        with Client(target, timeout=0.5) as client:
-            for follow in (lambda operation: operation.wait(timeout=20), lambda operation: list(operation.watch(timeout=20))):
+        with Client(target, timeout=30) as client:
+            client._reached = True  # as after the call that started the job
+            for follow in (lambda operation: operation.wait(timeout=10 * outage), lambda operation: list(operation.watch(timeout=10 * outage))):
                 operation = client.operation("operations/x")
                 operation._message.done = False  # as if it were still running
-                servicer.ready_at = time.monotonic() + 2.0  # four times one call's retries
+                servicer.ready_at = clock.monotonic() + outage
                 follow(operation)
-                assert operation.done and time.monotonic() >= servicer.ready_at
+                assert operation.done and clock.monotonic() >= servicer.ready_at
     finally:
         server.stop(0)
 
