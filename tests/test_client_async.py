@@ -316,6 +316,7 @@ class _RestartingThenFailed(operations_pb2_grpc.OperationsServiceServicer):
         self.ready_at: float | None = None
 
     def WaitOperation(self, request, context):
+        time.sleep(0.03)
         if self.ready_at is None:
             self.ready_at = self.clock.monotonic() + self.restarting_s
         if self.clock.monotonic() < self.ready_at:
@@ -374,8 +375,11 @@ def test_a_result_whose_server_is_unavailable_until_its_timeout_raises_unavailab
         with Client(target) as client, pytest.raises(UnavailableError):
             client._reached = True  # as after the call that started the job
             operation = Operation(client, _running_operation("operations/x"))
+            started = clock.monotonic()
             asyncio.run(await_result(operation)) if asynchronous else operation.result(timeout=timeout)
-        assert timeout - 1 <= sum(clock.pauses) <= timeout  # retried to the end of the result's timeout
+        # Retried to the end of the result's timeout, on the clock the SDK reads: its pauses and
+        # the calls' own time together, so a loaded machine's slow calls leave fewer pauses, not less.
+        assert clock.monotonic() - started >= timeout - _operations.LAST_ATTEMPT_S and sum(clock.pauses) <= timeout
     finally:
         server.stop(0)
 
