@@ -175,6 +175,15 @@ def vm_steps(store, call: Callable[[], object]) -> int:
     return steps
 
 
+def until_running(operation) -> None:
+    """Wait for a worker to take ``operation`` (an SDK Operation) that a test acts on while it
+    runs. One that ended first (a machine fast enough to finish it) fails at once, naming its
+    state: polling for "running" waited out the test's timeout (600 s) on it."""
+    while operation.refresh().state != "running":
+        assert not operation.done, f"{operation.name} ended ({operation.state}) before the test could act on it running"
+        time.sleep(0.05)
+
+
 class StoppedClock:
     """Stands in for a module's ``time`` (``monkeypatch.setattr(module, "time", clock)``):
     ``monotonic()`` and ``time_ns()`` stand still until ``advance(seconds)`` moves both, so

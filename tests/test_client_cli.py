@@ -31,7 +31,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ServerProcess, free_port, write_config
+from conftest import ServerProcess, free_port, until_running, write_config
 from explaind.client import Client, EvaluatedMistake, Operation, PlaintextTokenWarning
 from explaind.client.cli import SAFE_FILE_NAME_CHARS, main
 from explaind.client.report import DEFAULT_STABILITY_RESAMPLES
@@ -4356,8 +4356,7 @@ def test_a_rerun_with_the_request_id_of_a_running_job_says_it_waits_on_that_job_
     with Client(server.target, timeout=30) as client:
         running = client.visualize_neurons([3], method="no_clip", steps=10000, request_id=request_id)
         try:
-            while running.refresh().state != "running":
-                time.sleep(0.05)
+            until_running(running)
             assert main([*rerun, "--no-wait"]) == 0
             printed = capsys.readouterr()
             assert printed.out == f"{running.name}\n"
@@ -4377,8 +4376,7 @@ def test_a_start_retried_by_the_sdk_that_finds_its_own_job_running_says_it_start
     with Client(server.target, timeout=30) as client:
         running = client.visualize_neurons([3], method="no_clip", steps=10000, request_id=request_id)
         try:
-            while running.refresh().state != "running":
-                time.sleep(0.05)
+            until_running(running)
             monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(request_id))  # the id of the run, whichever picks it
             assert main(["--target", server.target, "visualize", "3", "--method", "no_clip", "--steps", "10000", "--no-wait"]) == 0
             printed = capsys.readouterr()

@@ -50,7 +50,7 @@ from explaind.jobs import JobCancelled, JobManager
 from explaind.metrics import Metrics
 from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
 
-from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, default_device_meta, divides_by_mean, json_log_lines, torch_threads, vm_steps, write_config
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, default_device_meta, divides_by_mean, json_log_lines, torch_threads, until_running, vm_steps, write_config
 
 
 def _engine(tmp_path: Path, classifier_dir: Path, *, load: bool = True, **runtime) -> Engine:
@@ -6619,8 +6619,7 @@ def test_a_client_waiting_on_a_job_the_shutdown_aborts_gets_its_final_state(tmp_
     server.load_models()
     with Client(f"127.0.0.1:{port}", timeout=30) as client:
         operation = client.visualize_neurons([3], method="feature_visualization", steps=10_000)
-        while client.operation(operation.name).state != "running":
-            time.sleep(0.01)
+        until_running(operation)
         seen = _waited_through_a_shutdown(server, operation)
     assert seen["state"] == "failed" and seen["error"].code.name == "ABORTED", seen
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -10,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import until_running
 from explaind.client import AbortedError, CancelledError, Client, FailedPreconditionError, NotFoundError, OperationError
 from explaind.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, operations_pb2, sample_sets_pb2,
                          sample_sets_pb2_grpc)
@@ -366,8 +366,7 @@ def test_a_full_job_queue_s_refusal_says_when_to_retry(server_factory):
     with Client(server.target, timeout=60) as client:
         client.create_sample_set(_distinct_images(4, 31), [0, 1, 2, 3], sample_set_id="full-queue")
         running = client.visualize_neurons([3], method="no_clip", steps=10_000)
-        while running.refresh().state != "running":  # not yet taken, it would fill the queue itself
-            time.sleep(0.05)
+        until_running(running)  # not yet taken, it would fill the queue itself
         queued = client.evaluate_sample_set("full-queue")
         try:
             with pytest.raises(ResourceExhaustedError, match=r"job queue is full \(1 queued, limit 1\)") as caught:
@@ -397,8 +396,7 @@ def test_a_full_queue_gives_a_repeated_request_id_its_job_and_refuses_another_re
     with Client(server.target, timeout=60) as client:
         client.create_sample_set(_distinct_images(4, 37), [0, 1, 2, 3], sample_set_id="full-rerun")
         running = client.visualize_neurons([3], method="no_clip", steps=10_000)
-        while running.refresh().state != "running":
-            time.sleep(0.05)
+        until_running(running)
         queued = client.evaluate_sample_set("full-rerun", request_id=request_id)  # fills the queue
         try:
             assert client.evaluate_sample_set("full-rerun", request_id=request_id).name == queued.name
