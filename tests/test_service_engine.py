@@ -5335,10 +5335,14 @@ def test_a_start_deletes_the_uploads_an_earlier_process_left_unfinished_and_says
 def test_serve_exits_with_code_1_when_the_models_fail_to_load_after_it_bound(tmp_path, caplog):
     # A load fails only once gRPC listens (calls are answered NOT_SERVING meanwhile); the
     # process must still exit non-zero, so an orchestrator restarts it and says why. A
-    # directory holding no classifier: a missing one is refused before the bind.
+    # directory whose files are no classifier: a missing or unreadable one is refused
+    # before the bind.
+    from explaind.config import WORLD_CLASSIFIER_FILES
     from explaind.service.server import serve
 
     (tmp_path / "no-classifier").mkdir()
+    for name in WORLD_CLASSIFIER_FILES:
+        (tmp_path / "no-classifier" / name).write_bytes(b"not a classifier")
     config = default_config().replace("classifier", path=str(tmp_path / "no-classifier")).replace(
         "server", host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"))
     with caplog.at_level(logging.INFO, logger="explaind"):
