@@ -3604,6 +3604,39 @@ def test_a_sample_set_whose_caller_stopped_waiting_is_not_stored(engine):
     assert engine.store.get_sample_set("kept").sample_count == 1
 
 
+def test_a_sample_set_whose_caller_stopped_waiting_for_the_store_is_not_stored(engine, monkeypatch):
+    # The caller was asked only before the store's transaction: a CreateSampleSet waiting
+    # there (behind another's transaction) past its caller's deadline stored the set after
+    # all. Its retry had made the set meanwhile, and the upload went on, failed and deleted
+    # it: the late first attempt, its request_id forgotten with that set, made it again.
+    from explaind.errors import Cancelled
+
+    gone = threading.Event()
+    transaction = engine.store._transaction
+
+    @contextmanager
+    def waited_for() -> Iterator[sqlite3.Connection]:
+        gone.set()  # the caller's deadline passes as the request waits for the store
+        with transaction() as db:
+            yield db
+
+    monkeypatch.setattr(engine.store, "_transaction", waited_for)
+    samples = [NewSample.from_array(np.full((8, 8, 3), i, np.uint8), 0) for i in range(2)]
+    key = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint")
+    with pytest.raises(Cancelled, match="nothing was stored"):
+        engine.create_sample_set("late", "", samples, uploading=True, caller_waits=lambda: not gone.is_set(), request=key)
+    with pytest.raises(NotFound):
+        engine.store.get_sample_set("late")
+    assert engine.store.sample_set_of_request(key) is None
+    monkeypatch.undo()
+    engine.create_sample_set("kept", "", samples[:1])
+    gone.clear()
+    monkeypatch.setattr(engine.store, "_transaction", waited_for)
+    with pytest.raises(Cancelled, match="nothing was stored"):
+        engine.append_samples("kept", samples[1:], caller_waits=lambda: not gone.is_set())
+    assert engine.store.get_sample_set("kept").sample_count == 1
+
+
 def test_a_sample_set_without_samples_is_refused_naming_samples_and_not_stored(engine):
     # An upload continued later starts with its first samples too: an empty set is a mistake.
     from explaind.service.sample_sets import SampleSetServicer

@@ -741,15 +741,18 @@ class Engine:
                           caller: str | None = None) -> SampleSetInfo:
         """``uploading``: more samples follow (``append_samples(..., finish_upload=True)``
         ends it); until then jobs refuse the set. Once ``caller_waits()`` is False (a caller
-        past its deadline, or gone) nothing is stored: it raises Cancelled, so a caller told
-        the call failed never finds the set made after all. With ``request``, a repeat of
+        past its deadline, or gone) nothing is stored, up to the store's transaction (a wait
+        for the store included): it raises Cancelled, so a caller told the call failed (or
+        its retry, or the upload that deleted the set the retry made) never finds the set
+        made after all. With ``request``, a repeat of
         the request that created a set gets that set (see :meth:`repeated_sample_set_request`).
         ``caller``: the named caller creating it, its owner (see explaind.ownership)."""
         check_new_sample_set(sample_set_id, display_name)
         sample_set_id = sample_set_id or f"set-{uuid.uuid4().hex[:12]}"
         with self.store.writing_blobs() as put:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading,
-                                                request=request, on_repeat=partial(self._sample_set_request_repeated, "CreateSampleSet"), owner=caller)
+                                                request=request, on_repeat=partial(self._sample_set_request_repeated, "CreateSampleSet"), owner=caller,
+                                                before_write=partial(require_caller, caller_waits, "nothing was stored"))
 
     def check_create(self, sample_set_id: str, sample_count: int, *, caller: str | None = None) -> None:
         """The checks of a new set of ``sample_count`` samples that read none of its images:
@@ -792,7 +795,8 @@ class Engine:
         with self.store.writing_blobs() as put:
             return self.store.append_samples(sample_set_id, self._store_samples(samples, put, caller_waits), finish_upload=finish_upload,
                                              uid=uid, request=request, on_repeat=partial(self._sample_set_request_repeated, "AppendSamples"),
-                                             check_owner=self._set_owner_check(sample_set_id, caller))
+                                             check_owner=self._set_owner_check(sample_set_id, caller),
+                                             before_write=partial(require_caller, caller_waits, "nothing was stored"))
 
     def delete_sample_set(self, sample_set_id: str, *, uid: str | None = None, caller: str | None = None) -> None:
         """Delete the set (of ``uid``, when given); PermissionDenied when it is not ``caller``'s to change."""
@@ -824,7 +828,8 @@ class Engine:
 
     def _store_samples(self, samples: Sequence[NewSample], put: Callable[[bytes], str], caller_waits: Callable[[], bool]) -> list[SampleRecord]:
         """Records for ``samples`` after checking their labels, images written with ``put``
-        BLOB_WRITE_THREADS at a time (the caller is asked before each round and at the end)."""
+        BLOB_WRITE_THREADS at a time (the caller is asked before each round; the store asks
+        it once more in the transaction that would record them)."""
         num_classes = len(self.models.active.class_names)
         for index, sample in enumerate(samples):
             if not 0 <= sample.label < num_classes:
@@ -836,7 +841,6 @@ class Engine:
             writes = [self._blob_writers.submit(put, sample.encoded) for sample in samples[start : start + BLOB_WRITE_THREADS]]
             futures.wait(writes)  # all of them, failed or not, before the block that counts them as written ends
             digests += [write.result() for write in writes]
-        require_caller(caller_waits, "nothing was stored")
         return [SampleRecord(digest, sample.label, dict(sample.attributes)) for digest, sample in zip(digests, samples, strict=True)]
 
     def load_sample_image(self, digest: str, version: ClassifierVersion | None = None, *, job: JobContext | None = None,

@@ -200,14 +200,19 @@ class Store(Protocol):
     # and returns the set as it is now; with another fingerprint, InvalidArgument naming
     # request_id (checked in the transaction that applies it, so racing repeats apply once;
     # ``on_repeat(set_id, request)`` is called, in that transaction, when it was a repeat).
+    # ``before_write()``, called first in that transaction, may raise to write nothing: a
+    # caller that stopped waiting while the request waited for the store (its retry may
+    # have made the set, which its upload then deleted) gets no set made after all.
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
-                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None) -> SampleSetInfo: ...
+                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None,
+                          before_write: Callable[[], object] | None = None) -> SampleSetInfo: ...
     # With ``uid``, only to the set of that uid: another (deleted and created again since,
     # by another client say) raises FailedPrecondition naming sample_set_uid. So does delete.
     # ``check_owner`` (explaind.ownership) may refuse the set, given its owner; so in delete.
+    # ``before_write`` as in create.
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
                        uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None,
-                       check_owner: OwnerCheck | None = None) -> SampleSetInfo: ...
+                       check_owner: OwnerCheck | None = None, before_write: Callable[[], object] | None = None) -> SampleSetInfo: ...
     # ResourceExhausted (field samples) when ``adding`` samples would take the sets of named
     # caller ``owner`` past the store's limit per caller; create and append check it too.
     def require_room_for_samples(self, owner: str | None, adding: int) -> None: ...

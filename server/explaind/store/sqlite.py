@@ -829,9 +829,12 @@ class SQLiteStore:
     # Sample sets ---------------------------------------------------------------------
 
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
-                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None) -> SampleSetInfo:
+                          request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None,
+                          before_write: Callable[[], object] | None = None) -> SampleSetInfo:
         now = self.now()
         with self._transaction() as db:
+            if before_write is not None:
+                before_write()
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated))
             if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
@@ -850,9 +853,11 @@ class SQLiteStore:
 
     def append_samples(self, sample_set_id: str, samples: Sequence[SampleRecord], *, finish_upload: bool = False,
                        uid: str | None = None, request: RequestKey | None = None, on_repeat: OnRepeat | None = None,
-                       check_owner: OwnerCheck | None = None) -> SampleSetInfo:
+                       check_owner: OwnerCheck | None = None, before_write: Callable[[], object] | None = None) -> SampleSetInfo:
         """``check_owner`` may refuse the set, given its owner, in the append's transaction."""
         with self._transaction() as db:
+            if before_write is not None:
+                before_write()
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated, uid))
             row = self._require_set(db, sample_set_id, uid, check_owner)
