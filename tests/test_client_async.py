@@ -24,7 +24,7 @@ from explaind.client import _async, _operations
 from explaind.config import default_config
 from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
 from test_client_sdk import (_channels_made_while_another_thread_warns, _closing_before_the_lookup, _operation_message, _ranking_with_omega,
-                             _running_operation, _serve, _serve_a_reused_request_id_s_refusal, _SkippingClock)
+                             _RestartingOperations, _running_operation, _serve, _serve_a_reused_request_id_s_refusal, _SkippingClock)
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -380,6 +380,27 @@ def test_a_result_whose_server_is_unavailable_until_its_timeout_raises_unavailab
         # Retried to the end of the result's timeout, on the clock the SDK reads: its pauses and
         # the calls' own time together, so a loaded machine's slow calls leave fewer pauses, not less.
         assert clock.monotonic() - started >= timeout - _operations.LAST_ATTEMPT_S and sum(clock.pauses) <= timeout
+    finally:
+        server.stop(0)
+
+
+def test_an_awaited_result_whose_client_never_reached_the_server_is_said_unavailable_at_once(monkeypatch):
+    # Its client unavailable from the first call (a wrong address, for all it knows; an
+    # unpickled operation's), each step's wait failed at once and the next was asked
+    # without a pause, thousands a second until the result's timeout (forever without one).
+    clock = _skipping_sdk_clock(monkeypatch)
+    servicer = _RestartingOperations(clock)
+    servicer.ready_at = float("inf")
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def await_result() -> Any:
+        async with AsyncClient(target) as client:
+            return await client.result(Operation(client.client, _running_operation("operations/x")), timeout=3 * _async.RESULT_STEP_S)
+
+    try:
+        with pytest.raises(UnavailableError, match="restarting"):
+            asyncio.run(await_result())
+        assert servicer.asked == ["WaitOperation"]
     finally:
         server.stop(0)
 

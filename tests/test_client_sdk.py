@@ -1214,12 +1214,13 @@ def _running_operation(name: str) -> operations_lro.Operation:
 @contextlib.contextmanager
 def _running_operation_of(servicer: operations_pb2_grpc.OperationsServiceServicer) -> Iterator[Any]:
     """The running operation "operations/x" of a client (timeout 30 s) of a local server of
-    ``servicer``, a stand-in OperationsService."""
+    ``servicer``, a stand-in OperationsService, which that client reached (started the job)."""
     from explaind.client._operations import Operation
 
     server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client:
+            client._reached = True  # as after the call that started the job
             yield Operation(client, _running_operation("operations/x"))
     finally:
         server.stop(0)
@@ -1277,10 +1278,11 @@ def test_a_wait_answered_a_little_after_the_servers_wait_ends_is_no_deadline_exc
 class _RestartingOperations(operations_pb2_grpc.OperationsServiceServicer):
     """One operation, answered UNAVAILABLE (a server restarting) until ``ready_at`` on
     ``clock`` (the SDK's: its retry pauses pass the outage, not the wall clock), then
-    done; its watch stream always fails."""
+    done; its watch stream always fails. ``asked``: the methods called, in turn."""
 
     def __init__(self, clock: _SkippingClock) -> None:
         self.clock, self.ready_at = clock, 0.0
+        self.asked: list[str] = []
 
     def _operation(self, name: str, context) -> operations_lro.Operation:
         if self.clock.monotonic() < self.ready_at:
@@ -1290,12 +1292,15 @@ class _RestartingOperations(operations_pb2_grpc.OperationsServiceServicer):
         return operations_lro.Operation(name=name, metadata=metadata, done=True)
 
     def GetOperation(self, request, context):
+        self.asked.append("GetOperation")
         return operations_pb2.GetOperationResponse(operation=self._operation(request.name, context))
 
     def WaitOperation(self, request, context):
+        self.asked.append("WaitOperation")
         return operations_pb2.WaitOperationResponse(operation=self._operation(request.name, context))
 
     def WatchOperation(self, request, context):
+        self.asked.append("WatchOperation")
         context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
 
 
@@ -1322,6 +1327,52 @@ def test_wait_and_watch_ride_over_an_outage_longer_than_one_call(monkeypatch):
                 servicer.ready_at = clock.monotonic() + outage
                 follow(operation)
                 assert operation.done and clock.monotonic() >= servicer.ready_at
+    finally:
+        server.stop(0)
+
+
+class _RestartingAfterAnUpdate(_RestartingOperations):
+    """A :class:`_RestartingOperations` whose first watch stream sends the job running,
+    then the server restarts for ``outage_s`` (of its clock)."""
+
+    def __init__(self, clock: _SkippingClock, outage_s: float) -> None:
+        super().__init__(clock)
+        self.outage_s, self.updated = outage_s, False
+
+    def WatchOperation(self, request, context):
+        if not self.updated:
+            self.updated = True
+            yield operations_pb2.WatchOperationResponse(operation=_running_operation(request.name))
+            self.ready_at = self.clock.monotonic() + self.outage_s
+        yield from super().WatchOperation(request, context)
+
+
+def test_an_unpickled_operation_whose_server_never_answered_its_client_is_said_unavailable_at_once(monkeypatch):
+    # An unpickled operation has a new client: unavailable from its first call (a wrong
+    # address, for all it knows), a call says so at once, but wait() and watch() asked
+    # again without a pause, thousands of calls a second until their timeout (forever
+    # without one). A client whose only answer was a watch's update has reached the
+    # server, though: that watch rides over the restart.
+    import pickle
+
+    from explaind.client import UnavailableError, _client, _operations
+
+    clock = _SkippingClock()
+    monkeypatch.setattr(_client, "time", clock)
+    monkeypatch.setattr(_operations, "time", clock)
+    servicer = _RestartingAfterAnUpdate(clock, outage_s=3 * _operations.WATCH_REOPEN_PAUSE_S)
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            running = Operation(client, _running_operation("operations/x"))
+            watched, waited = (pickle.loads(pickle.dumps(running)) for _ in range(2))
+            assert [update.state for update in watched.watch(timeout=60)] == ["running", "succeeded"]
+            assert servicer.asked[0] == "WatchOperation" and servicer.asked.count("GetOperation") > 1  # refreshed through the restart
+            servicer.ready_at, servicer.asked = float("inf"), []
+            for follow in (lambda operation: operation.wait(timeout=1), lambda operation: list(operation.watch(timeout=1))):
+                with pytest.raises(UnavailableError, match="restarting"):
+                    follow(waited)
+            assert servicer.asked == ["WaitOperation", "WatchOperation"]
     finally:
         server.stop(0)
 
@@ -3750,7 +3801,8 @@ class _DroppingStreamsServer:
     """A stand-in client whose watch streams are ``streams`` in turn and whose GetOperation
     answers ``refreshed``, or raises it (an error) after retrying for the call's whole timeout."""
 
-    timeout = 30.0
+    timeout, _reached = 30.0, True
+    _waits_out_unavailable = Client._waits_out_unavailable
 
     def __init__(self, clock: _FakeClock, streams: list, refreshed, *, retry: bool = True) -> None:
         self.clock, self.streams, self.refreshed, self._retry = clock, streams, refreshed, retry
@@ -3792,6 +3844,14 @@ def test_a_watch_whose_stream_drops_refreshes_reopens_and_gives_up_at_its_own_ti
     with pytest.raises(UnavailableError, match="restarting"):
         list(Operation(server, running).watch(timeout=60))
     assert clock.pauses == []
+    # Nor is a client that never reached the server (an unpickled operation's) refreshed
+    # again: busy at the stream, then unavailable, it could be a wrong address.
+    server = _DroppingStreamsServer(clock, [_RefusedStream(ResourceExhaustedError("no thread for another stream"))], UnavailableError("restarting"))
+    server._reached = False
+    with pytest.raises(UnavailableError, match="restarting"):
+        list(Operation(server, running).watch(timeout=60))
+    assert server.refreshes == 1
+    clock.pauses.clear()
     # A busy server (no thread for a stream) is polled until the watch's timeout, the job still running.
     server = _DroppingStreamsServer(clock, [_RefusedStream(ResourceExhaustedError("no thread for another stream"))], running)
     operation = Operation(server, running)

@@ -207,7 +207,7 @@ class AsyncClient:
             try:
                 await self.to_thread(operation.wait, min(left, step))  # 0 or less: one look
             except UnavailableError:  # one step's retries ended, not the wait's
-                if not self.client._retry or left <= step:
+                if not operation._client._waits_out_unavailable() or left <= step:
                     raise
             except DeadlineExceededError:  # a step's call went unanswered: late, as Operation.result says
                 if timeout is None:

@@ -668,6 +668,15 @@ class Client:
                     self._note_retries(error, attempts, started)
                 raise error from None
 
+    def _waits_out_unavailable(self) -> bool:
+        """Whether a wait or watch that met UNAVAILABLE (its call's retries ended) asks
+        again within its own timeout: with retries on, for a server this client reached
+        before (a restart). One it never reached (a wrong address; an unpickled operation's
+        server down at its first call) is said at once, as :meth:`_call` says it: asked
+        again, each call failed at once, thousands a second until the wait's end (never,
+        without a timeout)."""
+        return self._retry and self._reached
+
     def _note_retries(self, error: ExplaindError, attempts: int, started: float) -> None:
         """Say on ``error`` that the call was retried until its time ran out: without it, a
         server restarting for longer than the timeout read as one DEADLINE_EXCEEDED (or
@@ -733,7 +742,7 @@ class Client:
         _require_usable_grpc()
         with _under_way():  # from the call's start, which gRPC reads in a thread of its own, until the stream counts itself
             call = getattr(self._stubs[service], method)(request, timeout=min(timeout, MAX_CALL_SECONDS), metadata=self._call_metadata())
-            return _ErrorMappingStream(call)
+            return _ErrorMappingStream(call, self)
 
     # Health and metadata -------------------------------------------------------------
 
@@ -1697,13 +1706,15 @@ class _ErrorMappingStream:
     in a thread of its own meanwhile. (A watch refused a stream polls for hours before
     it cancels the ended one.)"""
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self, call: Any, client: Client) -> None:
+        self._call, self._client = call, client
         _calls_under_way.add(self)
 
     def __iter__(self) -> Iterator[Any]:
         try:
-            yield from self._call
+            for response in self._call:
+                self._client._reached = True  # a server answering only a watch is one that restarts, not a wrong address
+                yield response
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:

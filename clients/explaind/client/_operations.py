@@ -422,7 +422,7 @@ class Operation(Generic[ResultT]):
             except UnavailableError:
                 # One call's retries end at its deadline; a server restarting for longer
                 # is waited for within this wait's own timeout.
-                if not self._client._retry or (deadline is not None and time.monotonic() >= deadline - LAST_ATTEMPT_S):
+                if not self._client._waits_out_unavailable() or (deadline is not None and time.monotonic() >= deadline - LAST_ATTEMPT_S):
                     raise
                 continue
             except NotFoundError as error:
@@ -456,7 +456,7 @@ class Operation(Generic[ResultT]):
                     yield self
                 return
             except UnavailableError:
-                if not self._client._retry or time.monotonic() >= deadline:
+                if not self._client._waits_out_unavailable() or time.monotonic() >= deadline:
                     raise
             except DeadlineExceededError:
                 if time.monotonic() < deadline - LAST_ATTEMPT_S:  # not the watch's own timeout
@@ -494,7 +494,7 @@ class Operation(Generic[ResultT]):
             try:  # each try within the client's timeout and the deadline (0 would mean the client's)
                 return self.refresh(timeout=max(min(self._client.timeout, deadline - time.monotonic()), 1e-3))
             except UnavailableError:
-                if not self._client._retry or time.monotonic() >= deadline - LAST_ATTEMPT_S:
+                if not self._client._waits_out_unavailable() or time.monotonic() >= deadline - LAST_ATTEMPT_S:
                     raise
             except NotFoundError as error:
                 self._note_deleted(error)
