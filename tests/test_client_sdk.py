@@ -491,11 +491,13 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
     """A SampleSetService that answers UNAVAILABLE for its first ``loading_s`` seconds, as
     a server does while it loads its models (or shuts down), and counts the attempts.
     With ``retry_delay_s`` the UNAVAILABLE carries a RetryInfo, as explaind's does; without,
-    it looks like one gRPC makes for a connection that failed."""
+    it looks like one gRPC makes for a connection that failed. Timed on ``clock`` (a
+    :class:`_SkippingClock`, the SDK's, for a load its retry pauses pass at once)."""
 
-    def __init__(self, loading_s: float, *, retry_delay_s: float | None = None) -> None:
+    def __init__(self, loading_s: float, *, retry_delay_s: float | None = None, clock: Any = time) -> None:
         super().__init__()
-        self.ready_at = time.monotonic() + loading_s
+        self.clock = clock
+        self.ready_at = clock.monotonic() + loading_s
         self.retry_delay_s = retry_delay_s
         self.attempts: dict[str, int] = {}
 
@@ -504,7 +506,7 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
         from google.rpc import error_details_pb2, status_pb2
 
         self.attempts[method] = self.attempts.get(method, 0) + 1
-        if time.monotonic() < self.ready_at:
+        if self.clock.monotonic() < self.ready_at:
             if self.retry_delay_s is not None:
                 delay = duration_pb2.Duration()
                 delay.FromNanoseconds(round(self.retry_delay_s * 1e9))
@@ -542,17 +544,21 @@ def _serve(servicer, port: int = 0, *, add=sample_sets_pb2_grpc.add_SampleSetSer
     return server, f"127.0.0.1:{port}"
 
 
-def test_calls_that_change_nothing_are_retried_while_the_server_is_unavailable():
-    from explaind.client import UnavailableError
+def test_calls_that_change_nothing_are_retried_while_the_server_is_unavailable(monkeypatch):
+    from explaind.client import UnavailableError, _client
 
-    servicer = _LoadingSampleSets(loading_s=0)
+    # On a skipping clock: the 6 s load costs no wall time, and the retries' last needs no
+    # answer within a fraction of a second.
+    clock = _SkippingClock()
+    monkeypatch.setattr(_client, "time", clock)
+    servicer = _LoadingSampleSets(loading_s=0, clock=clock)
     server, target = _serve(servicer)
     try:
         with Client(target, timeout=30) as client:
             assert client.sample_set("s").sample_set_id == "s"
             # Restarted, it loads its models for 6 s: gRPC's own retry policy (at most 5
             # attempts) gave up after at most 3 s.
-            servicer.ready_at, servicer.attempts = time.monotonic() + 6.0, {}
+            servicer.ready_at, servicer.attempts = clock.monotonic() + 6.0, {}
             with pytest.raises(UnavailableError, match="loading"):
                 client.delete_sample_set("s")  # it may have taken effect: never sent twice
             assert client.sample_set("s").sample_set_id == "s"
@@ -626,24 +632,39 @@ def test_a_deadline_met_before_any_answer_does_not_count_as_the_server_answering
     assert pauses == []
 
 
-def test_the_last_retry_comes_just_before_the_deadline(monkeypatch):
-    # Backoff 0.1 s doubling to 2 s: tries at 0, 0.1, 0.3, 0.7, 1.5 and 3.1 s. The next,
-    # at 5.1 s, is past a 4 s deadline; retrying stopped at 3.1 s, though the server
-    # answered from 3.3 s on. Now the last try is sent shortly before the deadline:
-    # LAST_ATTEMPT_S before it, 0.6 s here (at 3.4 s), the time that try has for its
-    # answer; the 0.25 s of the SDK's own was a loaded machine's to miss.
+@contextlib.contextmanager
+def _ready_for_the_last_try_only(monkeypatch) -> Iterator[tuple[Client, _LoadingSampleSets, _SkippingClock]]:
+    """A client (timeout 5 s) that reached a :class:`_LoadingSampleSets`, that servicer,
+    loading from now until the client's last try, and the SDK's clock. Backoff 0.1 s doubling to 2 s: tries at
+    0, 0.1, 0.3, 0.7, 1.5 and 3.1 s; the next, at 5.1 s, is past the deadline, so the last
+    is LAST_ATTEMPT_S before it (1 s here, the time that try has for its answer: the 0.25 s
+    of the SDK's own was a loaded machine's to miss), at 4 s. The server is ready from 3.6
+    s on. On a skipping clock: the pauses cost no wall time, and the calls' own time, which
+    the clock counts, has 0.5 s before the try at 3.1 s would meet it ready."""
     from explaind.client import _client
 
-    monkeypatch.setattr(_client, "LAST_ATTEMPT_S", 0.6)
-    servicer = _LoadingSampleSets(loading_s=0)
+    clock = _SkippingClock()
+    monkeypatch.setattr(_client, "time", clock)
+    monkeypatch.setattr(_client, "LAST_ATTEMPT_S", 1.0)
+    servicer = _LoadingSampleSets(loading_s=0, clock=clock)
     server, target = _serve(servicer)
     try:
-        with Client(target, timeout=4) as client:
+        with Client(target, timeout=5) as client:
             client.sample_set("s")
-            servicer.ready_at = time.monotonic() + 3.3
-            assert client.sample_set("s").sample_set_id == "s"
+            servicer.ready_at, servicer.attempts = clock.monotonic() + 3.6, {}
+            yield client, servicer, clock
     finally:
         server.stop(0)
+
+
+def test_the_last_retry_comes_just_before_the_deadline(monkeypatch):
+    # Retrying stopped at the last try of the backoff's before the deadline (3.1 s), though
+    # the server answered from 3.6 s on: the last is now sent shortly before the deadline.
+    with _ready_for_the_last_try_only(monkeypatch) as (client, servicer, clock):
+        started = clock.monotonic()
+        assert client.sample_set("s").sample_set_id == "s"
+        # The last of 7 tries at 4 s, with LAST_ATTEMPT_S left for its answer, not at the deadline.
+        assert servicer.attempts["GetSampleSet"] == 7 and clock.monotonic() - started < 4.5
 
 
 def test_a_call_that_ran_out_of_time_retrying_says_it_was_retried_and_how_to_wait_longer():
@@ -702,23 +723,16 @@ def test_a_retried_call_whose_last_attempt_timed_out_says_so():
         server.stop(0)
 
 
-def test_a_retried_call_whose_last_attempt_got_another_error_does_not_say_it_ran_out_of_time():
+def test_a_retried_call_whose_last_attempt_got_another_error_does_not_say_it_ran_out_of_time(monkeypatch):
     from explaind.client import NotFoundError
 
     # The server came back for the last attempt, just before the deadline, and answered
-    # NOT_FOUND: that answer carried a note of "unavailable the first 5, the last running
+    # NOT_FOUND: that answer carried a note of "unavailable the first 6, the last running
     # out of time", which it was not.
-    servicer = _LoadingSampleSets(loading_s=0)
-    server, target = _serve(servicer)
-    try:
-        with Client(target, timeout=2) as client:
-            client.sample_set("s")
-            servicer.ready_at = time.monotonic() + 1.6  # ready for the last attempt, at 1.75 s
-            with pytest.raises(NotFoundError) as missing:
-                client.sample_set("missing")
-        assert servicer.attempts["GetSampleSet"] > 3 and not hasattr(missing.value, "__notes__")
-    finally:
-        server.stop(0)
+    with _ready_for_the_last_try_only(monkeypatch) as (client, servicer, _):
+        with pytest.raises(NotFoundError) as missing:
+            client.sample_set("missing")
+        assert servicer.attempts["GetSampleSet"] == 7 and not hasattr(missing.value, "__notes__")
 
 
 def _recorded_pauses(monkeypatch, servicer: _LoadingSampleSets, *, ready_after: int) -> list[float]:
