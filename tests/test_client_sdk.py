@@ -1391,6 +1391,39 @@ def test_an_unpickled_operation_whose_server_never_answered_its_client_is_said_u
         server.stop(0)
 
 
+class _BusyStreamsRestartingOperations(_RestartingOperations):
+    """A :class:`_RestartingOperations` with no thread for a watch's stream: it refuses
+    each with RESOURCE_EXHAUSTED, its own answer."""
+
+    def WatchOperation(self, request, context):
+        self.asked.append("WatchOperation")
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no thread for another stream")
+
+
+def test_a_watch_refused_a_stream_by_the_server_rides_over_a_restart_in_its_polls(monkeypatch):
+    # The server's refusal of a stream is its answer, as a call's error is: an unpickled
+    # operation's new client, refused a stream (no thread for it) and then unavailable at
+    # its first poll (a restart), reached the server and waits for it. The stream's error
+    # did not count, so the poll's UNAVAILABLE was said at once, as for a wrong address.
+    import pickle
+
+    from explaind.client import _client, _operations
+
+    clock = _SkippingClock()
+    monkeypatch.setattr(_client, "time", clock)
+    monkeypatch.setattr(_operations, "time", clock)
+    servicer = _BusyStreamsRestartingOperations(clock)
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30) as client:
+            operation = pickle.loads(pickle.dumps(Operation(client, _running_operation("operations/x"))))
+            servicer.ready_at = clock.monotonic() + _operations.WATCH_POLL_INTERVAL_S + 5  # down from before the first poll
+            assert [update.state for update in operation.watch(timeout=60)] == ["succeeded"]
+            assert servicer.asked[0] == "WatchOperation" and servicer.asked.count("GetOperation") > 1
+    finally:
+        server.stop(0)
+
+
 class _DeletedOperations(operations_pb2_grpc.OperationsServiceServicer):
     """Knows "operations/x" running at the first WaitOperation and the first WatchOperation
     (whose stream then drops), then no more: another client deleted it once it ended."""
@@ -3858,14 +3891,13 @@ def test_a_watch_whose_stream_drops_refreshes_reopens_and_gives_up_at_its_own_ti
     with pytest.raises(UnavailableError, match="restarting"):
         list(Operation(server, running).watch(timeout=60))
     assert clock.pauses == []
-    # Nor is a client that never reached the server (an unpickled operation's) refreshed
-    # again: busy at the stream, then unavailable, it could be a wrong address.
-    server = _DroppingStreamsServer(clock, [_RefusedStream(ResourceExhaustedError("no thread for another stream"))], UnavailableError("restarting"))
+    # Nor is a client that never reached the server (an unpickled operation's) refreshed:
+    # unavailable from its first stream, it could be a wrong address.
+    server = _DroppingStreamsServer(clock, [_RefusedStream(UnavailableError("restarting"))], running)
     server._reached = False
     with pytest.raises(UnavailableError, match="restarting"):
         list(Operation(server, running).watch(timeout=60))
-    assert server.refreshes == 1
-    clock.pauses.clear()
+    assert server.refreshes == 0 and clock.pauses == []
     # A busy server (no thread for a stream) is polled until the watch's timeout, the job still running.
     server = _DroppingStreamsServer(clock, [_RefusedStream(ResourceExhaustedError("no thread for another stream"))], running)
     operation = Operation(server, running)

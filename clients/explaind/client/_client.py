@@ -633,8 +633,7 @@ class Client:
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 unavailable = error.code == grpc.StatusCode.UNAVAILABLE
-                if error.code not in _NO_ANSWER or error.retry_delay is not None:  # the server answered
-                    self._reached = True
+                self._note_if_answered(error)
                 wanted = backoff if error.retry_delay is None else max(error.retry_delay, RETRY_MIN_BACKOFF_S)  # 0 s would spin
                 pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
                 # A RetryInfo says the server did nothing with the call: safe to repeat whatever it is.
@@ -667,6 +666,13 @@ class Client:
                 if retry_end - time.monotonic() - LAST_ATTEMPT_S < 0:  # out of time, not a server that would start it twice
                     self._note_retries(error, attempts, started)
                 raise error from None
+
+    def _note_if_answered(self, error: ExplaindError) -> None:
+        """Count ``error`` of a call or a stream as the server's answer (see ``_reached``)
+        unless no answer came: a stream's refusal (no thread for it) reached the server as
+        a call's error does."""
+        if error.code not in _NO_ANSWER or error.retry_delay is not None:
+            self._reached = True
 
     def _waits_out_unavailable(self) -> bool:
         """Whether a wait or watch that met UNAVAILABLE (its call's retries ended) asks
@@ -1715,8 +1721,10 @@ class _ErrorMappingStream:
             for response in self._call:
                 self._client._reached = True  # a server answering only a watch is one that restarts, not a wrong address
                 yield response
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        except grpc.RpcError as rpc_error:
+            error = from_rpc_error(rpc_error)
+            self._client._note_if_answered(error)
+            raise error from None
         finally:
             _calls_under_way.discard(self)
 
