@@ -385,8 +385,8 @@ def test_a_result_whose_server_is_unavailable_until_its_timeout_raises_unavailab
 
 
 def test_an_awaited_result_whose_client_never_reached_the_server_is_said_unavailable_at_once(monkeypatch):
-    # Its client unavailable from the first call (a wrong address, for all it knows; an
-    # unpickled operation's), each step's wait failed at once and the next was asked
+    # Its client unavailable from the first call (a wrong address, for all it knows: an
+    # operation built on a new client), each step's wait failed at once and the next was asked
     # without a pause, thousands a second until the result's timeout (forever without one).
     clock = _skipping_sdk_clock(monkeypatch)
     servicer = _RestartingOperations(clock)

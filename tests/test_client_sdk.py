@@ -1361,12 +1361,14 @@ class _RestartingAfterAnUpdate(_RestartingOperations):
         yield from super().WatchOperation(request, context)
 
 
-def test_an_unpickled_operation_whose_server_never_answered_its_client_is_said_unavailable_at_once(monkeypatch):
-    # An unpickled operation has a new client: unavailable from its first call (a wrong
-    # address, for all it knows), a call says so at once, but wait() and watch() asked
-    # again without a pause, thousands of calls a second until their timeout (forever
-    # without one). A client whose only answer was a watch's update has reached the
-    # server, though: that watch rides over the restart.
+def test_an_operation_whose_client_never_reached_the_server_is_said_unavailable_at_once_but_an_unpickled_one_waits(monkeypatch):
+    # An operation built on a client the server never answered (a wrong address, for all
+    # it knows): a call says UNAVAILABLE at once, but wait() and watch() asked again
+    # without a pause, thousands of calls a second until their timeout (forever without
+    # one); they say it at once too. A client whose only answer was a watch's update has
+    # reached the server, though: that watch rides over the restart. So does an unpickled
+    # operation's wait (a spawn worker's): the server at its address made it, though its
+    # client is a new one.
     import pickle
 
     from explaind.client import UnavailableError, _client, _operations
@@ -1377,16 +1379,21 @@ def test_an_unpickled_operation_whose_server_never_answered_its_client_is_said_u
     servicer = _RestartingAfterAnUpdate(clock, outage_s=3 * _operations.WATCH_REOPEN_PAUSE_S)
     server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
-        with Client(target, timeout=30) as client:
-            running = Operation(client, _running_operation("operations/x"))
-            watched, waited = (pickle.loads(pickle.dumps(running)) for _ in range(2))
+        with Client(target, timeout=30) as watching, Client(target, timeout=30) as waiting:
+            watched = Operation(watching, _running_operation("operations/x"))
             assert [update.state for update in watched.watch(timeout=60)] == ["running", "succeeded"]
             assert servicer.asked[0] == "WatchOperation" and servicer.asked.count("GetOperation") > 1  # refreshed through the restart
             servicer.ready_at, servicer.asked = float("inf"), []
+            waited = Operation(waiting, _running_operation("operations/x"))
             for follow in (lambda operation: operation.wait(timeout=1), lambda operation: list(operation.watch(timeout=1))):
                 with pytest.raises(UnavailableError, match="restarting"):
                     follow(waited)
             assert servicer.asked == ["WaitOperation", "WatchOperation"]
+            unpickled = pickle.loads(pickle.dumps(Operation(watching, _running_operation("operations/x"))))
+            servicer.ready_at, servicer.asked = clock.monotonic() + 3 * (_operations.WAIT_STEP_S + _operations.WAIT_CALL_MARGIN_S), []
+            assert unpickled._client is not watching and unpickled.wait(timeout=600).state == "succeeded"
+            assert servicer.asked.count("WaitOperation") > 3, servicer.asked  # retried, within and across calls
+            unpickled._client.close()
     finally:
         server.stop(0)
 
@@ -1401,12 +1408,10 @@ class _BusyStreamsRestartingOperations(_RestartingOperations):
 
 
 def test_a_watch_refused_a_stream_by_the_server_rides_over_a_restart_in_its_polls(monkeypatch):
-    # The server's refusal of a stream is its answer, as a call's error is: an unpickled
-    # operation's new client, refused a stream (no thread for it) and then unavailable at
-    # its first poll (a restart), reached the server and waits for it. The stream's error
-    # did not count, so the poll's UNAVAILABLE was said at once, as for a wrong address.
-    import pickle
-
+    # The server's refusal of a stream is its answer, as a call's error is: a client that
+    # had had no answer, refused a stream (no thread for it) and then unavailable at its
+    # first poll (a restart), reached the server and waits for it. The stream's error did
+    # not count, so the poll's UNAVAILABLE was said at once, as for a wrong address.
     from explaind.client import _client, _operations
 
     clock = _SkippingClock()
@@ -1416,7 +1421,7 @@ def test_a_watch_refused_a_stream_by_the_server_rides_over_a_restart_in_its_poll
     server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client:
-            operation = pickle.loads(pickle.dumps(Operation(client, _running_operation("operations/x"))))
+            operation = Operation(client, _running_operation("operations/x"))  # its client never answered
             servicer.ready_at = clock.monotonic() + _operations.WATCH_POLL_INTERVAL_S + 5  # down from before the first poll
             assert [update.state for update in operation.watch(timeout=60)] == ["succeeded"]
             assert servicer.asked[0] == "WatchOperation" and servicer.asked.count("GetOperation") > 1
@@ -3891,7 +3896,7 @@ def test_a_watch_whose_stream_drops_refreshes_reopens_and_gives_up_at_its_own_ti
     with pytest.raises(UnavailableError, match="restarting"):
         list(Operation(server, running).watch(timeout=60))
     assert clock.pauses == []
-    # Nor is a client that never reached the server (an unpickled operation's) refreshed:
+    # Nor is a client that never reached the server (an operation built on a new one) refreshed:
     # unavailable from its first stream, it could be a wrong address.
     server = _DroppingStreamsServer(clock, [_RefusedStream(UnavailableError("restarting"))], running)
     server._reached = False

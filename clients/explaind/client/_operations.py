@@ -286,6 +286,14 @@ class Operation(Generic[ResultT]):
         # A start's answer says it; later updates do not. One to a retry may be this call's own lost attempt's.
         self._requested_again = self.metadata.requested_again and not retried
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled (in a spawn worker, say), its client is a new one, unanswered as yet:
+        the server at its address made this operation, so its waits ride over a restart as
+        the original's would, not failing at once as a client's first call to a wrong
+        address does."""
+        self.__dict__.update(state)
+        self._client._reached = True
+
     def _update(self, message: lro_pb2.Operation, *, keep_preview: bool = False) -> None:
         """``keep_preview``: a message of a watch, which sends each preview once; a running
         job's message without one keeps the one before."""
