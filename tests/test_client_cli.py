@@ -2042,11 +2042,13 @@ def test_serve_with_a_missing_model_path_fails_before_it_says_it_is_listening(ca
 
 
 @pytest.mark.parametrize(("unreadable", "mode", "key", "denied"), [
-    ("the directory", 0o000, "[classifier].path (a world classifier directory):", "classifier"),
-    ("a directory above it", 0o600, "[classifier].path (a world classifier directory):", ""),  # 0o600: listed, not searched
+    ("the directory", 0o000, "[classifier].path (a world classifier directory):", "models/classifier"),
+    ("the directory, listed but not searched", 0o600, "[classifier].path (a world classifier directory):", "models/classifier"),
+    ("a directory above it", 0o600, "[classifier].path (a world classifier directory):", "models"),  # 0o600: listed, not searched
     # Inside a readable directory: found only as the models loaded, after "listening on".
-    ("its weights file", 0o000, "[classifier].path:", "classifier/model.safetensors"),
-    ("a diffusers component's file", 0o000, "[diffusion].path:", "diffusion/unet/diffusion_pytorch_model.safetensors"),
+    ("its weights file", 0o000, "[classifier].path:", "models/classifier/model.safetensors"),
+    ("a diffusers component's file", 0o000, "[diffusion].path:", "models/diffusion/unet/diffusion_pytorch_model.safetensors"),
+    ("CLIP's weights file", 0o000, "[clip].path:", "clip/open_clip_model.safetensors"),
 ])
 def test_serve_with_a_model_path_its_user_may_not_read_fails_before_it_says_it_is_listening(tmp_path, classifier_dir, unreadable, mode, key, denied):
     # Root reads anything: only without its capabilities does the server meet what an operator's user would.
@@ -2058,8 +2060,12 @@ def test_serve_with_a_model_path_its_user_may_not_read_fails_before_it_says_it_i
     (models / "diffusion" / "unet").mkdir(parents=True)
     (models / "diffusion" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
     (models / "diffusion" / "unet" / "diffusion_pytorch_model.safetensors").write_text("")
-    config = write_config(tmp_path / "explaind.toml", models / "classifier", diffusion={"path": str(models / "diffusion")})
-    denied_path = models / denied
+    (tmp_path / "clip").mkdir()  # beside models/, which a case denies: its config file is read as the config loads
+    (tmp_path / "clip" / "open_clip_config.json").write_text("{}")
+    (tmp_path / "clip" / "open_clip_model.safetensors").write_text("")
+    config = write_config(tmp_path / "explaind.toml", models / "classifier", diffusion={"path": str(models / "diffusion")},
+                          clip={"path": str(tmp_path / "clip")})
+    denied_path = tmp_path / denied
     denied_path.chmod(mode)
     try:
         ended = subprocess.run([*prefix, sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", "0",
@@ -2148,6 +2154,42 @@ def test_serve_on_a_host_not_of_this_machine_names_the_host_not_the_grpc_port(ca
     line = _error(capsys, ["serve", "--config", str(config), *flags, "--data-dir", str(tmp_path / "data")])
     flag = "--host: " if set_by == "flag" else ""
     assert line == f"error: {flag}[server].host: cannot bind {host}:50051: '{host}' is not an address of this machine"
+
+# A name no resolver knows fails the probe's getaddrinfo (socket.gaierror, no errno of
+# bind's): said as the port's fault in the system's words, it blamed [server].port.
+def test_serve_on_a_host_no_name_resolves_names_the_host_not_the_port(capsys, tmp_path):
+    host = "no-such-host.invalid"  # RFC 2606: never resolves
+    line = _error(capsys, ["serve", "--host", host, "--port", "50051", "--data-dir", str(tmp_path / "data")])
+    assert re.fullmatch(rf"error: --host: \[server\]\.host: cannot bind {host}:50051: '{host}' is not an address of this machine \(.+\)", line), line
+
+
+def test_serve_unprivileged_on_a_low_port_of_an_ipv6_address_not_of_this_machine_names_the_host_not_the_port(tmp_path):
+    # IPv6's bind checks a port below 1024 before the address: probed with the port alone,
+    # the host's fault was said as the port's "Permission denied" (IPv4's checks the address first).
+    prefix = _without_root_privileges("-net_bind_service")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 here: an IPv6 address is refused for its family, not as no address of this machine")
+    host = "2001:db8::1"  # the IPv6 documentation prefix (RFC 3849): no machine's own address
+    ended = subprocess.run([*prefix, sys.executable, "-m", "explaind.client.cli", "serve", "--host", host, "--port", "80",
+                            "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 1 and ended.stderr.strip().splitlines()[-1] == (
+        f"error: --host: [server].host: cannot bind [{host}]:80: '{host}' is not an address of this machine"), ended.stderr
+
+
+def test_a_bind_gRPC_refused_on_a_port_free_when_probed_says_so_not_none():
+    # Every probe bound (the port freed meanwhile): the OSError has no strerror, which was said as "None".
+    from explaind.service.server import _bind
+
+    class Refusing:
+        def add_insecure_port(self, address):
+            return 0  # as gRPC's failed bind, for no reason the probe finds
+
+    with pytest.raises(OSError) as refused:
+        _bind(Refusing(), "127.0.0.1", free_port(), None, key="port")
+    assert str(refused.value).endswith(": gRPC gave no reason, and the port was free when checked after: another process may have held it meanwhile")
 
 # gRPC fails only where it could bind none of a name's addresses: localhost as ::1 on a
 # host without IPv6 (Docker's default) and 127.0.0.1 with the port busy. The probe said
@@ -2624,15 +2666,16 @@ def test_serve_on_a_data_dir_under_a_file_names_the_flag_or_the_key(capsys, tmp_
     assert _error(capsys, ["serve", "--config", str(config), "--port", "0"]) == f"error: {expected}"
 
 
-def _without_root_privileges() -> list[str]:
-    """A command prefix under which file permissions deny this user as they deny an operator's
+def _without_root_privileges(capabilities: str = "-dac_override,-dac_read_search,-fowner") -> list[str]:
+    """A command prefix under which file permissions (or, dropping ``capabilities``
+    "-net_bind_service", the ports below 1024) deny this user as they deny an operator's
     unprivileged server: root keeps its uid (its Python may sit under /root) but loses the
     capabilities that bypass them. Skips where root cannot drop them."""
     if os.geteuid() != 0:
         return []
-    if subprocess.run(["setpriv", "--bounding-set", "-dac_override", "true"], capture_output=True).returncode != 0:  # noqa: PLW1510
+    if subprocess.run(["setpriv", "--bounding-set", capabilities, "true"], capture_output=True).returncode != 0:  # noqa: PLW1510
         pytest.skip("running as root, and setpriv cannot drop the capabilities that bypass file permissions")
-    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    return ["setpriv", "--bounding-set", capabilities]
 
 
 @pytest.mark.parametrize(("mode", "message"), [
