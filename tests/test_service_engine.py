@@ -9589,6 +9589,20 @@ def test_a_request_id_whose_job_a_shutdown_aborted_runs_again_after_that_job_is_
         assert store.job_of_request(key) == "again"
 
 
+def test_a_deleted_job_s_request_id_sent_by_another_caller_with_another_request_does_not_name_that_job(tmp_path):
+    # As for a job still kept: the error names the operation only to the caller that made it
+    # (or where none is named), so another caller's id collision leaks no operation name.
+    key = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint", caller="alice")
+    with closing(SQLiteStore(tmp_path)) as store:
+        store.insert_job(JobRecord("alices", "evaluate", "succeeded", 1.0, end_time=2.0, owner="alice"), request=key)
+        store.delete_job("alices")
+        with pytest.raises(InvalidArgument, match="was sent with another request by another caller;") as refused:
+            store.job_of_request(RequestKey(key.request_id, "bob's request", caller="bob"))
+        assert refused.value.operation is None
+        with pytest.raises(InvalidArgument, match="was sent with another request, which created operations/alices;"):
+            store.job_of_request(RequestKey(key.request_id, "alice's other request", caller="alice"))
+
+
 def test_a_request_whose_operation_the_sweep_deletes_as_it_is_looked_up_is_new_again(tmp_path, monkeypatch):
     # The retention sweep deletes ended operations without the job manager's lock: between
     # finding a request's operation and reading it, it may be gone.
