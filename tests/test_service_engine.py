@@ -9603,6 +9603,17 @@ def test_a_deleted_job_s_request_id_sent_by_another_caller_with_another_request_
             store.job_of_request(RequestKey(key.request_id, "alice's other request", caller="alice"))
 
 
+def test_the_store_refuses_a_job_inserted_under_a_deleted_job_s_request_id_not_only_its_look_up(tmp_path):
+    # Store.insert_job's contract: the refusal holds for an insert not preceded by job_of_request too.
+    key = RequestKey("123e4567-e89b-42d3-a456-426614174000", "fingerprint")
+    with closing(SQLiteStore(tmp_path)) as store:
+        store.insert_job(JobRecord("first", "evaluate", "succeeded", 1.0, end_time=2.0), request=key)
+        store.delete_job("first")
+        with pytest.raises(FailedPrecondition, match="started operations/first, which was deleted since") as refused:
+            store.insert_job(JobRecord("second", "evaluate", "queued", 3.0), request=key)
+        assert refused.value.field == "request_id" and store.list_jobs() == []
+
+
 def test_a_request_whose_operation_the_sweep_deletes_as_it_is_looked_up_is_new_again(tmp_path, monkeypatch):
     # The retention sweep deletes ended operations without the job manager's lock: between
     # finding a request's operation and reading it, it may be gone.
