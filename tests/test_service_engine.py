@@ -8823,13 +8823,14 @@ def test_a_stable_diffusion_directory_without_transformers_says_to_install_the_s
 
 
 def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kernels: dict[str, str], hugging_faces: str | None,
-                                      *, editable: bool = False):
+                                      *, editable: bool = False, wrapped: bool = False):
     """The diffusion component's status where loading the pipeline imports ``kernels`` as
     transformers' hub_kernels does, with Python run in a checkout whose kernels/ holds
     ``checkout_kernels`` (file name -> source), and Hugging Face's kernels 0.19.1 installed
     further on sys.path: its metadata, and its package of source ``hugging_faces`` (None:
     none), beside the metadata or, ``editable`` (maturin's .pth), in a source directory
-    after it. Returns the status and the checkout's and the installed package's directories."""
+    after it; ``wrapped``, its import error raised from as diffusers' lazy imports do. Returns
+    the status and the checkout's and the installed package's directories."""
     import diffusers
 
     from explaind.config import DiffusionSection
@@ -8843,16 +8844,20 @@ def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kern
     (site / "kernels-0.19.1.dist-info").mkdir(parents=True)
     (site / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
     package = (tmp_path / "source" if editable else site) / "kernels"
-    if editable:  # its .pth, which site.py puts on sys.path (below), listed in its RECORD
-        (site / "kernels.pth").write_text(f"{package.parent}\n")
+    if editable:  # its .pth, which site.py puts on sys.path (below), listed in its RECORD; a directory before its own holds no kernels
+        (site / "kernels.pth").write_text(f"{tmp_path / 'other-source'}\n{package.parent}\n")
         (site / "kernels-0.19.1.dist-info" / "RECORD").write_text("kernels.pth,,\nkernels-0.19.1.dist-info/METADATA,,\n")
     if hugging_faces is not None:
         package.mkdir(parents=True)
         (package / "__init__.py").write_text(hugging_faces)
 
     def from_pretrained(path: str) -> object:  # what transformers' hub_kernels does as diffusers imports a model
-        from kernels import CUDAProperties
-
+        try:
+            from kernels import CUDAProperties
+        except ImportError as error:
+            if wrapped:
+                raise RuntimeError(f"Failed to import diffusers.models.unets because of the following error: {error}") from error
+            raise
         return CUDAProperties
 
     # DiffusionPipeline imported before the checkout comes first: its import takes the installed kernels, as a
@@ -8895,6 +8900,24 @@ def test_a_diffusers_load_failing_on_a_kernels_directory_hiding_hugging_faces_sa
     assert _directory_hiding_kernels() is None
 
 
+def test_only_a_module_s_own_code_under_kernels_counts_as_its_import_failing_not_a_function_it_defined(tmp_path, monkeypatch):
+    # A kernels function failing as transformers calls it (no GPU, say) is no broken install to reinstall.
+    import importlib
+
+    from explaind.engine.models import _imports_from
+
+    (tmp_path / "broken_at_import.py").write_text("raise ImportError('half installed')\n")
+    (tmp_path / "failing_when_called.py").write_text("def call():\n    raise RuntimeError('no GPU')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("broken_at_import", "failing_when_called"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ImportError) as at_import:
+        importlib.import_module("broken_at_import")
+    with pytest.raises(RuntimeError) as when_called:
+        importlib.import_module("failing_when_called").call()
+    assert _imports_from(at_import.value.__traceback__, tmp_path) and not _imports_from(when_called.value.__traceback__, tmp_path)
+
+
 # This checkout's kernels/, which hands the name over, its engines stood in for: a directory of its own.
 _HANDING_OVER = {"__init__.py": (Path(__file__).resolve().parents[1] / "kernels" / "__init__.py").read_text(),
                  "_onnx_runtime.py": "".join(f"{name} = None\n" for name in (
@@ -8903,19 +8926,22 @@ _HANDING_OVER = {"__init__.py": (Path(__file__).resolve().parents[1] / "kernels"
                      "split_onnx_classifier"))}
 
 
-@pytest.mark.parametrize("editable", [False, True])
+# wrapped: diffusers' lazy import raises its own error from kernels': only the cause's traceback runs kernels' import.
+@pytest.mark.parametrize(("editable", "wrapped"), [(False, False), (True, False), (False, True)])
 def test_a_diffusers_load_failing_in_hugging_faces_kernels_own_import_says_so_with_its_error_not_that_a_directory_hides_it(tmp_path,
                                                                                                                            monkeypatch,
-                                                                                                                           editable):
+                                                                                                                           editable,
+                                                                                                                           wrapped):
     # Hugging Face's kernels, installed but broken (its import raises), found through the checkout's kernels/ that hands
     # the name over: its error came without a word of kernels, and where it named the checkout's kernels/ it was put
     # down to "an explaind checkout's from before", whose advice (another directory) changes nothing.
     broken = "from huggingface_hub import no_such_name\n\nclass CUDAProperties:\n    pass\n"
-    status, _, package = _diffusion_load_importing_kernels(tmp_path, monkeypatch, _HANDING_OVER, broken, editable=editable)
+    status, _, package = _diffusion_load_importing_kernels(tmp_path, monkeypatch, _HANDING_OVER, broken, editable=editable, wrapped=wrapped)
+    error = "RuntimeError: Failed to import diffusers.models.unets because of the following error: " if wrapped else "ImportError: "
     assert not status.loaded and (
         f"Hugging Face's kernels package, which transformers imports, is installed ({package}) but its own import fails with the error "
         "that follows (no kernels directory hides it): repair that install (pip install --force-reinstall 'kernels==0.19.1', its "
-        "dependencies too); ImportError: cannot import name 'no_such_name' from 'huggingface_hub'") in status.detail, status.detail
+        f"dependencies too); {error}cannot import name 'no_such_name' from 'huggingface_hub'") in status.detail, status.detail
     assert "hidden by" not in status.detail
 
 
