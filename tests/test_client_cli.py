@@ -2179,6 +2179,23 @@ def test_serve_unprivileged_on_a_low_port_of_an_ipv6_address_not_of_this_machine
         f"error: --host: [server].host: cannot bind [{host}]:80: '{host}' is not an address of this machine"), ended.stderr
 
 
+def test_the_bind_probe_takes_a_port_a_closed_connection_left_in_time_wait_for_free_as_grpc_does():
+    # gRPC binds with SO_REUSEADDR, so a port whose last connection the server closed first
+    # (TIME_WAIT) is free to it: probed without, it was said busy by "another process".
+    from explaind.service.server import _probe_bind
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as an earlier server's gRPC port had it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the port's side closes first: its end waits in TIME_WAIT
+            client.recv(1)
+    assert _probe_bind("127.0.0.1", port).errno is None
+
+
 def test_a_bind_gRPC_refused_on_a_port_free_when_probed_says_so_not_none():
     # Every probe bound (the port freed meanwhile): the OSError has no strerror, which was said as "None".
     from explaind.service.server import _bind
