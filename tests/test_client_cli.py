@@ -2155,6 +2155,7 @@ def test_serve_on_a_host_not_of_this_machine_names_the_host_not_the_grpc_port(ca
     flag = "--host: " if set_by == "flag" else ""
     assert line == f"error: {flag}[server].host: cannot bind {host}:50051: '{host}' is not an address of this machine"
 
+
 # A name no resolver knows fails the probe's getaddrinfo (socket.gaierror, no errno of
 # bind's): said as the port's fault in the system's words, it blamed [server].port.
 def test_serve_on_a_host_no_name_resolves_names_the_host_not_the_port(capsys, tmp_path):
