@@ -25,6 +25,7 @@ from explaind.config import default_config
 from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
 from test_client_sdk import (_channels_made_while_another_thread_warns, _closing_before_the_lookup, _operation_message, _ranking_with_omega,
                              _RestartingOperations, _running_operation, _serve, _serve_a_reused_request_id_s_refusal, _SkippingClock)
+from test_client_sdk import _skipping_sdk_clock as _skipping_client_clock
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
 
@@ -327,14 +328,10 @@ class _RestartingThenFailed(operations_pb2_grpc.OperationsServiceServicer):
 
 
 def _skipping_sdk_clock(monkeypatch) -> _SkippingClock:
-    """A :class:`_SkippingClock` standing in for the SDK's time (its calls, waits and
-    awaited results): their retry pauses cost no wall time, and each call is given its
-    full deadline (seconds), however slow a loaded machine answers."""
-    from explaind.client import _client
-
-    clock = _SkippingClock()
-    for module in (_client, _operations, _async):
-        monkeypatch.setattr(module, "time", clock)
+    """test_client_sdk's skipping clock standing in for the AsyncClient's time too (its
+    awaited results)."""
+    clock = _skipping_client_clock(monkeypatch)
+    monkeypatch.setattr(_async, "time", clock)
     return clock
 
 

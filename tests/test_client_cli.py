@@ -2132,28 +2132,19 @@ def test_serve_on_a_busy_port_names_its_key_and_the_flag_that_set_it(capsys, tmp
 
 
 # The metrics port binds first, so any host not of this machine failed there: the error led
-# with --metrics-port / [server].metrics_port, a setting with nothing wrong in it.
+# with --metrics-port / [server].metrics_port, a setting with nothing wrong in it. gRPC's port
+# binds first without a metrics port: its error asked whether the port was busy.
 @pytest.mark.parametrize("set_by", ["flag", "config file"])
-def test_serve_on_a_host_not_of_this_machine_names_the_host_not_the_metrics_port(capsys, tmp_path, set_by):
+@pytest.mark.parametrize("key, port, bound", [("metrics_port", 9464, "metrics "), ("port", 50051, "")])
+def test_serve_on_a_host_not_of_this_machine_names_the_host_not_the_port(capsys, tmp_path, set_by, key, port, bound):
     host = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no machine's own address
     config = tmp_path / "explaind.toml"
-    config.write_text(f'[server]\nhost = "{host}"\nmetrics_port = 9464\n' if set_by == "config file" else "")
-    flags = ["--host", host, "--metrics-port", "9464"] if set_by == "flag" else []
-    line = _error(capsys, ["serve", "--config", str(config), *flags, "--port", "0", "--data-dir", str(tmp_path / "data")])
+    config.write_text(f'[server]\nhost = "{host}"\n{key} = {port}\n' if set_by == "config file" else "")
+    flags = ["--host", host, f"--{key.replace('_', '-')}", str(port)] if set_by == "flag" else []
+    grpc_port = ["--port", "0"] if key != "port" else []
+    line = _error(capsys, ["serve", "--config", str(config), *flags, *grpc_port, "--data-dir", str(tmp_path / "data")])
     flag = "--host: " if set_by == "flag" else ""
-    assert line == f"error: {flag}[server].host: cannot bind metrics {host}:9464: '{host}' is not an address of this machine"
-
-
-# gRPC's port binds first without a metrics port: its error asked whether the port was busy.
-@pytest.mark.parametrize("set_by", ["flag", "config file"])
-def test_serve_on_a_host_not_of_this_machine_names_the_host_not_the_grpc_port(capsys, tmp_path, set_by):
-    host = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no machine's own address
-    config = tmp_path / "explaind.toml"
-    config.write_text(f'[server]\nhost = "{host}"\nport = 50051\n' if set_by == "config file" else "")
-    flags = ["--host", host, "--port", "50051"] if set_by == "flag" else []
-    line = _error(capsys, ["serve", "--config", str(config), *flags, "--data-dir", str(tmp_path / "data")])
-    flag = "--host: " if set_by == "flag" else ""
-    assert line == f"error: {flag}[server].host: cannot bind {host}:50051: '{host}' is not an address of this machine"
+    assert line == f"error: {flag}[server].host: cannot bind {bound}{host}:{port}: '{host}' is not an address of this machine"
 
 
 # A name no resolver knows fails the probe's getaddrinfo (socket.gaierror, no errno of

@@ -1192,15 +1192,12 @@ class _StoppingOperations(operations_pb2_grpc.OperationsServiceServicer):
 
 def test_waiting_for_an_operation_keeps_its_own_timeout_while_the_server_is_unavailable(monkeypatch):
     from explaind.client import UnavailableError
-    from explaind.client import _client, _operations
 
     server, target = _serve(_StoppingOperations(), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=30) as client:
             operation = client.operation("operations/x")
-            clock = _SkippingClock()
-            monkeypatch.setattr(_client, "time", clock)
-            monkeypatch.setattr(_operations, "time", clock)
+            clock = _skipping_sdk_clock(monkeypatch)
             with pytest.raises(UnavailableError, match="shutting down"):
                 operation.wait(timeout=1)
             # Retried within the wait's 1 s, not until the call's own deadline, 11 s away.
@@ -1324,11 +1321,9 @@ def test_wait_and_watch_ride_over_an_outage_longer_than_one_call(monkeypatch):
     # their own timeouts said. On a skipping clock: each call has its whole deadline to be
     # answered, however loaded the machine (scaled down to 0.5 s, a late first answer
     # failed the wait with DEADLINE_EXCEEDED).
-    from explaind.client import _client, _operations
+    from explaind.client import _operations
 
-    clock = _SkippingClock()
-    monkeypatch.setattr(_client, "time", clock)
-    monkeypatch.setattr(_operations, "time", clock)
+    clock = _skipping_sdk_clock(monkeypatch)
     servicer = _RestartingOperations(clock)
     server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     outage = 3 * (_operations.WAIT_STEP_S + _operations.WAIT_CALL_MARGIN_S)  # three times one wait call's retries
@@ -1371,11 +1366,9 @@ def test_an_operation_whose_client_never_reached_the_server_is_said_unavailable_
     # client is a new one.
     import pickle
 
-    from explaind.client import UnavailableError, _client, _operations
+    from explaind.client import UnavailableError, _operations
 
-    clock = _SkippingClock()
-    monkeypatch.setattr(_client, "time", clock)
-    monkeypatch.setattr(_operations, "time", clock)
+    clock = _skipping_sdk_clock(monkeypatch)
     servicer = _RestartingAfterAnUpdate(clock, outage_s=3 * _operations.WATCH_REOPEN_PAUSE_S)
     server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
@@ -1412,11 +1405,9 @@ def test_a_watch_refused_a_stream_by_the_server_rides_over_a_restart_in_its_poll
     # had had no answer, refused a stream (no thread for it) and then unavailable at its
     # first poll (a restart), reached the server and waits for it. The stream's error did
     # not count, so the poll's UNAVAILABLE was said at once, as for a wrong address.
-    from explaind.client import _client, _operations
+    from explaind.client import _operations
 
-    clock = _SkippingClock()
-    monkeypatch.setattr(_client, "time", clock)
-    monkeypatch.setattr(_operations, "time", clock)
+    clock = _skipping_sdk_clock(monkeypatch)
     servicer = _BusyStreamsRestartingOperations(clock)
     server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
@@ -3610,6 +3601,18 @@ class _SkippingClock(_FakeClock):
 
     def monotonic(self) -> float:
         return self.now + time.monotonic()
+
+
+def _skipping_sdk_clock(monkeypatch) -> _SkippingClock:
+    """A :class:`_SkippingClock` standing in for the SDK's time (its calls and its
+    operations' waits and watches): their retry pauses cost no wall time, and each call is
+    given its full deadline (seconds), however slow a loaded machine answers."""
+    from explaind.client import _client, _operations
+
+    clock = _SkippingClock()
+    for module in (_client, _operations):
+        monkeypatch.setattr(module, "time", clock)
+    return clock
 
 
 def test_a_busy_server_answering_waits_at_once_is_polled_backing_off_to_at_most_two_seconds(monkeypatch):
