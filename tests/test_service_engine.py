@@ -9901,6 +9901,34 @@ def test_a_deleted_job_s_request_id_is_kept_in_a_store_the_previous_release_wrot
         assert store.job_of_request(new) is None
 
 
+def test_a_job_the_previous_release_started_under_a_deleted_job_s_request_id_supersedes_its_refusal(tmp_path):
+    """Rolled back, the release before (it never reads deleted_job_requests) starts a job
+    under a request_id this one refused for a deleted job; upgraded again, that job is the
+    id's: its repeat once a shutdown ABORTED it runs again, as for any aborted job, and
+    deleting it ABORTED leaves the id free, not the earlier job's refusal."""
+    repeated, deleted = (RequestKey(f"123e4567-e89b-42d3-a456-42661417400{n}", "f") for n in (0, 1))
+    store = SQLiteStore(tmp_path)
+    for request in (repeated, deleted):
+        store.insert_job(JobRecord(f"first-{request.request_id}", "evaluate", "succeeded", 1.0, end_time=2.0), request=request)
+        store.delete_job(f"first-{request.request_id}")
+    store.close()
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # rolled back: the release before
+        refusals = db.execute("SELECT * FROM deleted_job_requests").fetchall()
+        db.execute("DELETE FROM deleted_job_requests")  # unread there: its inserts are this one's without the rows
+    with closing(SQLiteStore(tmp_path)) as store:
+        for request in (repeated, deleted):
+            store.insert_job(JobRecord(f"old-{request.request_id}", "evaluate", "queued", 3.0), request=request)
+        store.fail_unfinished_jobs("stopped")  # the upgrade's shutdown: ABORTED
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:
+        db.executemany("INSERT INTO deleted_job_requests VALUES (?, ?, ?, ?, ?)", refusals)
+    with closing(SQLiteStore(tmp_path)) as store:  # upgraded again
+        assert store.job_of_request(repeated) == f"old-{repeated.request_id}"
+        store.insert_job(JobRecord("again", "evaluate", "queued", 4.0), request=repeated)  # the aborted job's repeat runs again
+        assert store.job_of_request(repeated) == "again"
+        store.delete_job(f"old-{deleted.request_id}")
+        assert store.job_of_request(deleted) is None
+
+
 def test_a_failed_jobs_error_details_live_in_a_table_the_previous_release_neither_needs_nor_loses(tmp_path):
     """A failed job's precondition violations (JobRecord.error_details) are a table of their
     own, schema version kept: a store the release before left opens with its jobs read as

@@ -461,6 +461,10 @@ class SQLiteStore:
             if not triggers.issuperset(_JOB_OWNER_STATES_TRIGGERS):  # after kind: an index holds both
                 for statement in _JOB_OWNER_STATES:
                     db.execute(statement)
+            # A job the release before (rolled back to: it never reads deleted_job_requests)
+            # started under a deleted job's request_id is the id's now: the row would refuse
+            # its repeat once a shutdown ABORTED it, and the id once it is deleted ABORTED.
+            db.execute("DELETE FROM deleted_job_requests WHERE request_id IN (SELECT request_id FROM job_requests)")
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
