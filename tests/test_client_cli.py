@@ -679,12 +679,14 @@ def test_ctrl_c_inside_a_start_on_a_server_that_keeps_no_request_id_starts_no_se
         assert len({op.name for op in client.operations(kind="visualize_neurons")} - before) == 1
 
 
-def _repeat_deleted_note(request_id: str) -> str:
+def _repeat_deleted_note(request_id: str, *, given: bool = False) -> str:
     """The note of an interrupted start whose search's repeat started the job, then cancelled and deleted it: not "no job had
-    started", which a restart that ended the start's own job (FAILED, ABORTED; the server then runs the request again) belies."""
+    started", which a restart that ended the start's own job (FAILED, ABORTED; the server then runs the request again) belies.
+    Under a --request-id ``given``, a run again under it is refused, which it says; a run choosing its own id is not (nor has
+    the report such an option)."""
+    rerun = "; running it again takes a new --request-id, as the server refuses a deleted job's" if given else ""
     return (f"no job runs under request_id {request_id}: the one sending it again started, to find it, was cancelled and deleted (the "
-            "start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations list shows it); running "
-            "it again takes a new --request-id, as the server refuses a deleted job's")
+            f"start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations list shows it){rerun}")
 
 
 def test_a_run_waiting_on_the_job_an_interrupted_start_s_repeat_made_says_why_it_is_gone(server, capsys, monkeypatch):
@@ -751,16 +753,18 @@ def test_ctrl_c_inside_a_start_that_never_reached_the_server_leaves_no_job_behin
     assert (error["operation"], error["notes"]) == (None, [note]), error
 
 
-def test_ctrl_c_inside_a_start_that_never_reached_an_idle_server_leaves_no_job_behind(server, capsys, monkeypatch):
+@pytest.mark.parametrize("given", [False, True])
+def test_ctrl_c_inside_a_start_that_never_reached_an_idle_server_leaves_no_job_behind(server, capsys, monkeypatch, given):
     # An idle worker starts the job the search's repeat made before the cancel reaches it: the cancel was only requested,
     # and the job, nobody's, stayed listed CANCELLED (every time, on an idle server). It is waited for to end, then deleted.
     with Client(server.target, timeout=30) as client:
         request_ids = _interrupted_once_started(monkeypatch, "visualize_neurons", sent=False)
         before = {op.name for op in client.operations(kind="visualize_neurons")}
-        assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "10000", "--no-wait", "--json"]) == 130
+        assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "10000", "--no-wait", "--json",
+                     *(["--request-id", str(uuid.uuid4())] if given else [])]) == 130
         out, err = capsys.readouterr()
         left = {op.name for op in client.operations(kind="visualize_neurons")} - before
-    note = _repeat_deleted_note(request_ids[0])
+    note = _repeat_deleted_note(request_ids[0], given=given)
     assert left == set() and err == f"interrupted\n  {note}\n", err
     assert json.loads(out)["error"]["notes"] == [note]
     # As the note says: the start's own request, reaching the server late, or a rerun under the id, is refused.

@@ -61,7 +61,7 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
     ``repeat``: the start to send again, if not ``start`` itself (a ranking's, bounded: one
     answered inline would run again in full). ``started_by``: who started it, in the words
     printed to stderr should the search outlast a second ("this command", "the report")."""
-    request_id = request_id or str(uuid.uuid4())
+    given, request_id = request_id is not None, request_id or str(uuid.uuid4())
     try:
         return start(request_id)
     except KeyboardInterrupt as interrupt:
@@ -71,7 +71,7 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
         saying.start()
         try:
             with following(interrupt):
-                cancel_interrupted_start(interrupt, client, request_id, repeat or start, rerun_hint=rerun_hint)
+                cancel_interrupted_start(interrupt, client, request_id, repeat or start, rerun_hint=rerun_hint, given=given)
         finally:  # forgotten first: a second Ctrl-C may land in calling the words off
             saying.cancel()
         raise
@@ -99,12 +99,13 @@ def interrupt_being_followed() -> KeyboardInterrupt | None:
 
 
 def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, request_id: str, start: Callable[[str], Operation[Any] | NeuronRanking], *,
-                             rerun_hint: bool = True) -> None:
+                             rerun_hint: bool = True, given: bool = True) -> None:
     """Cancel the job an ``interrupt`` in ``start(request_id)`` may have left started (see
     :func:`started_job`), saying on ``interrupt`` what became of it. A second Ctrl-C here
     stops the search, not the words (a second SIGTERM raises nothing: the first's bound runs).
     While it runs, a last note says what an exit cutting it short leaves (see
-    :func:`interrupt_being_followed`), in place of the words it ends with."""
+    :func:`interrupt_being_followed`), in place of the words it ends with. ``given``:
+    whether ``request_id`` is the caller's (--request-id), which a run again would reuse."""
     meanwhile: list[str] = []  # that last note, if any
 
     def say_meanwhile(note: str | None) -> None:
@@ -117,13 +118,13 @@ def cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, reque
     say_meanwhile(f"a job may have started under request_id {request_id}, looked for to cancel it, which was cut short: explaind operations list shows it, and explaind "
                   "operations cancel NAME stops it")
     try:
-        _cancel_interrupted_start(interrupt, client, request_id, start, rerun_hint, say_meanwhile)
+        _cancel_interrupted_start(interrupt, client, request_id, start, rerun_hint, given, say_meanwhile)
     finally:
         say_meanwhile(None)
 
 
 def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, request_id: str, start: Callable[[str], Operation[Any] | NeuronRanking],
-                              rerun_hint: bool, say_meanwhile: Callable[[str | None], None]) -> None:
+                              rerun_hint: bool, given: bool, say_meanwhile: Callable[[str | None], None]) -> None:
     """:func:`cancel_interrupted_start`'s search, ``say_meanwhile`` keeping its note of what
     an exit cutting it short leaves."""
     maybe_started = f"a job may have started under request_id {request_id}"
@@ -167,9 +168,11 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
         del interrupt.operation  # type: ignore[attr-defined]
         # None was kept under the id: the start had not reached the server, or a restart ended the job it started (FAILED, ABORTED:
         # the server runs such a request again), which nothing here tells apart.
+        # A run again under a --request-id given is refused; one choosing its own (the report has no such option) is not.
+        rerun = "; running it again takes a new --request-id, as the server refuses a deleted job's" if given else ""
         interrupt.add_note(f"no job runs under request_id {request_id}: the one sending it again started, to find it, was cancelled and "
-                           "deleted (the start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations "
-                           "list shows it); running it again takes a new --request-id, as the server refuses a deleted job's")
+                           f"deleted (the start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations "
+                           f"list shows it){rerun}")
         return
     interrupt.add_note(cancel_outcome(operation))
 
