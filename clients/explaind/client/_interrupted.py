@@ -171,7 +171,7 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
         # A run again under a --request-id given is refused; one choosing its own (the report has no such option) is not.
         rerun = "; running it again takes a new --request-id, as the server refuses a deleted job's" if given else ""
         interrupt.add_note(f"no job runs under request_id {request_id}: the one sending it again started, to find it, was cancelled and "
-                           f"deleted (the start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations "
+                           "deleted (the start had not reached the server, or a restart ended its job, failed ABORTED: explaind operations "
                            f"list shows it){rerun}")
         return
     interrupt.add_note(cancel_outcome(operation))
