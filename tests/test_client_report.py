@@ -1373,9 +1373,13 @@ def test_visualisations_whose_device_has_no_room_for_clip_stop_at_once_saying_fe
     # The job out of memory moving CLIP onto the device advised fewer pairs, which the
     # report could not follow and no halving would have helped: it stops at the first
     # request, with the server's words of where the memory ran out.
-    class ClipTooLargeForTheDevice(torch.nn.Module):
-        def _apply(self, *args, **kwargs):  # Module.to's walk over its tensors, which the job's move hands its copies
+    class TensorTooLargeForTheDevice:
+        def to(self, device):
             raise _CUDA_OUT_OF_MEMORY
+
+    class ClipTooLargeForTheDevice(torch.nn.Module):
+        def parameters(self, recurse=True):  # the job's move copies each onto the device first
+            yield TensorTooLargeForTheDevice()
 
     clip = SimpleNamespace(name="clip", loaded=True, source="stand-in", detail="", model=(ClipTooLargeForTheDevice(), None, lambda texts: None))
     with _served_holding(64, tmp_path / "data", clip=clip) as client:
