@@ -8831,6 +8831,8 @@ def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kern
     none), beside the metadata or, ``editable`` (maturin's .pth), in a source directory
     after it; ``wrapped``, its import error raised from as diffusers' lazy imports do. Returns
     the status and the checkout's and the installed package's directories."""
+    from importlib.machinery import PathFinder
+
     import diffusers
 
     from explaind.config import DiffusionSection
@@ -8864,8 +8866,19 @@ def _diffusion_load_importing_kernels(tmp_path: Path, monkeypatch, checkout_kern
     # server's does, and leaves no half-imported module to the tests after this one.
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
     repository = Path(__file__).resolve().parents[1]  # whose kernels/ (python -m pytest at the root) would take a hand-over
-    monkeypatch.setattr(sys, "path", [str(checkout), *(entry for entry in sys.path if Path(entry or ".").resolve() != repository), str(site),
-                                      *([str(package.parent)] if editable else [])])
+    # The stand-in install comes before the real site-packages, and the hand-over's search sees only the stand-ins: a
+    # venv with Hugging Face's kernels installed (a fresh one's, transformers 5.25 on) would otherwise give its
+    # distribution, or its package, to the hand-over.
+    monkeypatch.setattr(sys, "path", [str(checkout), str(site), *([str(package.parent)] if editable else []),
+                                      *(entry for entry in sys.path if Path(entry or ".").resolve() != repository)])
+    find_spec = PathFinder.find_spec
+
+    def among_the_stand_ins(name, path=None, target=None):
+        if name == "kernels" and path is not None:  # the hand-over's own search (an import's passes no path)
+            path = [entry for entry in path if Path(entry).resolve().is_relative_to(tmp_path.resolve())]
+        return find_spec(name, path, target)
+
+    monkeypatch.setattr(PathFinder, "find_spec", staticmethod(among_the_stand_ins))
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     hidden = sys.modules.pop("kernels", None)  # python -m pytest at the root: transformers imported a `kernels` already
