@@ -3,22 +3,24 @@
 Two kinds of token: an offset into a set's samples, a list that only grows at its end,
 named for the set and its uid (a set deleted and created again under its id is another
 set, whose samples an earlier set's offset would page), and a resume point
-``"<listing>/<create_time>/<id>"``, for lists whose items come and go while a client pages (operations, sample sets, head versions): an offset would then skip
-or repeat items. The listing's name makes a token from one list an error in another,
-where it would resume at an unrelated point, typically past the end: an empty last page.
-A listing kept to one caller's items (owner=) or to some of them (kind=, state=) is
-named for those too, so its tokens are refused by a listing asked with other ones, as
-AIP-158 asks (it would resume at the right time, but among other items than page one's).
+``"<listing>/<create_time>/<id>"``, for lists whose items come and go while a client
+pages (operations, sample sets, head versions): an offset would then skip or repeat
+items. The listing's name makes a token from one list an error in another, where it
+would resume at an unrelated point, typically past the end: an empty last page. A
+listing kept to one caller's items (owner=) or to some of them (kind=, state=) is named
+for those too, so its tokens are refused by a listing asked with other ones, as AIP-158
+asks (it would resume at the right time, but among other items than page one's).
 
 Both carry their format's version, ``"2:<listing>/<create_time>/<id>"`` and
-``"3:samples[set=<id>]/<uid>/<offset>"`` (version 3: version 2's ``"2:<offset>"`` named no
-set, and is read as before; a release rolled back to says the new one is a newer release's), so that a later release that changes what a token holds refuses (or converts) this one's
-rather than misreading them, and a release rolled back to tells a newer one's from a
-damaged one; tokens without one (version 1, handed out before versions, which a client
-may hold across an upgrade; a bare offset is also how the SDK starts a set's samples at an
-index, against any release) read as they always did, and one of a version this release
-does not know is INVALID_ARGUMENT telling to list from the start.
-"""
+``"3:samples[set=<id>]/<uid>/<offset>"`` (version 3: version 2's ``"2:<offset>"`` named
+no set, and is read as before; a release rolled back to says the new one is a newer
+release's), so that a later release that changes what a token holds refuses (or
+converts) this one's rather than misreading them, and a release rolled back to tells a
+newer one's from a damaged one; tokens without one (version 1, handed out before
+versions, which a client may hold across an upgrade; a bare offset is also how the SDK
+starts a set's samples at an index, against any release) read as they always did, and
+one of a version this release does not know is INVALID_ARGUMENT telling to list from the
+start."""
 
 from __future__ import annotations
 
