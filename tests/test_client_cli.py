@@ -2063,6 +2063,7 @@ def test_serve_with_a_model_path_its_user_may_not_read_fails_before_it_says_it_i
     shutil.copytree(classifier_dir, models / "classifier")
     (models / "diffusion" / "unet").mkdir(parents=True)
     (models / "diffusion" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    (models / "diffusion" / "unet" / "config.json").write_text("{}")
     (models / "diffusion" / "unet" / "diffusion_pytorch_model.safetensors").write_text("")
     (tmp_path / "clip").mkdir()  # beside models/, which a case denies: its config file is read as the config loads
     (tmp_path / "clip" / "open_clip_config.json").write_text("{}")
@@ -2079,6 +2080,26 @@ def test_serve_with_a_model_path_its_user_may_not_read_fails_before_it_says_it_i
     assert ended.returncode == 1 and "listening" not in ended.stderr and "Traceback" not in ended.stderr, ended.stderr
     unread = models / "classifier" if unreadable == "a directory above it" else denied_path
     assert ended.stderr.strip().splitlines()[-1] == f"error: {key} cannot read {unread}: Permission denied", ended.stderr
+
+
+def test_a_file_no_model_loader_opens_unreadable_to_the_servers_user_is_not_checked_before_the_bind(tmp_path, classifier_dir):
+    # Every file in a diffusers component folder, and every weights file beside CLIP's, had to be readable:
+    # a stray one (notes, an old checkpoint) stopped a start whose models load.
+    import shutil
+
+    from explaind.world.assets import clip_dir, t2i_dir
+
+    prefix = _without_root_privileges()
+    shutil.copytree(t2i_dir(), tmp_path / "t2i")
+    shutil.copytree(clip_dir(), tmp_path / "clip")
+    strays = [tmp_path / "t2i" / "unet" / "notes.txt", tmp_path / "clip" / "old_weights.bin"]
+    for stray in strays:
+        stray.write_text("")
+        stray.chmod(0o000)
+    config = write_config(tmp_path / "explaind.toml", classifier_dir, diffusion={"path": str(tmp_path / "t2i")}, clip={"path": str(tmp_path / "clip")})
+    check = f"from explaind.config import load_config, unusable_model_path; print(unusable_model_path(load_config({str(config)!r})))"
+    ended = subprocess.run([*prefix, sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert (ended.returncode, ended.stdout) == (0, "None\n"), ended.stderr
 
 
 @pytest.mark.parametrize("argv", [["--token", "s3cret", "serve"], ["--target=127.0.0.1:1", "demo"], ["--timeout", "5", "serve", "--port", "0"],

@@ -287,9 +287,10 @@ def _diffusers_directory(directory: Path, _classifier_dir: Path) -> None:
     directory.mkdir()
     (directory / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                                                             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None]}))
-    for part, file in (("unet", "diffusion_pytorch_model.safetensors"), ("scheduler", "scheduler_config.json")):
+    for part, files in (("unet", ("config.json", "diffusion_pytorch_model.safetensors")), ("scheduler", ("scheduler_config.json",))):
         (directory / part).mkdir()
-        (directory / part / file).write_text("{}")
+        for file in files:
+            (directory / part / file).write_text("{}")
 
 
 def _open_clip_directory(directory: Path, _classifier_dir: Path) -> None:
@@ -302,18 +303,41 @@ def _world_t2i_directory(directory: Path, classifier_dir: Path) -> None:
     _diffusers_directory(directory, classifier_dir)
     (directory / "model_index.json").unlink()
     (directory / "vae").mkdir()
+    (directory / "vae" / "config.json").write_text("{}")
+
+
+def _sharded_unet(directory: Path) -> None:
+    """The unet's weights as a safetensors index and the shards it names, as diffusers saves large ones."""
+    (directory / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    shards = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    (directory / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": dict(zip("ab", shards))}))
+    for shard in shards:
+        (directory / "unet" / shard).write_text("")
 
 
 # A readable directory passed the check whatever it held: a file the loader reads missing inside it failed after "listening on".
 @pytest.mark.parametrize(("section", "make", "break_it", "message"), [
     ("diffusion", _diffusers_directory, lambda d: shutil.rmtree(d / "unet"), "[diffusion].path: not found: {d}/unet"),
-    ("diffusion", _diffusers_directory, lambda d: (d / "unet" / "config.json").symlink_to(d / "gone"), "[diffusion].path: not found: {d}/unet/config.json"),
+    ("diffusion", _diffusers_directory, lambda d: ((d / "unet" / "config.json").unlink(), (d / "unet" / "config.json").symlink_to(d / "gone")),
+     "[diffusion].path: not found: {d}/unet/config.json"),
     # A file where model_index.json names a component folder: listing it raised NotADirectoryError: "error: [Errno 20] Not a directory", no key.
     ("diffusion", _diffusers_directory, lambda d: (shutil.rmtree(d / "unet"), (d / "unet").write_text("{}")), "[diffusion].path: not a directory: {d}/unet"),
     ("diffusion", _diffusers_directory, lambda d: (d / "model_index.json").write_text("{"), "[diffusion].path: {d}/model_index.json is not JSON: "),
     ("diffusion", _world_t2i_directory, lambda d: shutil.rmtree(d / "scheduler"),
      "[diffusion].path: not found: {d}/model_index.json (nor scheduler/; it has vae/, unet/)"),
+    # A file a component's loader opens, left out by a partial copy: found only as the models loaded, after "listening on".
+    ("diffusion", _diffusers_directory, lambda d: (d / "unet" / "config.json").unlink(), "[diffusion].path: not found: {d}/unet/config.json"),
+    ("diffusion", _diffusers_directory, lambda d: (d / "scheduler" / "scheduler_config.json").unlink(),
+     "[diffusion].path: not found: {d}/scheduler/scheduler_config.json"),
+    ("diffusion", _world_t2i_directory, lambda d: (d / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
+     "[diffusion].path: not found: {d}/unet/diffusion_pytorch_model.safetensors"),
+    ("diffusion", _world_t2i_directory, lambda d: (d / "vae" / "config.json").unlink(), "[diffusion].path: not found: {d}/vae/config.json"),
+    ("diffusion", lambda d, classifier_dir: (_world_t2i_directory(d, classifier_dir), _sharded_unet(d)),
+     lambda d: (d / "unet" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink(),
+     "[diffusion].path: not found: {d}/unet/diffusion_pytorch_model-00002-of-00002.safetensors"),
     ("clip", _open_clip_directory, lambda d: (d / "open_clip_model.safetensors").unlink(), "[clip].path {d} has no weights file"),
+    ("clip", _open_clip_directory, lambda d: ((d / "open_clip_model.safetensors").unlink(), (d / "open_clip_model.safetensors").symlink_to(d / "gone")),
+     "[clip].path: not found: {d}/open_clip_model.safetensors"),
     ("clip", _open_clip_directory, lambda d: (d / "open_clip_config.json").unlink(), "[clip].path {d} is not a directory holding open_clip_config.json"),
     ("classifier", lambda d, classifier_dir: shutil.copytree(classifier_dir, d), lambda d: (d / "model.safetensors").unlink(),
      "[classifier].path: not found: {d}/model.safetensors"),
@@ -326,6 +350,73 @@ def test_a_model_directory_missing_a_file_its_loader_reads_is_refused_before_the
     break_it(directory)
     problem = unusable_model_path(load_config(config))
     assert problem is not None and problem.startswith(message.format(d=directory)), problem
+
+
+def test_a_file_no_loader_opens_in_a_model_directory_does_not_stop_the_start(tmp_path, classifier_dir):
+    # Every file in a component folder, and every CLIP weights file, was checked: a stray one
+    # not found (here a dangling link) or unreadable stopped a start whose models load.
+    from explaind.engine.models import load_clip, load_diffusion
+    from explaind.world.assets import clip_dir, t2i_dir
+
+    shutil.copytree(t2i_dir(), tmp_path / "t2i")
+    shutil.copytree(clip_dir(), tmp_path / "clip")
+    for stray in ("t2i/unet/notes.txt", "t2i/unet/diffusion_pytorch_model.fp16.safetensors", "t2i/vae/diffusion_pytorch_model.bin",
+                  "t2i/scheduler/config.json", "clip/old_weights.bin"):
+        (tmp_path / stray).symlink_to(tmp_path / "gone")
+    config = load_config(write_config(tmp_path / "c.toml", classifier_dir, clip={"path": str(tmp_path / "clip")},
+                                      diffusion={"path": str(tmp_path / "t2i")}))
+    assert unusable_model_path(config) is None
+    load_diffusion(config.diffusion, load_clip(config.clip, required=True), required=True)  # raises where it cannot load
+
+
+@pytest.mark.parametrize("save", [{"safe_serialization": False}, {"max_shard_size": "2MB"}], ids=["bin", "sharded"])
+def test_a_unet_saved_as_diffusers_also_loads_it_passes_the_check(tmp_path, classifier_dir, save):
+    # The check takes the weights diffusers' from_pretrained does (no variant): a sharded
+    # safetensors index with its shards, else diffusion_pytorch_model.safetensors, else .bin.
+    from diffusers import UNet2DConditionModel
+
+    from explaind.world.assets import t2i_dir
+
+    shutil.copytree(t2i_dir(), tmp_path / "t2i")
+    shutil.rmtree(tmp_path / "t2i" / "unet")
+    UNet2DConditionModel.from_pretrained(t2i_dir() / "unet").save_pretrained(tmp_path / "t2i" / "unet", **save)
+    assert not (tmp_path / "t2i" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    UNet2DConditionModel.from_pretrained(tmp_path / "t2i" / "unet")
+    config = write_config(tmp_path / "c.toml", classifier_dir, diffusion={"path": str(tmp_path / "t2i")})
+    assert unusable_model_path(load_config(config)) is None
+
+
+@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "AutoencoderKL", "SD3Transformer2DModel", "ControlNetModel", "DDIMScheduler",
+                                        "EulerDiscreteScheduler", "AutoModel", "EMAModel", "OnnxRuntimeModel", "VaeImageProcessor", "T2IAdapter"])
+def test_a_diffusers_component_is_checked_for_only_the_files_its_class_loads_from(tmp_path, class_name):
+    # Told apart by name, without importing diffusers before the bind: a class taken for a model
+    # or a scheduler that is neither (OnnxRuntimeModel reads model.onnx) would refuse a directory it loads.
+    import diffusers
+
+    from explaind.config import component_files
+
+    kind = getattr(diffusers, class_name)
+    files = [path.name for path in component_files(tmp_path, "diffusers", class_name)]
+    if issubclass(kind, diffusers.SchedulerMixin):
+        assert files == ["scheduler_config.json"]
+    elif files:  # a model: one diffusers names otherwise (T2IAdapter) is checked only as it loads
+        assert issubclass(kind, diffusers.ModelMixin) and files == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+@pytest.mark.parametrize("names", [
+    ["open_clip_model.safetensors", "a.safetensors", "pytorch_model.bin"],
+    ["z.bin", "b.pth", "model.pth", "open_clip_pytorch_model.bin"],
+    ["b.pth", "c.bin", "d.safetensors"],
+    ["b.pth", "a.bin"],
+])
+def test_the_clip_weights_file_checked_is_the_one_open_clip_loads(tmp_path, names):
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    from explaind.config import clip_weights_file
+
+    for name in names:
+        (tmp_path / name).write_text("")
+    assert str(clip_weights_file(tmp_path)) == _find_checkpoint_in_dir(tmp_path)
 
 
 def test_a_weights_file_as_clip_path_is_refused_before_the_bind_not_only_as_clip_loads(tmp_path, classifier_dir):

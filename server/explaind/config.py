@@ -702,13 +702,26 @@ def _unreadable(path: str | Path) -> str | None:
     return None if os.access(path, os.R_OK | (os.X_OK if stat.S_ISDIR(mode) else 0)) else "Permission denied"
 
 
-# What a diffusers directory without model_index.json must hold: the shapes world's layout.
-WORLD_T2I_PARTS = ("vae", "unet", "scheduler")
+# The shapes world's text-to-image layout, a diffusers directory without model_index.json: each
+# part's folder and the (library, class) world.t2i's load_world_t2i loads it with.
+WORLD_T2I_COMPONENTS = {"vae": ("explaind", "PixelShuffleAutoencoder"), "unet": ("diffusers", "UNet2DConditionModel"),
+                        "scheduler": ("diffusers", "DDIMScheduler")}
+WORLD_T2I_PARTS = tuple(WORLD_T2I_COMPONENTS)
 # What a world classifier directory holds (world.classifier's save_classifier writes them).
 WORLD_CLASSIFIER_FILES = ("config.json", "model.safetensors")
 # What open_clip reads of a [clip].path directory: its config, and one weights file of these.
 CLIP_DIRECTORY_CONFIG = "open_clip_config.json"
 CLIP_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+# The weights file open_clip's local-dir: loading takes first where a directory holds several
+# (open_clip.factory's _find_checkpoint_in_dir), else the first by name, .safetensors first.
+CLIP_PREFERRED_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                          "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+# A diffusers model's config, and its weights as from_pretrained (no variant) looks for them, in
+# turn: a sharded safetensors index (with the shards it names), one safetensors file, one .bin.
+DIFFUSERS_MODEL_CONFIG = "config.json"
+DIFFUSERS_SCHEDULER_CONFIG = "scheduler_config.json"
+DIFFUSERS_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def diffusion_directory_problem(directory: Path) -> str | None:
@@ -729,31 +742,35 @@ def clip_directory_problem(directory: Path) -> str | None:
     if not (directory / CLIP_DIRECTORY_CONFIG).is_file():
         return (f"[clip].path {directory} is not a directory holding {CLIP_DIRECTORY_CONFIG}; a weights "
                 "file alone is [clip].checkpoint, with its architecture as [clip].model")
-    if not _clip_weight_files(directory):
+    if clip_weights_file(directory) is None:
         return (f"[clip].path {directory} has no weights file (open_clip_model.safetensors, or another "
                 f".safetensors, .bin or .pth file) beside its {CLIP_DIRECTORY_CONFIG}")
     return None
 
 
-def _clip_weight_files(directory: Path) -> list[Path]:
-    return [path for suffix in CLIP_WEIGHT_SUFFIXES for path in sorted(directory.glob(f"*{suffix}"))]
+def clip_weights_file(directory: Path) -> Path | None:
+    """The one weights file open_clip loads of ``directory`` (CLIP_PREFERRED_WEIGHTS), or None."""
+    candidates = sorted((path for suffix in CLIP_WEIGHT_SUFFIXES for path in directory.glob(f"*{suffix}")),
+                        key=lambda path: (path.suffix != ".safetensors", path))
+    preferred = [path for path in candidates if path.name in CLIP_PREFERRED_WEIGHTS]
+    return min(preferred, key=lambda path: CLIP_PREFERRED_WEIGHTS.index(path.name)) if preferred else next(iter(candidates), None)
 
 
-def _diffusion_component_folders(directory: Path) -> tuple[str | None, list[Path]]:
-    """(why model_index.json cannot be used, or None; the component folders the pipeline
-    loads): those model_index.json names with a library and class, else WORLD_T2I_PARTS."""
+def _diffusion_components(directory: Path) -> tuple[str | None, dict[str, tuple[str, str]]]:
+    """(why model_index.json cannot be used, or None; component folder -> (library, class)
+    the pipeline loads it with): those model_index.json names, else WORLD_T2I_COMPONENTS."""
     index_file = directory / "model_index.json"
     if not index_file.is_file():
-        return None, [directory / part for part in WORLD_T2I_PARTS]
+        return None, WORLD_T2I_COMPONENTS
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except OSError as error:
-        return f"cannot read {index_file}: {error.strerror}", []
+        return f"cannot read {index_file}: {error.strerror}", {}
     except ValueError as error:
-        return f"{index_file} is not JSON: {error}", []
+        return f"{index_file} is not JSON: {error}", {}
     if not isinstance(index, dict):
-        return f"{index_file} is not a JSON object", []
-    return None, [directory / component for component in pipeline_components(index)]
+        return f"{index_file} is not a JSON object", {}
+    return None, pipeline_components(index)
 
 
 def pipeline_components(index: object) -> dict[str, tuple[str, str]]:
@@ -766,29 +783,65 @@ def pipeline_components(index: object) -> dict[str, tuple[str, str]]:
             if isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)}
 
 
+def component_files(folder: Path, library: str, class_name: str) -> list[Path]:
+    """The files loading component ``class_name`` of ``library`` from ``folder`` opens, each
+    whether there or not (absent weights: the first name diffusers looks for): a diffusers
+    scheduler's config; a diffusers model's config and weights (DIFFUSERS_WEIGHTS_INDEX,
+    DIFFUSERS_WEIGHTS); the world's weightless autoencoder's config. [] for another class
+    (transformers', a package's own): which files it opens is its library's to say, as it loads.
+    By name, as diffusers names them, so that the check imports no library: every diffusers
+    scheduler's ends in "Scheduler"; its models' named so are, of others, not all."""
+    if library == "diffusers" and class_name.endswith("Scheduler"):
+        return [folder / DIFFUSERS_SCHEDULER_CONFIG]
+    if (library, class_name) == WORLD_T2I_COMPONENTS["vae"]:
+        return [folder / DIFFUSERS_MODEL_CONFIG]
+    if library == "diffusers" and (class_name.startswith(("UNet", "Autoencoder"))
+                                   or class_name.endswith(("Transformer2DModel", "Transformer3DModel", "ControlNetModel"))):
+        return [folder / DIFFUSERS_MODEL_CONFIG, *_diffusers_weight_files(folder)]
+    return []
+
+
+def _diffusers_weight_files(folder: Path) -> list[Path]:
+    """The weights files a diffusers model's from_pretrained reads of ``folder``: the index
+    and the shards it names (only the index where it is no such JSON: loading says why), else
+    the first of DIFFUSERS_WEIGHTS there (as diffusers, os.path.isfile)."""
+    index_file = folder / DIFFUSERS_WEIGHTS_INDEX
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8")).get("weight_map")
+            shards = sorted({folder / name for name in weight_map.values()})
+        except (OSError, ValueError, AttributeError, TypeError):
+            shards = []
+        return [index_file, *shards]
+    return [next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), folder / DIFFUSERS_WEIGHTS[0])]
+
+
 def _directory_problem(where: str, section: str, loader: str, directory: Path) -> str | None:
     """Why a file the loader of ``section`` reads inside ``directory`` (``where``, a key)
-    is missing or unreadable, or None: a diffusers pipeline's model_index.json and each
-    component folder it names (or the world layout's) with the files directly in them,
-    open_clip's config and weights files, a world classifier's files. Only what is known
-    without importing the libraries: what they make of the files comes as the models load."""
+    is missing or unreadable, or None: a diffusers pipeline's model_index.json, each
+    component folder it names (or the world layout's) and the files loading it opens
+    (component_files), open_clip's config and the weights file it loads, a world
+    classifier's files. Another file in them is no loader's, and not looked at. Only what
+    is known without importing the libraries: what they make of the files comes as the
+    models load."""
     files: list[Path] = []
     if section == "diffusion":
         if problem := diffusion_directory_problem(directory):
             return problem
-        problem, folders = _diffusion_component_folders(directory)
+        problem, components = _diffusion_components(directory)
         if problem:
             return f"{where}: {problem}"
-        for folder in folders:
+        for component, (library, class_name) in components.items():
+            folder = directory / component
             if problem := _file_problem(where, folder):
                 return problem
             if not folder.is_dir():  # diffusers would load the component from the pipeline's root instead
                 return f"{where}: not a directory: {folder}"
-            files += sorted(path for path in folder.iterdir() if path.is_file() or not path.exists())  # a dangling link: not found
+            files += component_files(folder, library, class_name)
     elif section == "clip":
         if problem := clip_directory_problem(directory):
             return problem
-        files = [directory / CLIP_DIRECTORY_CONFIG, *_clip_weight_files(directory)]
+        files = [directory / CLIP_DIRECTORY_CONFIG, clip_weights_file(directory)]
     elif section == "classifier" and loader == "world":
         files = [directory / name for name in WORLD_CLASSIFIER_FILES]
     return next(filter(None, map(functools.partial(_file_problem, where), files)), None)
