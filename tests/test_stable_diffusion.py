@@ -15,7 +15,7 @@ import torch
 
 from conftest import write_config
 from explaind import logs
-from explaind.config import DiffusionSection, load_config
+from explaind.config import DiffusionSection, load_config, unusable_model_path
 from explaind.engine.core import Engine
 from explaind.engine.models import ComponentStatus, load_diffusion
 from explaind.metrics import Metrics
@@ -69,6 +69,7 @@ def test_a_server_configured_with_a_stable_diffusion_directory_reports_it_loaded
     # explaind_component_loaded gauge. Named in a config file, it must load for the server to start.
     config = load_config(write_config(tmp_path / "explaind.toml", classifier_dir, diffusion={"path": str(stable_diffusion_dir)},
                                       server={"data_dir": str(tmp_path / "data")}))
+    assert unusable_model_path(config) is None  # the pre-bind check asks for the files diffusers saved, no other
     engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
     engine.load()
     try:
