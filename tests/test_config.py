@@ -386,21 +386,55 @@ def test_a_unet_saved_as_diffusers_also_loads_it_passes_the_check(tmp_path, clas
     assert unusable_model_path(load_config(config)) is None
 
 
-@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "AutoencoderKL", "SD3Transformer2DModel", "ControlNetModel", "DDIMScheduler",
-                                        "EulerDiscreteScheduler", "AutoModel", "EMAModel", "OnnxRuntimeModel", "VaeImageProcessor", "T2IAdapter"])
-def test_a_diffusers_component_is_checked_for_only_the_files_its_class_loads_from(tmp_path, class_name):
+@pytest.mark.parametrize(("class_name", "checked"), [
+    # Stable Diffusion 1.x / 2.x / XL, Kandinsky 2.2's decoder: a UNet and an autoencoder; SD3's, Flux's, PixArt's transformer.
+    ("UNet2DConditionModel", True), ("AutoencoderKL", True), ("SD3Transformer2DModel", True), ("FluxTransformer2DModel", True),
+    ("PixArtTransformer2DModel", True), ("Transformer2DModel", True), ("ControlNetModel", True),
+    ("DDIMScheduler", True), ("EulerDiscreteScheduler", True), ("FlowMatchEulerDiscreteScheduler", True),
+    # Kandinsky's movq, and classes that are no diffusers model (OnnxRuntimeModel reads model.onnx): checked only as they load.
+    ("VQModel", False), ("AutoModel", False), ("EMAModel", False), ("OnnxRuntimeModel", False), ("VaeImageProcessor", False), ("T2IAdapter", False),
+])
+def test_a_diffusers_component_is_checked_for_only_the_files_its_class_loads_from(tmp_path, class_name, checked):
     # Told apart by name, without importing diffusers before the bind: a class taken for a model
-    # or a scheduler that is neither (OnnxRuntimeModel reads model.onnx) would refuse a directory it loads.
+    # or a scheduler that is neither would refuse a directory it loads; one the docs name left out
+    # would let a partial copy of it through to after "listening on".
     import diffusers
 
     from explaind.config import component_files
 
     kind = getattr(diffusers, class_name)
     files = [path.name for path in component_files(tmp_path, "diffusers", class_name)]
-    if issubclass(kind, diffusers.SchedulerMixin):
+    if not checked:
+        assert files == []
+    elif issubclass(kind, diffusers.SchedulerMixin):
         assert files == ["scheduler_config.json"]
-    elif files:  # a model: one diffusers names otherwise (T2IAdapter) is checked only as it loads
+    else:
         assert issubclass(kind, diffusers.ModelMixin) and files == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def test_no_diffusers_class_is_checked_for_files_it_does_not_load_from(tmp_path):
+    # Every class diffusers exports (a model_index.json's ["diffusers", name] is one of them) that the
+    # check asks files of: a scheduler reading scheduler_config.json, or a model reading config.json
+    # and diffusion_pytorch_model weights; any other would stop the start of a pipeline that loads.
+    import diffusers
+
+    from explaind.config import component_files
+
+    misread = []
+    for name in dir(diffusers):
+        files = [path.name for path in component_files(tmp_path, "diffusers", name)]
+        if not files:
+            continue
+        try:
+            kind = getattr(diffusers, name)
+            config_name = kind.config_name
+        except ImportError:  # a stand-in for a class whose backend (torchsde, flax) is not installed
+            continue
+        scheduler = isinstance(kind, type) and issubclass(kind, diffusers.SchedulerMixin) and config_name == files[0] == "scheduler_config.json"
+        model = isinstance(kind, type) and issubclass(kind, diffusers.ModelMixin) and config_name == files[0] == "config.json"
+        if not (scheduler and len(files) == 1 or model and files[1:] == ["diffusion_pytorch_model.safetensors"]):
+            misread.append(name)
+    assert misread == []
 
 
 @pytest.mark.parametrize("names", [
