@@ -462,6 +462,25 @@ def test_a_weights_file_as_clip_path_is_refused_before_the_bind_not_only_as_clip
                        "with its architecture as [clip].model")
 
 
+def test_a_clip_weights_file_removed_during_the_check_is_named_not_a_traceback(tmp_path, classifier_dir, monkeypatch):
+    # The weights file is looked for twice (has the directory one; which one to read): gone between
+    # the two, the second found None and _file_problem raised TypeError at start-up.
+    import explaind.config as config_module
+
+    _open_clip_directory(tmp_path / "clip", classifier_dir)
+    config = load_config(write_config(tmp_path / "c.toml", classifier_dir, clip={"path": str(tmp_path / "clip")}))
+    looked_up = config_module.clip_weights_file
+
+    def removed_after_the_first_look(directory):
+        found = looked_up(directory)
+        if found is not None:
+            found.unlink()
+        return found
+
+    monkeypatch.setattr(config_module, "clip_weights_file", removed_after_the_first_look)
+    assert unusable_model_path(config) == f"[clip].path: not found: {tmp_path / 'clip' / 'open_clip_model.safetensors'}"
+
+
 def test_a_model_path_with_a_nul_is_not_found_before_the_bind_not_a_traceback(tmp_path):
     # os.stat raises ValueError for it (a traceback at start-up); the loaders' Path.exists said "not found".
     (tmp_path / "c.toml").write_text('[classifier]\nloader = "onnx"\npath = "/models/a\\u0000b.onnx"\n')

@@ -841,7 +841,8 @@ def _directory_problem(where: str, section: str, loader: str, directory: Path) -
     elif section == "clip":
         if problem := clip_directory_problem(directory):
             return problem
-        files = [directory / CLIP_DIRECTORY_CONFIG, clip_weights_file(directory)]
+        # a weights file removed since the check above is reported as the preferred one missing
+        files = [directory / CLIP_DIRECTORY_CONFIG, clip_weights_file(directory) or directory / CLIP_PREFERRED_WEIGHTS[0]]
     elif section == "classifier" and loader == "world":
         files = [directory / name for name in WORLD_CLASSIFIER_FILES]
     return next(filter(None, map(functools.partial(_file_problem, where), files)), None)
