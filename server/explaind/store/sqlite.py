@@ -1355,10 +1355,6 @@ class SQLiteStore:
                                        COALESCE((SELECT MAX({_VERSION_NUMBER}) FROM deleted_head_versions WHERE feature_version = ? AND {_NUMBERED}), -1))""",
                 (feature_version, feature_version)).fetchone()[0]
 
-    def deleted_head_versions(self, feature_version: str) -> list[str]:
-        with self._lock:
-            return [row[0] for row in self._db.execute("SELECT version_id FROM deleted_head_versions WHERE feature_version = ?", (feature_version,))]
-
     @_uses_reserve("to change the served head version")  # a promote or rollback: not held up by a full data dir
     def set_active_head_version(self, feature_version: str, version_id: str) -> None:
         with self._transaction() as db:
