@@ -387,7 +387,7 @@ def check_owner_rows(data_dir: Path, world: World, phase: str) -> None:
             expect(rows == written, f"{phase}: {table} {rows} != {written}")
 
 
-def check_after_writes(client: Client, world: World, data_dir: Path, name: str) -> None:
+def check_after_writes(client: Client, world: World, name: str) -> None:
     sets = {s.sample_set_id: s for s in client.sample_sets()}
     for set_id, expected in world.sets.items():
         recount = dict(collections.Counter(label for _, label in expected))
@@ -456,7 +456,7 @@ def scenario(old: Release, new: Release, data_dir: Path) -> None:
             check(server, world, data_dir, f"{name}, at start")
             writes(server)
             if server.process.poll() is None:  # not killed by its writes (which checked before)
-                check_after_writes(server.client, world, data_dir, name)
+                check_after_writes(server.client, world, name)
         check_files(data_dir, f"{name}, stopped", swept=False)
         check_owner_rows(data_dir, world, f"{name}, stopped")
         print(f"{name}: ok ({len(world.sets)} sets, {sum(map(len, world.sets.values()))} samples, "
@@ -507,7 +507,7 @@ def scenario(old: Release, new: Release, data_dir: Path) -> None:
         create(alice, world, "e", 25)  # its id again: a set of no one's, not bob's
         delete_operation(alice, world, later["bob's evaluation"])
         delete_version(alice, world, later["bob's version"])
-        check_after_writes(alice.client, world, data_dir, "old opens it again (rollback)")
+        check_after_writes(alice.client, world, "old opens it again (rollback)")
         running = alice.client.visualize_neurons([3], steps=10_000)
         while running.refresh().state != "running":
             time.sleep(0.05)
