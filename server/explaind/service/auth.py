@@ -26,12 +26,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
 from ..config import ConfigError, ServerSection, parse_callers, read_utf8_text, token_problem
 
 log = logging.getLogger(__name__)
+
+_Parsed = TypeVar("_Parsed")  # what a watched file's text is read as
 
 # The authorization value's scheme and its space, compared lower-case.
 _SCHEME = b"bearer "
@@ -88,6 +91,18 @@ class _WatchedFiles:
             raise ValueError("changed while being read, so it is being written in place; "
                              "replace it whole instead (write another file, then rename it over this one)")
         return text
+
+    def read(self, path: str, what: str, parse: Callable[[str], _Parsed]) -> _Parsed | None:
+        """``parse`` of ``path``'s :meth:`settled_text`, or None once :meth:`reload_failed`
+        has said why (``what`` names the file): it could not be read, or it or ``parse``
+        raised ValueError."""
+        try:
+            return parse(self.settled_text(path))
+        except (OSError, UnicodeDecodeError) as error:
+            self.reload_failed(f"{what} {path} could not be read ({type(error).__name__})")
+        except ValueError as error:
+            self.reload_failed(f"{what} {path}: {error}")
+        return None
 
     def reload_if_changed(self, reload: Callable[[], None]) -> None:
         """Run ``reload`` if the files changed, one reload at a time, each reading them after
@@ -209,13 +224,8 @@ class BearerToken:
         return grant is self._grant
 
     def _reload(self) -> None:
-        try:
-            token = self._files.settled_text(self._path).strip()
-        except (OSError, UnicodeDecodeError) as error:
-            self._files.reload_failed(f"token file {self._path} could not be read ({type(error).__name__})")
-            return
-        except ValueError as error:
-            self._files.reload_failed(f"token file {self._path}: {error}")
+        token = self._files.read(self._path, "token file", str.strip)
+        if token is None:
             return
         if problem := token_problem(token):
             self._files.reload_failed(f"token file {self._path} {problem}")
@@ -259,13 +269,8 @@ class NamedCallers:
         return self._grants.get(grant.caller) is grant
 
     def _reload(self) -> None:
-        try:
-            callers = parse_callers(self._files.settled_text(self._path))
-        except (OSError, UnicodeDecodeError) as error:
-            self._files.reload_failed(f"callers file {self._path} could not be read ({type(error).__name__})")
-            return
-        except ValueError as error:
-            self._files.reload_failed(f"callers file {self._path}: {error}")
+        callers = self._files.read(self._path, "callers file", parse_callers)
+        if callers is None:
             return
         self._files.reloaded()
         tokens = {name: token.encode() for name, token in callers.items()}
