@@ -16,11 +16,9 @@ each image.
 
 from __future__ import annotations
 
-import io
 import tempfile
 
 import numpy as np
-from PIL import Image
 
 from explaind.config import default_config
 from explaind.metrics import Metrics
@@ -60,12 +58,6 @@ class _TrimAfterEachDecode:
         return self._memory.lease(context, trim=True)
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    encoded = io.BytesIO()
-    Image.fromarray(pixels).save(encoded, format="PNG")
-    return encoded.getvalue()
-
-
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--images", type=positive_int, default=4, help="PNGs per Predict")
@@ -75,6 +67,7 @@ def main() -> None:
     parser.add_argument("--large-samples", type=positive_int, default=16, help="stored 1024x1024 PNGs whose features a job computes")
     args = parser.parse_args()
     from explaind.engine import Engine
+    from explaind.imaging import encode_png
     from explaind.service.inference import InferenceServicer
     from explaind.service.sample_sets import SampleSetServicer
 
@@ -84,7 +77,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = []
     for _ in range(max(args.images, args.samples)):
-        images.append(common_pb2.Image(encoded=_png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))))
+        images.append(common_pb2.Image(encoded=encode_png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))))
     request, call = inference_pb2.PredictRequest(images=images[: args.images]), _Call()
     servicer = InferenceServicer(engine, serving=lambda: True)
     budgeted, unbudgeted = engine.decode_memory, _NoDecodeMemory()
@@ -121,7 +114,7 @@ def main() -> None:
     compare("64x64 PNGs", list(dict.fromkeys(record.digest for record in engine.store.list_samples("bench"))),
             {"with the budget": budgeted, "without": unbudgeted})
     with engine.store.writing_blobs() as put:
-        large = [put(_png(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8))) for _ in range(args.large_samples)]
+        large = [put(encode_png(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8))) for _ in range(args.large_samples)]
     compare("1024x1024 PNGs", large, {"trimmed once (the server)": budgeted, "trimmed after each": _TrimAfterEachDecode(budgeted)})
     engine.close()
 
