@@ -98,6 +98,13 @@ def head_parameters(weight: object, bias: object) -> None:
                         f"{weight.device} and {bias.dtype} on {bias.device}")
 
 
+def linear_head(value: object) -> nn.Linear:
+    """``value``, an ``nn.Linear`` with a bias (the head a ranking or an edit reads)."""
+    if not isinstance(value, nn.Linear) or value.bias is None:
+        raise TypeError("head must be an nn.Linear with a bias")
+    return value
+
+
 def finite_head(weight: torch.Tensor, bias: torch.Tensor, prefix: str = "") -> None:
     """:func:`head_parameters`, and every value finite (one read of the head): a NaN logit
     row's argmax is class 0, so a NaN head predicts class 0 everywhere, without a word.

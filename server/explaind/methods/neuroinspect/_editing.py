@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import (callback_or_none, count, finite_head, index, indices, labelled_features, number, refuse_inference_mode,
+from ._checks import (callback_or_none, count, finite_head, index, indices, labelled_features, linear_head, number, refuse_inference_mode,
                       require_step_fits, seed_value)
 from ._probability import MAX_RATIO, _ratio_of_logits, neuron_importance, predicted_classes
 
@@ -150,9 +150,7 @@ class HeadEditor:
     """Retrains only a linear head so that class ``target_class`` relies less on ``neurons``."""
 
     def __init__(self, head: nn.Linear) -> None:
-        if not isinstance(head, nn.Linear) or head.bias is None:
-            raise TypeError("head must be an nn.Linear with a bias")
-        self.head = head
+        self.head = linear_head(head)
 
     def suggested_target_ratio(self, features: torch.Tensor, labels: torch.Tensor, *, target_class: int,
                                neurons: Sequence[int]) -> float:

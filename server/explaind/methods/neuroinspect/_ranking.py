@@ -14,7 +14,7 @@ from torch import nn
 from explaind.methods.ranking_text import check_limit, neuron_lines
 
 from ._counterfactual import CounterfactualSolver, SolverCallback, make_solver
-from ._checks import callback_or_none, count, feature_vector, finite_head, index, labelled_features, number
+from ._checks import callback_or_none, count, feature_vector, finite_head, index, labelled_features, linear_head, number
 from ._probability import neuron_importance, predicted_classes
 
 INSUFFICIENT = "insufficient"  # ω > 0: the true class needed more of this neuron
@@ -390,9 +390,7 @@ class MistakeNeuronRanker:
     """
 
     def __init__(self, head: nn.Linear) -> None:
-        if not isinstance(head, nn.Linear) or head.bias is None:
-            raise TypeError("head must be an nn.Linear with a bias")
-        self.head = head
+        self.head = linear_head(head)
 
     @torch.no_grad()
     def rank(
