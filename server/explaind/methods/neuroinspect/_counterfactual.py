@@ -117,7 +117,8 @@ def _tiny(dtype: torch.dtype) -> float:
 
 
 def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *,
-                    l1: float, l2: float, max_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    l1: float, l2: float, max_iterations: int,
+                    callback_on_step_end: SolverCallback | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``features`` in the head's dtype and int64 ``labels``, after checking their shapes,
     that they and the head are finite, and the settings (a solver may be called without
     the ranker's checks). A NaN logit row would count as a flip to class 0."""
@@ -128,7 +129,9 @@ def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Te
     number(l2, "l2")
     count(max_iterations, "max_iterations")
     labels = labels_tensor(labels, "labels", count=len(features), num_classes=weight.shape[0], device=weight.device)
-    return finite_rows(features.to(weight.device, weight.dtype), "features"), labels
+    features = finite_rows(features.to(weight.device, weight.dtype), "features")
+    callback_or_none(callback_on_step_end, "callback_on_step_end")
+    return features, labels
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,8 @@ class FaithfulSGD:
         callback_on_step_end: SolverCallback | None = None,
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
-        features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
-        callback_or_none(callback_on_step_end, "callback_on_step_end")
+        features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations,
+                                           callback_on_step_end=callback_on_step_end)
         require_step_fits(self.learning_rate, "learning_rate", features.dtype)
         state = _BatchState(features, labels)
         dim = features.shape[1]
@@ -244,8 +247,8 @@ class ProximalGradient:
         callback_on_step_end: SolverCallback | None = None,
     ) -> CounterfactualSolution:
         """ω (N, D) for features (N, D), labels (N,) under head ``weight`` (C, D), ``bias`` (C,)."""
-        features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations)
-        callback_or_none(callback_on_step_end, "callback_on_step_end")
+        features, labels = _checked_inputs(weight, bias, features, labels, l1=l1, l2=l2, max_iterations=max_iterations,
+                                           callback_on_step_end=callback_on_step_end)
         state = _BatchState(features, labels)
         dim = features.shape[1]
         # At least float32: there is no half-precision matrix norm.
