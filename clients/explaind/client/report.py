@@ -494,8 +494,8 @@ def _text(value: str) -> str:
     return html.escape(escape_controls(value))
 
 
-def _number(value: float, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def _number(value: float) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def _signed(value: float) -> str:
