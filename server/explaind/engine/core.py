@@ -92,15 +92,15 @@ def check_text_length(text: str, limit: int, field: str) -> None:
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
 
 
-def check_display_name(text: str, field: str = "display_name") -> None:
+def check_display_name(text: str) -> None:
     """A one-line label for people: at most MAX_DISPLAY_NAME_CHARS, no control,
     bidirectional-control or line-separator characters."""
-    check_text_length(text, MAX_DISPLAY_NAME_CHARS, field)
+    check_text_length(text, MAX_DISPLAY_NAME_CHARS, "display_name")
     if (control := _CONTROL_CHARACTER.search(text)) is not None:
         character = control.group()
         kind = {"Cc": "control", "Zl": "line-separator", "Zp": "paragraph-separator"}.get(unicodedata.category(character), "bidirectional-control")
         raise InvalidArgument(f"holds the {kind} character {character!r} (U+{ord(character):04X}) at {control.start()}; use printable text",
-                              field=field)
+                              field="display_name")
 
 
 def check_new_sample_set(sample_set_id: str, display_name: str) -> None:
