@@ -153,12 +153,12 @@ class _Classifier(nn.Module):
         return self.head(self.features(images))
 
 
-def _bounded(value: float, field: str, *, high: float, low: float = 0.0, low_open: bool = False) -> float:
-    """A request's number within the service's bounds, upper ones too (the methods check
-    only what makes sense at all); INVALID_ARGUMENT naming ``field``."""
+def _bounded(value: float, field: str, *, high: float, low_open: bool = False) -> float:
+    """A request's number in [0, ``high``] (``low_open``: (0, ``high``]), the service's bounds,
+    upper ones too (the methods check only what makes sense at all); INVALID_ARGUMENT naming ``field``."""
     value = float(value)
-    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+    if not math.isfinite(value) or value < 0 or value > high or (low_open and value == 0):
+        bounds = f"{'(' if low_open else '['}0.0, {high}]"
         raise InvalidArgument(f"{value} is not in {bounds}", field=field)
     return value
 
