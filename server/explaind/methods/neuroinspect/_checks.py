@@ -210,11 +210,11 @@ def callback_or_none(value: object, name: str) -> None:
         raise TypeError(f"{name} must be callable or None, got {value!r} ({type(value).__name__})")
 
 
-def seed_value(value: object, name: str = "seed") -> int:
+def seed_value(value: object) -> int:
     """An integer seed (any sign); floats and bools are refused, never truncated."""
     value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"seed must be an integer, got {value!r} ({type(value).__name__})")
     return int(value)
 
 
