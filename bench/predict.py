@@ -70,8 +70,14 @@ def start_server(root: Path, classifier: Path, max_batch_size: int, threads: int
         f'[batching]\nmax_batch_size = {max_batch_size}\n'
         f'[runtime]\nnum_threads = {threads}\nbackend = "{backend}"\ndevice = "{device}"\n'
     )
+    return serve(config, root / f"data{max_batch_size}")
+
+
+def serve(config: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """``explaind serve --config config`` on ``data_dir`` at a free port, once it is ready:
+    its process and its address."""
     port = free_port()
-    command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", str(port), "--data-dir", str(root / f"data{max_batch_size}")]
+    command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", str(port), "--data-dir", str(data_dir)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"
     with Client(target) as client:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from explaind.client import Client
 from explaind.world import assets
 
 from _cli import bench_parser, positive_int  # bench/, the script's directory, is on sys.path
-from predict import free_port, latencies, percentiles
+from predict import latencies, percentiles, serve
 
 PHASES = ("idle", "visualize", "evaluate")
 CLIENT_COUNTS = (1, 8)
@@ -50,14 +49,7 @@ def start_server(root: Path, threads: int) -> tuple[subprocess.Popen, str]:
         f'[clip]\npath = "{assets.clip_dir()}"\n'
         f'[runtime]\nnum_threads = {threads}\n'
     )
-    port = free_port()
-    command = [sys.executable, "-m", "explaind.client.cli", "serve", "--config", str(config), "--port", str(port),
-               "--data-dir", str(root / f"data{threads}")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = f"127.0.0.1:{port}"
-    with Client(target) as client:
-        client.wait_until_ready(timeout=300)
-    return process, target
+    return serve(config, root / f"data{threads}")
 
 
 class Load:
