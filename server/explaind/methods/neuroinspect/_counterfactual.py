@@ -120,8 +120,8 @@ def _checked_inputs(weight: torch.Tensor, bias: torch.Tensor, features: torch.Te
                     l1: float, l2: float, max_iterations: int,
                     callback_on_step_end: SolverCallback | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``features`` in the head's dtype and int64 ``labels``, after checking their shapes,
-    that they and the head are finite, and the settings (a solver may be called without
-    the ranker's checks). A NaN logit row would count as a flip to class 0."""
+    that they and the head are finite, and the settings and the callback (a solver may be
+    called without the ranker's checks). A NaN logit row would count as a flip to class 0."""
     finite_head(weight, bias)
     if tensor_argument(features, "features").ndim != 2 or features.shape[1] != weight.shape[1] or not features.is_floating_point():
         raise ValueError(f"features must be floating-point (N, {weight.shape[1]}), got {features.dtype} {tuple(features.shape)}")
