@@ -3734,6 +3734,9 @@ def test_help_lists_choices_defaults_and_what_special_values_mean(capsys, monkey
     serve = _help(capsys, ["serve"])
     assert "gRPC port (default: [server].port, 50051)" in serve and "(default: [server].metrics_port, 0 = off)" in serve
     assert "--top-k TOP_K classes per image (default 3, or all of a classifier with fewer)" in _help(capsys, ["predict"])
+    # sample-set's --request-id promised a "first run's job" in the --json error: an upload starts none (operation null).
+    assert "first run's job" not in _help(capsys, ["sample-set"])
+    assert "INVALID_ARGUMENT, --json's error naming the first run's job as operation" in _help(capsys, ["evaluate"])
     report = " ".join(_help(capsys, ["report"]).split())  # a cost for a stated size: "a fraction of a second" held to ~4k mistakes
     assert "(default: 200; on one server CPU thread 0.1 s for 4,096 mistakes of 2048 features, 0.9 s for 50,000)" in report
 

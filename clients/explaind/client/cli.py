@@ -1939,16 +1939,18 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(edit_head, "print the new head version and its evaluations as JSON")
     edit_head.set_defaults(run=cmd_edit_head)
 
-    for repeatable, first_run_made in ((sample_set, "the set the first run created or appended to, appending nothing twice"),
-                                       (evaluate, "the operation the first run started, not a second one"),
-                                       (rank, "the operation the first run started (a large set's ranking runs as one; a small "
-                                              "one is answered at once, remembering nothing), not a second one"),
-                                       (visualize, "the operation the first run started, not a second one"),
-                                       (edit_head, "the operation the first run started, not a second head version")):
+    names_the_job = ", --json's error naming the first run's job as operation"
+    for repeatable, first_run_made, refusal_names in (
+            (sample_set, "the set the first run created or appended to, appending nothing twice", ""),  # an upload starts no job
+            (evaluate, "the operation the first run started, not a second one", names_the_job),
+            (rank, "the operation the first run started (a large set's ranking runs as one; a small "
+                   "one is answered at once, remembering nothing), not a second one", names_the_job),
+            (visualize, "the operation the first run started, not a second one", names_the_job),
+            (edit_head, "the operation the first run started, not a second head version", names_the_job)):
         repeatable.add_argument("--request-id", dest="request_id", type=_request_id, metavar="UUID",
                                 help=f"names this request: the command run again with it (after a timeout or a crash, say) gets "
-                                     f"{first_run_made} (default: a new UUID per run); other options under it are INVALID_ARGUMENT, "
-                                     "--json's error naming the first run's job as operation")
+                                     f"{first_run_made} (default: a new UUID per run); other options under it are INVALID_ARGUMENT"
+                                     f"{refusal_names}")
 
     operations = command("operations", "list, get, wait, watch, cancel, delete jobs; fetch artifacts")
     operations.add_argument("action", choices=("list", "get", "wait", "watch", "cancel", "delete", "artifact"),
