@@ -2111,7 +2111,11 @@ def test_client_options_given_to_a_server_command_are_refused_not_ignored(capsys
     err = _usage_error(capsys, argv)
     command = "demo" if "demo" in argv else "serve"
     flag = next(arg for arg in argv if arg.startswith("--") and arg != "--port").partition("=")[0]
-    assert f"{command}: {flag} is an option of the client commands" in err and "its token from [server].token" in err
+    assert f"{command}: {flag} is an option of the client commands" in err
+    if command == "serve":
+        assert "address from --host/--port or [server].host/.port and its token from [server].token" in err
+    else:  # demo takes no --host/--port: its refusal sent a user to options it does not have
+        assert "--host" not in err and "a free loopback port of its own" in err and "--config's [server].token" in err
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--tok", "s3cret", "serve"], "invalid choice: 's3cret'"),

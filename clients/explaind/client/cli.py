@@ -2070,9 +2070,13 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         # Silently ignored, `explaind --token T serve` would start a server without auth.
         given = [flag for flag in _CLIENT_OPTIONS if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
         if given:
+            # demo has no --host/--port: it picks its server's port and sends the token its --config asks for.
+            served_from = ("demo serves on a free loopback port of its own, and its session sends the token of --config's "
+                           "[server].token, .token_file or .callers_file" if args.command == "demo" else
+                           "a server takes its address from --host/--port or [server].host/.port and its token from "
+                           "[server].token or --token-file")
             parser.error(f"{args.command}: {', '.join(given)} {'are options' if len(given) > 1 else 'is an option'} of the client "
-                         "commands; a server takes its address "
-                         "from --host/--port or [server].host/.port and its token from [server].token or --token-file")
+                         f"commands; {served_from}")
     # The command's own usage with its mistakes, not the list of every command.
     usage_error = subcommands.choices[args.command].error
     target_given = any(arg == "--target" or arg.startswith("--target=") for arg in argv)
