@@ -1101,12 +1101,12 @@ def test_two_visualisations_starting_at_once_move_clip_onto_the_device_once_and_
         def __init__(self, lock):
             self._lock = lock
 
-        def __enter__(self):
+        def acquire(self, *args, **kwargs):
             reached_the_move()
-            return self._lock.__enter__()
+            return self._lock.acquire(*args, **kwargs)
 
-        def __exit__(self, *exc_info):
-            return self._lock.__exit__(*exc_info)
+        def release(self):
+            self._lock.release()
 
     moved_to, optimising = [], threading.Barrier(2, timeout=60)
 
@@ -1132,6 +1132,58 @@ def test_two_visualisations_starting_at_once_move_clip_onto_the_device_once_and_
         assert len(copied) == len(tensors) and len(copiers) == 1  # one copy of each, by one job
         assert moved_to == ["meta", "meta"] and {tensor.device.type for tensor in tensors} == {"meta"}
     finally:
+        _shut(engine)
+
+
+def test_a_visualisation_waiting_for_another_to_move_clip_ends_cancelled_when_cancelled_without_moving_it(tmp_path, monkeypatch):
+    # A clip_illusion job waiting for another's move of CLIP onto the device (its lock) heard
+    # its cancel only once that move ended. Here the first job's move holds the lock until the
+    # test lets it go: the second, cancelled as it waits, ends CANCELLED meanwhile, never
+    # moving CLIP, and leaves the lock as it found it.
+    from explaind.engine import neuroinspect as engine_module
+
+    engine, inspect = _in_process(tmp_path, clip={"path": str(assets.clip_dir())}, jobs={"gpu_workers": 2})
+    move, moving, may_finish, second_waiting, movers = engine_module._move_whole, threading.Event(), threading.Event(), threading.Event(), []
+
+    def held_move(module, device):
+        movers.append(threading.get_ident())
+        moving.set()
+        assert may_finish.wait(timeout=60)
+        move(module, device)
+
+    class WatchedLock:
+        """The move's lock, saying when a job tries to take it while the first job's move holds it."""
+
+        def __init__(self, lock):
+            self._lock = lock
+
+        def acquire(self, *args, **kwargs):
+            if moving.is_set():
+                second_waiting.set()
+            return self._lock.acquire(*args, **kwargs)
+
+        def release(self):
+            self._lock.release()
+
+    lock = inspect._clip_move_lock
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(engine_module, "_move_whole", held_move)
+            patch.setattr(inspect, "_clip_move_lock", WatchedLock(lock))
+            first = inspect.visualize_neurons([(7, "heart")], method="clip_illusion", steps=1)
+            assert moving.wait(timeout=60)
+            second = inspect.visualize_neurons([(11, "heart")], method="clip_illusion", steps=1)
+            assert second_waiting.wait(timeout=60)
+            engine.jobs.cancel(second.record.job_id)
+            cancelled = engine.jobs.wait(second.record.job_id, 30).record
+            assert cancelled.state == "cancelled", cancelled
+            assert engine.jobs.get(first.record.job_id).record.state == "running" and lock.locked()  # the move holds it still
+            may_finish.set()
+            finished = engine.jobs.wait(first.record.job_id, 120).record
+        assert finished.state == "succeeded", finished.error_message
+        assert len(movers) == 1 and not lock.locked()
+    finally:
+        may_finish.set()
         _shut(engine)
 
 

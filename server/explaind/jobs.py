@@ -40,6 +40,7 @@ fifty waits for the jobs running then and at most one of the fifty. Jobs without
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -76,6 +77,9 @@ PERSIST_INTERVAL_S = 1.0
 # sent thousands of messages, the same preview in each, and a slow reader got them one by
 # one, long after the job had ended.
 WATCH_PROGRESS_INTERVAL_S = 0.2
+# How often a job waiting for a lock another job holds (JobContext.holding) looks whether
+# it was cancelled or has run too long (seconds).
+LOCK_CANCEL_POLL_S = 0.1
 # The delay a full queue's refusal asks callers to wait (google.rpc.RetryInfo): a place
 # frees when a worker takes a queued job, so about when the next running job ends. With
 # W workers busy on jobs of run time T, one ends every T / W on average; T is the median
@@ -195,6 +199,21 @@ class JobContext:
             raise JobCancelled(self.job_id)
         if self._run_deadline is not None and time.monotonic() > self._run_deadline:
             raise self.ran_too_long()
+
+    @contextlib.contextmanager
+    def holding(self, lock: threading.Lock) -> Iterator[None]:
+        """Hold ``lock`` for the block, waiting for it as :meth:`raise_if_cancelled` allows:
+        a job cancelled (or past its run time) while another holds it ends within
+        ``LOCK_CANCEL_POLL_S``, not once the holder lets go, and never takes it after its
+        cancel."""
+        while True:
+            self.raise_if_cancelled()
+            if lock.acquire(timeout=LOCK_CANCEL_POLL_S):
+                break
+        try:
+            yield
+        finally:
+            lock.release()
 
     def run_time_remaining(self) -> float | None:
         """Seconds the job may still run before ``max_run_s`` ends it (0 once past it);

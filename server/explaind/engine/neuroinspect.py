@@ -582,7 +582,7 @@ class NeuroInspectEngine:
         clip_model, tokenizer = (clip.model[0], clip.model[2]) if clip is not None and clip.loaded else (None, None)
         if clip_model is not None:
             try:
-                with self._clip_move_lock:  # the move alone: the optimisations that follow run side by side
+                with context.holding(self._clip_move_lock):  # the move alone: the optimisations that follow run side by side
                     _move_whole(clip_model, self._engine.device)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
                 # CLIP's size alone, whatever the pairs: fewer of them would not help, and the
