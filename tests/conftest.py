@@ -175,12 +175,15 @@ def vm_steps(store, call: Callable[[], object]) -> int:
     return steps
 
 
-def until_running(operation) -> None:
+def until_running(operation, limit_s: float = 60.0) -> None:
     """Wait for a worker to take ``operation`` (an SDK Operation) that a test acts on while it
-    runs. One that ended first (a machine fast enough to finish it) fails at once, naming its
-    state: polling for "running" waited out the test's timeout (600 s) on it."""
+    runs. One that ended first (a machine fast enough to finish it) fails at once, and one no
+    worker took within ``limit_s`` then, naming its state: polling for "running" waited out
+    the test's timeout (600 s) on either."""
+    deadline = time.monotonic() + limit_s
     while operation.refresh().state != "running":
         assert not operation.done, f"{operation.name} ended ({operation.state}) before the test could act on it running"
+        assert time.monotonic() < deadline, f"{operation.name} was still {operation.state} after {limit_s:g} s: no worker took it"
         time.sleep(0.05)
 
 

@@ -355,6 +355,19 @@ class _DroppingProxy(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(forward)
 
 
+def test_waiting_for_a_job_no_worker_takes_fails_naming_it_and_its_state():
+    # until_running polled a job stuck queued (every worker busy, or none) until the test's
+    # own timeout, 600 s, which names no job.
+    class StuckQueued:
+        name, state, done = "operations/stuck", "queued", False
+
+        def refresh(self):
+            return self
+
+    with pytest.raises(AssertionError, match=r"^operations/stuck was still queued after 0 s: no worker took it"):
+        until_running(StuckQueued(), limit_s=0)
+
+
 def test_a_full_job_queue_s_refusal_says_when_to_retry(server_factory):
     # A pipeline refused for a full queue got RESOURCE_EXHAUSTED "retry later" and no
     # RetryInfo: the SDK's retry_delay (the CLI's retry_delay_seconds) was None.
