@@ -574,36 +574,44 @@ def test_calls_that_change_nothing_are_retried_while_the_server_is_unavailable(m
         server.stop(0)
 
 
-def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once():
-    import threading
-
+def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once(monkeypatch):
     from explaind.client import UnavailableError
 
     from conftest import free_port
 
-    # A port of free_port's, not one the kernel hands out: in the 4 s it stays closed, the
-    # kernel could give one of its own to another test process's server or connection,
-    # and the restart could not bind it.
+    clock = _skipping_sdk_clock(monkeypatch)
+    with Client(f"127.0.0.1:{free_port()}", timeout=30) as client:
+        with pytest.raises(UnavailableError, match="failed to connect"):
+            client.sample_set("s")
+    assert clock.pauses == []  # said at once, not retried for the 30 s
+    # A port of free_port's, not one the kernel hands out: closed meanwhile, the kernel could
+    # give one of its own to another test process's server or connection, and the restart
+    # could not bind it.
     port = free_port()
     first, target = _serve(_LoadingSampleSets(loading_s=0), port)
-    restarted = []
+    # The port stays closed for 4 s of the SDK's retry pauses, as when a server process
+    # restarts, at no wall time: the pause that passes them restarts the server, and those
+    # after it are real, gRPC's reconnect's time, as in a real restart.
+    skip, restarted = clock.sleep, []
+
+    def pause(seconds: float) -> None:
+        if restarted:
+            time.sleep(seconds)
+            return
+        skip(seconds)
+        if clock.monotonic() >= closed_until:
+            restarted.append(_serve(_LoadingSampleSets(loading_s=0), port)[0])
+
+    monkeypatch.setattr(clock, "sleep", pause)
     with Client(target, timeout=30) as client:
         assert client.sample_set("s").sample_set_id == "s"
         first.stop(0).wait()
-        # The port stays closed for 4 s, as when a server process restarts.
-        restart = threading.Timer(4.0, lambda: restarted.append(_serve(_LoadingSampleSets(loading_s=0), port)[0]))
-        restart.start()
+        closed_until = clock.monotonic() + 4.0
         try:
             assert client.sample_set("s").sample_set_id == "s"
         finally:
-            restart.join()
-            restarted[0].stop(0)
-    nowhere = f"127.0.0.1:{free_port()}"
-    with Client(nowhere, timeout=30) as client:
-        started = time.monotonic()
-        with pytest.raises(UnavailableError, match="failed to connect"):
-            client.sample_set("s")
-        assert time.monotonic() - started < 10  # said at once, not retried for the 30 s
+            for server in restarted:
+                server.stop(0)
 
 
 def test_a_deadline_met_before_any_answer_does_not_count_as_the_server_answering(monkeypatch):
@@ -667,11 +675,13 @@ def test_the_last_retry_comes_just_before_the_deadline(monkeypatch):
         assert servicer.attempts["GetSampleSet"] == 7 and clock.monotonic() - started < 4.5
 
 
-def test_a_call_that_ran_out_of_time_retrying_says_it_was_retried_and_how_to_wait_longer():
+def test_a_call_that_ran_out_of_time_retrying_says_it_was_retried_and_how_to_wait_longer(monkeypatch):
     # A server restarting for longer than the timeout ended the call in one UNAVAILABLE
     # (or DEADLINE_EXCEEDED) that did not say the SDK had retried it for the whole timeout.
+    # On a skipping clock: the retries' 2 s cost no wall time.
     from explaind.client import UnavailableError
 
+    clock = _skipping_sdk_clock(monkeypatch)
     servicer = _LoadingSampleSets(loading_s=0)
     server, target = _serve(servicer)
     try:
@@ -681,7 +691,7 @@ def test_a_call_that_ran_out_of_time_retrying_says_it_was_retried_and_how_to_wai
             with pytest.raises(UnavailableError, match="loading") as unavailable:
                 client.sample_set("s")
         attempts = servicer.attempts["GetSampleSet"] - 1
-        assert attempts > 2 and len(unavailable.value.__notes__) == 1
+        assert attempts > 2 and attempts == len(clock.pauses) + 1 and len(unavailable.value.__notes__) == 1
         assert re.fullmatch(rf"the call was tried {attempts} times over [12]\.\ds, the server at {re.escape(target)} unavailable each time "
                             r"\(restarting, or loading its models\); a larger timeout waits longer for it \(timeout= of the Client or "
                             r"of the call; --timeout in the CLI\)", unavailable.value.__notes__[0])
@@ -692,34 +702,38 @@ def test_a_call_that_ran_out_of_time_retrying_says_it_was_retried_and_how_to_wai
         server.stop(0)
 
 
-class _SlowAfterRestart(_LoadingSampleSets):
-    """Unavailable for its first ``unavailable`` attempts, then answers after ``slow_s``."""
+class _MuteAfterRestart(_LoadingSampleSets):
+    """Unavailable for its first ``unavailable`` attempts, then answers none until ``answer`` is set."""
 
-    def __init__(self, unavailable: int, slow_s: float) -> None:
+    def __init__(self, unavailable: int) -> None:
         super().__init__(loading_s=0)
-        self.unavailable, self.slow_s = unavailable, slow_s
+        self.unavailable, self.answer = unavailable, threading.Event()
 
     def GetSampleSet(self, request, context):
         if self.attempts.get("GetSampleSet", 0) < self.unavailable:
             self.ready_at = float("inf")
         else:
             self.ready_at = 0.0
-            time.sleep(self.slow_s)
+            self.answer.wait(timeout=60)
         return super().GetSampleSet(request, context)
 
 
-def test_a_retried_call_whose_last_attempt_timed_out_says_so():
-    servicer = _SlowAfterRestart(unavailable=2, slow_s=3.0)
+def test_a_retried_call_whose_last_attempt_timed_out_says_so(monkeypatch):
+    # On a skipping clock: of the timeout, 0.5 s, the pauses before the tries at 0.1 and
+    # 0.25 s cost no wall time; the last try's 0.25 s, gRPC's deadline, does.
+    _skipping_sdk_clock(monkeypatch)
+    servicer = _MuteAfterRestart(unavailable=2)
     server, target = _serve(servicer)
     try:
-        with Client(target, timeout=2) as client:
+        with Client(target, timeout=0.5) as client:
             client._reached = True  # as after any earlier answer
             with pytest.raises(DeadlineExceededError) as late:
                 client.sample_set("s")
-        assert re.fullmatch(rf"the call was tried 3 times over [23]\.\ds, the server at {re.escape(target)} unavailable the first 2, the "
-                            r"last running out of time \(restarting, or loading its models\); a larger timeout waits longer .*",
+        assert re.fullmatch(rf"the call was tried 3 times over (0\.[5-9]|1\.\d)s, the server at {re.escape(target)} unavailable the first 2, "
+                            r"the last running out of time \(restarting, or loading its models\); a larger timeout waits longer .*",
                             late.value.__notes__[0])
     finally:
+        servicer.answer.set()
         server.stop(0)
 
 
