@@ -4510,6 +4510,27 @@ def test_a_full_queue_s_retry_delay_counts_jobs_that_ran_to_the_run_time_limit(t
     jobs.shutdown(1)
 
 
+def test_a_job_waiting_for_a_lock_another_holds_ends_at_the_run_time_limit_without_taking_it(tmp_path, jobs_clock):
+    # A job waiting for a lock (a visualisation for another's move of CLIP onto the device)
+    # heard neither its cancel nor [jobs].max_run_seconds until the holder let go.
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1, max_run_s=50.0)
+    lock, waiting, took = threading.Lock(), threading.Event(), []
+
+    def wait_for_the_lock(ctx):
+        waiting.set()
+        with ctx.holding(lock):
+            took.append(ctx.job_id)
+        return _empty()
+
+    with lock:
+        job_id = jobs.submit("evaluate", wait_for_the_lock).record.job_id
+        assert waiting.wait(timeout=60)
+        jobs_clock[0] += 50.5
+        record = jobs.wait(job_id, 30).record
+    assert (record.state, record.error_code, took) == ("failed", "DEADLINE_EXCEEDED", []), record
+    jobs.shutdown(1)
+
+
 @pytest.mark.parametrize(("running_owner", "queued_owners", "expected"), [
     # A caller at [jobs].max_queued_per_caller got the delay of a full queue, when the next
     # worker frees; but a place of its frees only when a worker takes its own queued job,
