@@ -4531,6 +4531,35 @@ def test_a_job_waiting_for_a_lock_another_holds_ends_at_the_run_time_limit_witho
     jobs.shutdown(1)
 
 
+def test_a_job_cancelled_as_the_lock_it_waits_for_frees_ends_cancelled_without_running_under_it(tmp_path):
+    # A cancel that came while the job's wait for the lock ran, the lock freeing in that
+    # wait, let the job take it and run the block under it (a second move of CLIP).
+    jobs = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    lock, submitted, took = threading.Lock(), threading.Event(), []
+
+    class FreeingAsTheCancelComes:
+        """The lock, the job's cancel arriving within its wait for it."""
+
+        def acquire(self, *args, **kwargs):
+            assert submitted.wait(timeout=60)
+            jobs.cancel(job_id)
+            return lock.acquire(*args, **kwargs)
+
+        def release(self):
+            lock.release()
+
+    def wait_for_the_lock(ctx):
+        with ctx.holding(FreeingAsTheCancelComes()):
+            took.append(ctx.job_id)
+        return _empty()
+
+    job_id = jobs.submit("evaluate", wait_for_the_lock).record.job_id
+    submitted.set()
+    record = jobs.wait(job_id, 30).record
+    assert (record.state, took, lock.locked()) == ("cancelled", [], False), record
+    jobs.shutdown(1)
+
+
 @pytest.mark.parametrize(("running_owner", "queued_owners", "expected"), [
     # A caller at [jobs].max_queued_per_caller got the delay of a full queue, when the next
     # worker frees; but a place of its frees only when a worker takes its own queued job,

@@ -211,6 +211,7 @@ class JobContext:
             if lock.acquire(timeout=LOCK_CANCEL_POLL_S):
                 break
         try:
+            self.raise_if_cancelled()  # a cancel that came within the wait that took it
             yield
         finally:
             lock.release()
