@@ -719,13 +719,14 @@ class _MuteAfterRestart(_LoadingSampleSets):
 
 
 def test_a_retried_call_whose_last_attempt_timed_out_says_so(monkeypatch):
-    # On a skipping clock: of the timeout, 0.5 s, the pauses before the tries at 0.1 and
-    # 0.25 s cost no wall time; the last try's 0.25 s, gRPC's deadline, does.
+    # On a skipping clock: of the timeout, 1 s, the pauses before the tries at 0.1 and
+    # 0.25 s cost no wall time; the last try's 0.75 s, gRPC's deadline, does (0.5 s left the
+    # first two tries 0.15 s of real time on a loaded machine).
     _skipping_sdk_clock(monkeypatch)
     servicer = _MuteAfterRestart(unavailable=2)
     server, target = _serve(servicer)
     try:
-        with Client(target, timeout=0.5) as client:
+        with Client(target, timeout=1) as client:
             client._reached = True  # as after any earlier answer
             with pytest.raises(DeadlineExceededError) as late:
                 client.sample_set("s")
