@@ -892,7 +892,7 @@ def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
 
 def test_a_callers_streams_are_held_to_its_share_of_the_slots(callers_file):
     from explaind.metrics import Metrics
-    from explaind.service.interceptors import HeldCalls, ServiceInterceptor
+    from explaind.service.interceptors import CallerShares, HeldCalls, ServiceInterceptor
     from explaind.v1 import common_pb2
 
     release = threading.Event()
@@ -904,7 +904,8 @@ def test_a_callers_streams_are_held_to_its_share_of_the_slots(callers_file):
     method = grpc.unary_stream_rpc_method_handler(watch, request_deserializer=common_pb2.Image.FromString,
                                                   response_serializer=common_pb2.Image.SerializeToString)
     callers = auth.NamedCallers({"monitoring": "tokenMON", "analyst": "tokenANA", "root": "tokenROOT"}, str(callers_file))
-    interceptor = ServiceInterceptor(Metrics(), callers, max_send_bytes=1 << 20, held_calls=HeldCalls(2))  # one slot per caller
+    interceptor = ServiceInterceptor(Metrics(), callers, max_send_bytes=1 << 20, held_calls=HeldCalls(2),
+                                     unary_shares=CallerShares(1))  # one slot per caller
     server = grpc.server(ThreadPoolExecutor(4), interceptors=[interceptor], handlers=[grpc.method_handlers_generic_handler("test.Service", {"Watch": method})])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -961,6 +962,42 @@ def test_a_server_holds_streams_to_half_of_its_max_workers(tmp_path, classifier_
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "(at most 4, 1 of them for calls without a token)" in refused.value.details()
     finally:
+        server.stop(0)
+
+
+def test_a_callers_predictions_and_uploads_hold_at_most_half_of_the_threads_so_another_caller_is_served(
+        tmp_path, classifier_dir, callers_file, monkeypatch):
+    # A security review's reproduction: with 4 threads, one caller's 8 Predicts, each waiting
+    # to decode, took all 4, and another caller's Predict waited ~23 s for a thread. Now the
+    # caller runs 2 of them (half of max_workers) and its others are refused at once.
+    decode, entered, release = convert.decode_image, threading.Semaphore(0), threading.Event()
+
+    def decode_blocking_the_analyst(*args, **kwargs):
+        if auth.current_caller() == "analyst":
+            entered.release()
+            release.wait(30)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "decode_image", decode_blocking_the_analyst)
+    server = start(tmp_path, classifier_dir, max_workers=4, callers_file=str(callers_file))
+    try:
+        with client(server, "tokenANA") as analyst, client(server, "tokenMON") as monitoring, ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(analyst.predict, [IMAGE]) for _ in range(2)]
+            for _ in held:
+                assert entered.acquire(timeout=30)  # both decoding, in two of the four threads
+            for refused_call in (lambda: analyst.predict([IMAGE]), lambda: analyst.create_sample_set([IMAGE], [0], sample_set_id="more")):
+                with pytest.raises(ResourceExhaustedError) as refused:
+                    refused_call()
+                assert refused.value.details == (
+                    "this caller's Predict, CreateSampleSet and AppendSamples calls in progress hold its share of the server's threads "
+                    "(at most 2 at once, half of [server].max_workers, which the server's operator may raise); retry once one of them "
+                    "has answered, or send fewer at once (the SDK's predict max_in_flight)")
+            assert len(monitoring.predict([IMAGE])) == 1  # served while the analyst's share is full
+            release.set()
+            assert [len(call.result(timeout=30)) for call in held] == [1, 1]
+            assert len(analyst.predict([IMAGE])) == 1  # the share came back as the calls answered
+    finally:
+        release.set()
         server.stop(0)
 
 

@@ -9216,12 +9216,12 @@ def _intercepted_server(metrics: Metrics, behaviour, request_deserializer=None, 
     import grpc
 
     from explaind.service.auth import BearerToken
-    from explaind.service.interceptors import HeldCalls, ServiceInterceptor
+    from explaind.service.interceptors import CallerShares, HeldCalls, ServiceInterceptor
 
     method = grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=request_deserializer,
                                                  response_serializer=lambda message: message.SerializeToString())
     handler = grpc.method_handlers_generic_handler("test.Service", {"Call": method, "Other": method})
-    interceptor = ServiceInterceptor(metrics, BearerToken(token), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
+    interceptor = ServiceInterceptor(metrics, BearerToken(token), max_send_bytes=1 << 20, held_calls=HeldCalls(1), unary_shares=CallerShares(1))
     server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor], handlers=[handler])
     return server, server.add_insecure_port("127.0.0.1:0")
 
@@ -9338,7 +9338,7 @@ def test_out_of_memory_advises_less_of_what_the_work_at_hand_takes_not_always_fe
     from explaind.engine import evaluation
     from explaind.errors import report_unexpected
     from explaind.service.auth import BearerToken
-    from explaind.service.interceptors import HeldCalls, ServiceInterceptor
+    from explaind.service.interceptors import CallerShares, HeldCalls, ServiceInterceptor
 
     logger = logging.getLogger("explaind.test")
     incident = r" \(the server log has the details under incident [0-9a-f]{8}\)$"
@@ -9356,7 +9356,7 @@ def test_out_of_memory_advises_less_of_what_the_work_at_hand_takes_not_always_fe
     assert re.match(r"^the server ran out of memory; retry with a smaller batch_size or sample set, or later" + incident, record.error_message)
     # A call's method says what a retry may cut: Predict's images; another's nothing.
     handler = grpc.unary_unary_rpc_method_handler(out_of_memory, response_serializer=lambda message: message.SerializeToString())
-    interceptor = ServiceInterceptor(Metrics(), BearerToken(""), max_send_bytes=1 << 20, held_calls=HeldCalls(1))
+    interceptor = ServiceInterceptor(Metrics(), BearerToken(""), max_send_bytes=1 << 20, held_calls=HeldCalls(1), unary_shares=CallerShares(1))
     server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor],
                          handlers=[grpc.method_handlers_generic_handler("test.Service", {"Predict": handler, "GetArtifact": handler})])
     port = server.add_insecure_port("127.0.0.1:0")

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import grpc
@@ -59,6 +59,13 @@ _LOGGED_REFUSALS = {"RESOURCE_EXHAUSTED": logging.WARNING, "PERMISSION_DENIED": 
 # What a retry of an inline call may ask less of should it run the host or the model's
 # device out of memory (explaind.errors.report_unexpected), by method; any other is told to
 # retry later.
+# Unary calls that hold their thread for long, decoding images (a wait for room in
+# [server].max_decode_bytes too), then waiting for the model or writing the samples: a named
+# caller may run at most half of [server].max_workers of them at once (``unary_shares``),
+# so that its calls cannot take every thread from the other callers.
+_THREAD_BOUND_METHODS = {("explaind.v1.InferenceService", "Predict"), ("explaind.v1.SampleSetService", "CreateSampleSet"),
+                         ("explaind.v1.SampleSetService", "AppendSamples")}
+
 _LESS_WORK_BY_METHOD = {"Predict": "fewer images per request", "CreateSampleSet": "fewer samples per request",
                         "AppendSamples": "fewer samples per request", "RankMistakeNeurons": "a smaller sample set"}
 
@@ -92,6 +99,49 @@ def _shorten(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
     return message
 
 
+class CallerShares:
+    """The calls each named caller holds at once, at most ``limit`` each: so one caller's
+    calls cannot take from the others what they share (threads, slots). Calls with no
+    named caller (one token, or no auth: one caller in all) are not counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._held_by: dict[str, int] = {}  # named caller -> calls it holds
+
+    def _take(self, caller: str | None) -> bool:
+        if caller is None:
+            return True
+        with self._lock:
+            if self._held_by.get(caller, 0) >= self.limit:
+                return False
+            self._held_by[caller] = self._held_by.get(caller, 0) + 1
+            return True
+
+    def _give_back(self, caller: str | None) -> None:
+        if caller is None:
+            return
+        with self._lock:
+            self._held_by[caller] -= 1
+            if not self._held_by[caller]:
+                del self._held_by[caller]
+
+    def full(self, caller: str | None) -> bool:
+        """Whether ``caller`` holds all of its share now."""
+        with self._lock:
+            return caller is not None and self._held_by.get(caller, 0) >= self.limit
+
+    @contextmanager
+    def share(self, caller: str | None) -> Iterator[bool]:
+        """Whether ``caller`` had room in its share; the call counts in it until the block ends."""
+        taken = self._take(caller)
+        try:
+            yield taken
+        finally:
+            if taken:
+                self._give_back(caller)
+
+
 class HeldCalls:
     """The calls that hold a worker thread while they wait on something: server streams
     (WatchOperation, health's Watch), reflection's two-way stream and WaitOperation, and
@@ -107,52 +157,32 @@ class HeldCalls:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.public_limit = max(1, limit // 4)
-        self.caller_limit = max(1, limit // 2)
+        self._callers = CallerShares(max(1, limit // 2))
+        self.caller_limit = self._callers.limit
         self._slots = threading.BoundedSemaphore(limit)
         self._public_slots = threading.BoundedSemaphore(self.public_limit)
-        self._lock = threading.Lock()
-        self._held_by: dict[str, int] = {}  # named caller -> slots it holds
-
-    def _take_callers_share(self, caller: str | None) -> bool:
-        if caller is None:
-            return True
-        with self._lock:
-            if self._held_by.get(caller, 0) >= self.caller_limit:
-                return False
-            self._held_by[caller] = self._held_by.get(caller, 0) + 1
-            return True
-
-    def _return_callers_share(self, caller: str | None) -> None:
-        if caller is None:
-            return
-        with self._lock:
-            self._held_by[caller] -= 1
-            if not self._held_by[caller]:
-                del self._held_by[caller]
 
     @contextmanager
     def slot(self, *, public: bool = False, caller: str | None = None) -> Iterator[bool]:
         """Whether a slot was free (for a call that needs no token: one of the public
         share too; for a named ``caller``: one of its share); it is held until the block ends."""
         public_held = not public or self._public_slots.acquire(blocking=False)
-        share_held = public_held and self._take_callers_share(caller)
-        held = share_held and self._slots.acquire(blocking=False)
         try:
-            yield held
+            with self._callers.share(caller if public_held else None) as share_held:
+                held = public_held and share_held and self._slots.acquire(blocking=False)
+                try:
+                    yield held
+                finally:
+                    if held:
+                        self._slots.release()
         finally:
-            if held:
-                self._slots.release()
-            if share_held:
-                self._return_callers_share(caller)
             if public and public_held:
                 self._public_slots.release()
 
     def refusal(self, *, public: bool = False, caller: str | None = None) -> str:
         """Why :meth:`slot` found none free, for the caller's RESOURCE_EXHAUSTED."""
-        with self._lock:
-            callers_share_taken = caller is not None and self._held_by.get(caller, 0) >= self.caller_limit
         most = (f"{self.public_limit} of them for calls without a token" if public
-                else f"{self.caller_limit} of them for one caller" if callers_share_taken else "half of [server].max_workers")
+                else f"{self.caller_limit} of them for one caller" if self._callers.full(caller) else "half of [server].max_workers")
         return f"the streams, waits and inline rankings this server keeps at once are open (at most {self.limit}, {most}); try again later"
 
 
@@ -180,12 +210,15 @@ class ThrottledLog:
 
 class ServiceInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics, token: BearerToken | NamedCallers, max_send_bytes: int, held_calls: HeldCalls,
-                 tracing: Tracing = NO_TRACING) -> None:
+                 unary_shares: CallerShares, tracing: Tracing = NO_TRACING) -> None:
+        """``unary_shares``: each named caller's share of the threads for the
+        ``_THREAD_BOUND_METHODS`` (half of [server].max_workers)."""
         self._metrics = metrics
         self._tracing = tracing
         self._token = token
         self._max_send_bytes = max_send_bytes
         self._held_calls = held_calls
+        self._unary_shares = unary_shares
         self._refusals = ThrottledLog()
         # Per method: a flood of Predict must not hide that uploads are refused too.
         self._refusal_logs: dict[tuple[str, str, str], ThrottledLog] = {}
@@ -233,15 +266,26 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap_unary(self, behaviour: Callable, service: str, method: str, caller: str | None) -> Callable:
         """``caller``: as intercept_service resolved it (None: refused)."""
+        thread_bound = (service, method) in _THREAD_BOUND_METHODS
+
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             with _Observed(self._metrics, service, method, context, self._max_send_bytes, self._log_refusal, self._traced(service),
                            caller=caller or None) as observed:
                 if caller is None:
                     self._refuse_unauthenticated(observed, service, method, context)
                 observed.refuse_if_unparsed(request)
-                return observed.call(behaviour, request, context)
+                with self._unary_shares.share(caller or None) if thread_bound else nullcontext(True) as shared:
+                    if not shared:
+                        observed.abort("RESOURCE_EXHAUSTED", self._unary_refusal())
+                    return observed.call(behaviour, request, context)
 
         return handle
+
+    def _unary_refusal(self) -> str:
+        """Why a ``_THREAD_BOUND_METHODS`` call found its caller's share full."""
+        return (f"this caller's Predict, CreateSampleSet and AppendSamples calls in progress hold its share of the server's threads "
+                f"(at most {self._unary_shares.limit} at once, half of [server].max_workers, which the server's operator may raise); "
+                "retry once one of them has answered, or send fewer at once (the SDK's predict max_in_flight)")
 
     def _wrap_stream(self, behaviour: Callable, service: str, method: str, caller: str | None, grant: Grant | None) -> Callable:
         """``grant``: what let the call in (None: refused, or a public service's call),

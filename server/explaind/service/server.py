@@ -54,7 +54,7 @@ from ..store import SQLiteStore, StoreOpenError
 from ..tracing import start_tracing
 from .auth import BearerToken, NamedCallers, TlsCredentials
 from .inference import InferenceServicer
-from .interceptors import HeldCalls, ServiceInterceptor
+from .interceptors import CallerShares, HeldCalls, ServiceInterceptor
 from .neuroinspect import NeuroInspectServicer
 from .operations import OperationsServicer
 from .sample_sets import SampleSetServicer
@@ -164,7 +164,8 @@ class ExplaindServer:
             *keepalive_options(),
         ]
         held_calls = HeldCalls(max(1, settings.max_workers // 2))
-        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls, self.tracing)
+        interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls,
+                                         CallerShares(settings.max_workers // 2), self.tracing)
         server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"), interceptors=[interceptor], options=options,
                              maximum_concurrent_rpcs=settings.concurrent_rpcs)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine, serving=lambda: self.neuroinspect.restored), server)
