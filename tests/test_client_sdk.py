@@ -963,15 +963,19 @@ HOLD_S = 10.0
 
 
 class _PipelinedInference(inference_pb2_grpc.InferenceServiceServicer):
-    """A batch size of 2 images (and ``queued_per_caller``, 0: no such limit). Each
+    """A batch size of 2 images (and ``queued_per_caller`` and ``calls_per_caller``, 0: no
+    such limit; a Predict past ``calls_per_caller`` in progress is RESOURCE_EXHAUSTED). Each
     Predict of ``requests`` waits until ``window`` of
     them are in flight at once, or all have come, then
     answers each image with its first pixel as its class: the later sent first, or with
     ``failing`` (a first pixel), INVALID_ARGUMENT for that request, and the requests sent
     after it held until the client cancels them."""
 
-    def __init__(self, requests: int, *, window: int, failing: int | None = None, queued_per_caller: int = 0) -> None:
+    def __init__(self, requests: int, *, window: int, failing: int | None = None, queued_per_caller: int = 0, calls_per_caller: int = 0,
+                 hold_s: float = HOLD_S) -> None:
+        """``hold_s``: how long a request waits for its window at most (then none waits)."""
         self.requests, self.window, self.failing, self.queued_per_caller = requests, window, failing, queued_per_caller
+        self.calls_per_caller, self.hold_s = calls_per_caller, hold_s
         self.changed = threading.Condition()
         self.arrived: list[int] = []  # each request's first pixel
         self.answered: list[int] = []
@@ -981,11 +985,14 @@ class _PipelinedInference(inference_pb2_grpc.InferenceServiceServicer):
 
     def GetModelMetadata(self, request, context):
         batching = inference_pb2.BatchingInfo(max_batch_size=2, max_queued_images_per_caller=self.queued_per_caller)
-        return inference_pb2.GetModelMetadataResponse(batching=batching, limits=inference_pb2.RequestLimits(max_images_per_request=1024))
+        limits = inference_pb2.RequestLimits(max_images_per_request=1024, max_calls_per_caller=self.calls_per_caller)
+        return inference_pb2.GetModelMetadataResponse(batching=batching, limits=limits)
 
     def Predict(self, request, context):
         first = request.images[0].tensor.data[0]
         with self.changed:
+            if 0 < self.calls_per_caller <= self.running:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this caller's Predict ... calls in progress hold its share")
             self.arrived.append(first)
             self.running += 1
             self.most_running = max(self.most_running, self.running)
@@ -1013,7 +1020,7 @@ class _PipelinedInference(inference_pb2_grpc.InferenceServiceServicer):
                                                           for image in request.images])
 
     def _hold(self, until) -> None:
-        if not self.changed.wait_for(lambda: self.held_too_long or until(), HOLD_S):
+        if not self.changed.wait_for(lambda: self.held_too_long or until(), self.hold_s):
             self.held_too_long = True
 
 
@@ -1060,6 +1067,15 @@ def test_predict_keeps_several_requests_in_flight_and_returns_their_answers_in_o
     with _client_of(servicer) as client:
         assert len(client.predict(images())) == 10
     assert servicer.most_running == 2 and answered_when_read[8] >= 1
+    # A server that keeps each named caller to 2 calls in progress (half of its 4
+    # max_workers) gets 2 requests at once, not a third refused as RESOURCE_EXHAUSTED,
+    # failing the whole predict (the server holds the first two for a third, up to 1 s,
+    # which the client must not send); an older server (0, no such limit) gets 4, above.
+    servicer = _PipelinedInference(requests=5, window=3, calls_per_caller=2, hold_s=1.0)
+    with _client_of(servicer) as client:
+        assert [p.class_indices for p in client.predict(_numbered_images(10))] == [[i] for i in range(10)]
+        assert client.model_metadata().limits.max_calls_per_caller == 2
+    assert servicer.most_running == 2 and servicer.held_too_long
 
 
 def test_a_failing_request_among_those_in_flight_raises_its_error_and_cancels_the_later_ones():
@@ -4144,7 +4160,7 @@ def test_model_metadata_has_each_of_the_servers_fields_in_its_place(client):
     assert (meta.name, meta.loader, meta.device, meta.interpolation) == ("world:balanced", "world", config.runtime.device, "bilinear")
     assert meta.supports_visualization  # a PyTorch classifier: its neurons can be visualised
     assert meta.limits == RequestLimits(config.server.max_message_bytes, config.server.max_pixels_per_request,
-                                        config.batching.max_images_per_request, MAX_IMAGE_SIDE, 0)
+                                        config.batching.max_images_per_request, MAX_IMAGE_SIDE, 0, config.server.max_workers // 2)
     assert (meta.components["classifier"].source, meta.components["classifier"].detail) == (meta.source, "world:balanced (world)")
 
 

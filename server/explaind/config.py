@@ -154,6 +154,12 @@ class ServerSection:
     def concurrent_rpcs(self) -> int:
         """The calls held at once: ``max_concurrent_rpcs``, or 4 x ``max_workers`` for 0."""
         return self.max_concurrent_rpcs or 4 * self.max_workers
+
+    @property
+    def calls_per_caller(self) -> int:
+        """The Predict, CreateSampleSet and AppendSamples calls one named caller may have in
+        progress at once: half of ``max_workers``, so its calls leave threads to the others."""
+        return self.max_workers // 2
     # Seconds an upload in several requests may go without one before its set is deleted
     # (a client that died mid-upload left its images on disk until a restart); 0: only
     # a restart deletes it.

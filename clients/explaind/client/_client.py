@@ -502,6 +502,7 @@ class Client:
         self._limits: RequestLimits | None = None
         self._max_batch_size = 0  # the server's [batching].max_batch_size, asked with _limits; 0: unknown
         self._max_queued_images_per_caller = 0  # the server's [batching] one, asked with _limits; 0: no limit or unknown
+        self._max_calls_per_caller = 0  # the server's RequestLimits one, asked with _limits; 0: no limit or unknown
         self._capabilities: tuple[str, ...] = ()  # the server's, asked with _limits
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retry = retry
@@ -799,7 +800,7 @@ class Client:
             max_batch_size=response.batching.max_batch_size,
             limits=RequestLimits(
                 response.limits.max_message_bytes, response.limits.max_pixels_per_request, response.limits.max_images_per_request,
-                response.limits.max_image_side, response.limits.max_samples_per_caller,
+                response.limits.max_image_side, response.limits.max_samples_per_caller, response.limits.max_calls_per_caller,
             ),
             resize_size=c.resize_size,
             interpolation=c.interpolation,
@@ -829,7 +830,9 @@ class Client:
 
         Up to ``max_in_flight`` of those requests are in flight at once (1: one at a time),
         each in a thread of the call's own, ended with it, and fewer where the server
-        limits a caller's images waiting ([batching].max_queued_images_per_caller): the
+        limits a caller's calls in progress (``model_metadata().limits.max_calls_per_caller``,
+        half of its [server].max_workers) or its images waiting
+        ([batching].max_queued_images_per_caller): the
         next images are read and sent while the server runs the earlier, whose answers
         are taken in order. The first request to fail, in the list's order, raises its
         error and cancels the others.
@@ -904,9 +907,10 @@ class Client:
                          timeout: float | None) -> Generator[Any, None, None]:
         """The answers, in order, to the requests of a split call (each with its count of
         items), up to ``max_in_flight`` of them in flight at once in threads of the call's
-        own, and no more items than the server's max_queued_images_per_caller unless one
-        request alone (known once ``requests``, made by :meth:`_request_chunks`, has read
-        the server's limits). Each is a :meth:`_call_at` in the caller's context (its trace span). The
+        own, and no more than the server's max_calls_per_caller (one more would be refused)
+        nor more items than its max_queued_images_per_caller unless one request alone
+        (both known once ``requests``, made by :meth:`_request_chunks`, has read the
+        server's limits). Each is a :meth:`_call_at` in the caller's context (its trace span). The
         first failure in the requests' order is raised, an error making a request (reading
         its images) once the requests before it have answered, as one at a time; on a
         failure or a close, the calls still in flight are cancelled and the threads end
@@ -930,7 +934,7 @@ class Client:
                     except Exception as error:  # an image unread: the requests before answer or fail first
                         unread = error
                         break
-                    while in_flight and (len(in_flight) == max_in_flight
+                    while in_flight and (len(in_flight) == max_in_flight or 0 < self._max_calls_per_caller <= len(in_flight)
                                          or 0 < self._max_queued_images_per_caller < items + sum(waiting for _, waiting in in_flight)):
                         yield in_flight.popleft()[0].result()
                     call = executor.submit(contextvars.copy_context().run, self._call_at, offset, total, service, method, request,
@@ -1243,6 +1247,7 @@ class Client:
         that finds it set reads the rest, not a server without capabilities or batch size."""
         self._max_batch_size = metadata.max_batch_size
         self._max_queued_images_per_caller = metadata.max_queued_images_per_caller
+        self._max_calls_per_caller = metadata.limits.max_calls_per_caller
         self._capabilities = metadata.capabilities
         self._limits = metadata.limits
 

@@ -161,6 +161,9 @@ class RequestLimits:
     max_images_per_request: int  # images in one Predict, samples in one sample-set request
     max_image_side: int
     max_samples_per_caller: int = 0  # in all the sets of one named caller ([server].max_samples_per_caller)
+    # Predict, CreateSampleSet and AppendSamples calls one named caller may have in progress
+    # at once (half of [server].max_workers); 0 from an older server, which has no such limit.
+    max_calls_per_caller: int = 0
 
 
 @dataclass(frozen=True, repr=False)

@@ -165,7 +165,7 @@ class ExplaindServer:
         ]
         held_calls = HeldCalls(max(1, settings.max_workers // 2))
         interceptor = ServiceInterceptor(self.metrics, self._token, settings.max_message_bytes, held_calls,
-                                         CallerShares(settings.max_workers // 2), self.tracing)
+                                         CallerShares(settings.calls_per_caller), self.tracing)
         server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="rpc"), interceptors=[interceptor], options=options,
                              maximum_concurrent_rpcs=settings.concurrent_rpcs)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.engine, serving=lambda: self.neuroinspect.restored), server)
