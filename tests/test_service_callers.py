@@ -991,11 +991,12 @@ def test_a_callers_predictions_and_uploads_hold_at_most_half_of_the_threads_so_a
                 assert refused.value.details == (
                     "this caller's Predict, CreateSampleSet and AppendSamples calls in progress hold its share of the server's threads "
                     "(at most 2 at once, half of [server].max_workers, which the server's operator may raise); retry once one of them "
-                    "has answered, or send fewer at once (the SDK's predict max_in_flight)")
+                    "has answered, or send fewer at once")
             assert len(monitoring.predict([IMAGE])) == 1  # served while the analyst's share is full
             release.set()
             assert [len(call.result(timeout=30)) for call in held] == [1, 1]
             assert len(analyst.predict([IMAGE])) == 1  # the share came back as the calls answered
+            assert analyst.model_metadata().limits.max_calls_per_caller == 2  # which the SDK's predict keeps to
     finally:
         release.set()
         server.stop(0)

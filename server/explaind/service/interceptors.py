@@ -56,9 +56,6 @@ _LOGGED_REFUSALS = {"RESOURCE_EXHAUSTED": logging.WARNING, "PERMISSION_DENIED": 
                     "INVALID_ARGUMENT": logging.INFO, "NOT_FOUND": logging.INFO, "ALREADY_EXISTS": logging.INFO,
                     "FAILED_PRECONDITION": logging.INFO}
 
-# What a retry of an inline call may ask less of should it run the host or the model's
-# device out of memory (explaind.errors.report_unexpected), by method; any other is told to
-# retry later.
 # Unary calls that hold their thread for long, decoding images (a wait for room in
 # [server].max_decode_bytes too), then waiting for the model or writing the samples: a named
 # caller may run at most half of [server].max_workers of them at once (``unary_shares``),
@@ -66,6 +63,9 @@ _LOGGED_REFUSALS = {"RESOURCE_EXHAUSTED": logging.WARNING, "PERMISSION_DENIED": 
 _THREAD_BOUND_METHODS = {("explaind.v1.InferenceService", "Predict"), ("explaind.v1.SampleSetService", "CreateSampleSet"),
                          ("explaind.v1.SampleSetService", "AppendSamples")}
 
+# What a retry of an inline call may ask less of should it run the host or the model's
+# device out of memory (explaind.errors.report_unexpected), by method; any other is told to
+# retry later.
 _LESS_WORK_BY_METHOD = {"Predict": "fewer images per request", "CreateSampleSet": "fewer samples per request",
                         "AppendSamples": "fewer samples per request", "RankMistakeNeurons": "a smaller sample set"}
 
@@ -285,7 +285,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         """Why a ``_THREAD_BOUND_METHODS`` call found its caller's share full."""
         return (f"this caller's Predict, CreateSampleSet and AppendSamples calls in progress hold its share of the server's threads "
                 f"(at most {self._unary_shares.limit} at once, half of [server].max_workers, which the server's operator may raise); "
-                "retry once one of them has answered, or send fewer at once (the SDK's predict max_in_flight)")
+                "retry once one of them has answered, or send fewer at once")
 
     def _wrap_stream(self, behaviour: Callable, service: str, method: str, caller: str | None, grant: Grant | None) -> Callable:
         """``grant``: what let the call in (None: refused, or a public service's call),
