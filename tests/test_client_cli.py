@@ -590,6 +590,56 @@ def test_ctrl_c_inside_the_call_that_started_a_job_cancels_that_job_and_names_it
             ahead.cancel()
 
 
+@pytest.mark.parametrize("other_run", ["earlier, the start not sent", "earlier, the start sent", "joined the start's job", "older server"])
+def test_ctrl_c_inside_a_start_under_another_run_s_request_id_leaves_that_run_s_job_running(server, capsys, monkeypatch, other_run):
+    # Two runs under one --request-id (a retry in a second terminal): the second's Ctrl-C inside its start found the job by
+    # sending the start again and cancelled it, the job the first run was waiting on. Whoever made it, another run asked for
+    # it: it goes on, named, the note saying why. A server that does not list run_id cannot say so: cancelled, as before.
+    given = str(uuid.uuid4())
+    start = Client.visualize_neurons
+    runs: list[object] = []  # the other run's job
+    calls: list[object] = []  # this run's starts
+
+    def other_run_s_start() -> None:
+        runs.append(start(other, [5], method="no_clip", steps=1, request_id=given))
+
+    def interrupted_once(self, *args, **kwargs):
+        calls.append(kwargs["request_id"])
+        if len(calls) > 1:
+            return start(self, *args, **kwargs)
+        if other_run != "earlier, the start not sent":
+            start(self, *args, **kwargs)
+        if not runs:  # the other run asks for the job this run's interrupted start made
+            other_run_s_start()
+        raise KeyboardInterrupt  # where Ctrl-C lands while the job's answer is on its way
+
+    if other_run == "older server":
+        metadata = Client.model_metadata
+        monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: dataclasses.replace(
+            metadata(self, **kwargs), capabilities=tuple(c for c in metadata(self, **kwargs).capabilities if c != "run_id")))
+    with Client(server.target, timeout=30) as other:
+        ahead = other.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+        try:
+            if other_run.startswith("earlier"):
+                other_run_s_start()
+            monkeypatch.setattr(Client, "visualize_neurons", interrupted_once)
+            assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--request-id", given,
+                         "--no-wait", "--json"]) == 130
+            out, err = capsys.readouterr()
+            assert calls == [given, given], calls
+            job = runs[0].refresh()
+            assert (job.state, job.cancel_requested) == (("cancelled", True) if other_run == "older server" else ("queued", False))
+        finally:
+            ahead.cancel()
+            runs[0].cancel()
+    error = json.loads(out)["error"]
+    note = (f"cancelled {job.name}" if other_run == "older server" else
+            f"{job.name} goes on: another run asked for it under request_id {given} too, whose wait cancelling it would end; "
+            f"explaind operations cancel {job.name} stops it")
+    assert err == f"interrupted\n  {note}\n", err
+    assert (error["operation"], error["notes"]) == (job.name, [note]), error
+
+
 def test_sigterm_inside_the_call_that_started_a_job_cancels_it_through_a_second_sigterm(server, capsys, monkeypatch, tmp_path):
     # coreutils' timeout sends a second SIGTERM to the process group: it must not stop the search for the job the first left.
     start = Client.visualize_neurons

@@ -9625,6 +9625,27 @@ def test_a_request_id_submitted_again_gets_the_first_job_racing_or_after_a_resta
     restarted.shutdown(5)
 
 
+def test_a_repeat_says_whether_another_run_asked_for_its_job(tmp_path):
+    # A run's interrupted start, sending itself again to find its job, could not tell its own from one another run under
+    # the same request_id made or waited on: it cancelled that run's. The repeat's answer says so, across a restart too.
+    store = SQLiteStore(tmp_path)
+    jobs = JobManager(store, Metrics(), workers=1)
+    request_id, mine, theirs = "123e4567-e89b-42d3-a456-426614174000", "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
+    job_id = jobs.submit("evaluate", lambda ctx: _empty(), request=RequestKey(request_id, "fingerprint", run_id=mine)).record.job_id
+    assert not jobs.submitted(RequestKey(request_id, "fingerprint", run_id=mine)).requested_by_another_run  # its own
+    assert jobs.submitted(RequestKey(request_id, "fingerprint")).requested_by_another_run  # an unnamed run's: can't tell
+    assert jobs.submitted(RequestKey(request_id, "fingerprint", run_id=mine)).requested_by_another_run  # which asked for it since
+    older = RequestKey("123e4567-e89b-42d3-a456-426614174001", "fingerprint", run_id=theirs)
+    older_job = jobs.submit("evaluate", lambda ctx: _empty(), request=older).record.job_id
+    store._db.execute("DELETE FROM job_request_runs WHERE job_id = ?", (older_job,))  # as a release before recording runs left it
+    jobs.shutdown(5)
+    store.close()
+    restarted = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1)
+    assert restarted.submitted(RequestKey(request_id, "fingerprint", run_id=theirs)).requested_by_another_run
+    assert restarted.submitted(older).requested_by_another_run  # made by a run nothing recorded, not surely this one
+    restarted.shutdown(5)
+
+
 def test_a_request_id_whose_job_was_deleted_is_refused_until_retention_would_have_dropped_the_job(tmp_path):
     # Forgotten with its operation, a request_id started a new job for its request arriving
     # late: the CLI's interrupted start had found the job by sending it again, cancelled and

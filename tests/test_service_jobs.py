@@ -325,6 +325,11 @@ def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_
             _send(server.target, "EvaluateSampleSet", inference_pb2.EvaluateSampleSetRequest(sample_set_id="identified", request_id=malformed))
         error = from_rpc_error(caught.value)
         assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id") and "is not a UUID" in error.details
+    with pytest.raises(grpc.RpcError) as caught:  # the run sending it, kept out of the request's fingerprint, is checked too
+        _send(server.target, "EvaluateSampleSet", inference_pb2.EvaluateSampleSetRequest(
+            sample_set_id="identified", request_id=requests["EvaluateSampleSet"].request_id, run_id="not-a-uuid"))
+    error = from_rpc_error(caught.value)
+    assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "run_id") and "is not a UUID" in error.details
 
 
 class _DroppingProxy(grpc.GenericRpcHandler):

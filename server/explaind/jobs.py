@@ -112,11 +112,13 @@ class JobCancelled(Exception):
 class JobSnapshot:
     """A job's state at one moment; ``preview`` (PNG) is live-only, never persisted.
     ``requested_again``: returned to a request whose request_id had made the job
-    already (:meth:`JobManager.submitted`), not made by it."""
+    already (:meth:`JobManager.submitted`), not made by it; ``requested_by_another_run``,
+    with it: a request from another run than that one's got the job too (Store.add_request_run)."""
 
     record: JobRecord
     preview: bytes = b""
     requested_again: bool = False
+    requested_by_another_run: bool = False
 
     @property
     def done(self) -> bool:
@@ -416,7 +418,8 @@ class JobManager:
             if (previous.record.state, previous.record.error_code) == (FAILED, ABORTED):
                 return None  # the server's shutdown ended it, not the request: it runs again
             self.metrics.job_requests_repeated.labels(kind=previous.record.kind).inc()
-            return dataclasses.replace(previous, requested_again=True)
+            return dataclasses.replace(previous, requested_again=True,
+                                       requested_by_another_run=self.store.add_request_run(job_id, request.run_id))
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
                cut_lists: tuple[str, ...] = (), request: RequestKey | None = None, owner: str | None = None,

@@ -90,6 +90,9 @@ REQUEST_ID_CAPABILITY = "request_id"
 # Listed by a server whose start's answer sets OperationMetadata.requested_again (an older
 # one, honouring request_id, leaves it false for a repeat too).
 REQUESTED_AGAIN_CAPABILITY = "requested_again"
+# Listed by a server that takes a start's run_id and sets OperationMetadata.requested_by_another_run
+# in a repeat's answer (an older one never says another run asked).
+RUN_ID_CAPABILITY = "run_id"
 # Methods whose request_id a server began to honour later than the operations' ("request_id").
 REQUEST_ID_CAPABILITIES = {"CreateSampleSet": "sample_set_request_id", "AppendSamples": "sample_set_request_id"}
 _IDENTIFIED = {method: REQUEST_ID_CAPABILITIES.get(method, REQUEST_ID_CAPABILITY) for methods in IDENTIFIED_METHODS.values() for method in methods}
@@ -528,6 +531,9 @@ class Client:
         # worth waiting for, rather than a wrong address, worth saying at once.
         self._reached = False
         self._closed = False
+        # This client's run, sent with each start (run_id): a repeat's answer then says whether another run (another
+        # client, a second CLI command under the same --request-id) asked for the operation too (requested_by_another_run).
+        self._run_id = str(uuid.uuid4())
         self._stubs = {
             "inference": inference_pb2_grpc.InferenceServiceStub(self._channel),
             "sample_sets": sample_sets_pb2_grpc.SampleSetServiceStub(self._channel),
@@ -1316,7 +1322,9 @@ class Client:
         options), and whether a retry of it got that answer: an attempt before went
         unanswered, and may have started the operation the retry's answer says an earlier
         request under its request_id started (``requested_again``). One the server refused
-        with a RetryInfo did nothing: the answer after it is as the first's."""
+        with a RetryInfo did nothing: the answer after it is as the first's. The request goes
+        with this client's run_id."""
+        request.run_id = self._run_id
         unanswered: list[int] = []
         response = self._call(service, method, request, unanswered=unanswered, **call)
         return response, unanswered != [0]

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._client import REQUEST_ID_CAPABILITY, REQUESTED_AGAIN_CAPABILITY
+from ._client import REQUEST_ID_CAPABILITY, REQUESTED_AGAIN_CAPABILITY, RUN_ID_CAPABILITY
 from ._errors import ExplaindError, FailedPreconditionError, InvalidArgumentError
 from ._neuroinspect import NeuronRanking
 from ._operations import cancel_outcome
@@ -55,7 +55,9 @@ def started_job(client: Client, start: Callable[[str], _Started], request_id: st
     SIGTERM landing inside the call can be followed to the job: the same request again
     under that id gets the job (or starts it now, the interrupted call not having reached
     the server: one the server says so of is deleted once it has ended cancelled), which
-    is cancelled and named as the interrupt's ``operation``. Where that repeat fails, the
+    is cancelled and named as the interrupt's ``operation``, unless the server says another
+    run asked for it under that id too (``requested_by_another_run``): named, it goes on.
+    Where that repeat fails, the
     interrupt's notes give the id to find the job by (``rerun_hint``: as the same CLI
     command with ``--request-id``).
     ``repeat``: the start to send again, if not ``start`` itself (a ranking's, bounded: one
@@ -155,6 +157,11 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
     # that says nothing of an earlier run's (the first attempt's answer, which would have, is lost).
     operation._requested_again = False
     interrupt.operation = operation  # type: ignore[attr-defined]  # as the SDK's result() names the job it stopped waiting for
+    if RUN_ID_CAPABILITY in capabilities and operation.metadata.requested_by_another_run and not operation.done:
+        # Another run under the id (a retry in a second terminal) made it, or was answered with it: cancelled, its wait would end.
+        interrupt.add_note(f"{operation.name} goes on: another run asked for it under request_id {request_id} too, whose wait cancelling "
+                           f"it would end; explaind operations cancel {operation.name} stops it")
+        return
     say_meanwhile(f"{operation.name} may still be running: cancelling it was cut short; explaind operations cancel {operation.name} stops it")
     try:
         if not operation.done:  # one ended already (a --request-id's earlier run's) says so

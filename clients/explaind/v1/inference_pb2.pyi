@@ -148,16 +148,18 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_seconds: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., max_queued_images_per_caller: _Optional[int] = ...) -> None: ...
 
 class EvaluateSampleSetRequest(_message.Message):
-    __slots__ = ("sample_set_id", "batch_size", "max_grid_images", "request_id")
+    __slots__ = ("sample_set_id", "batch_size", "max_grid_images", "request_id", "run_id")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_GRID_IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     batch_size: int
     max_grid_images: int
     request_id: str
-    def __init__(self, sample_set_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_grid_images: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    run_id: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_grid_images: _Optional[int] = ..., request_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class EvaluateSampleSetResponse(_message.Message):
     __slots__ = ("operation",)

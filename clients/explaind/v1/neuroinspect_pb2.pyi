@@ -63,7 +63,7 @@ HEAD_EDIT_METHOD_PROBABILITY_RATIO: HeadEditMethod
 HEAD_EDIT_METHOD_CONSTRAIN: HeadEditMethod
 
 class RankMistakeNeuronsRequest(_message.Message):
-    __slots__ = ("sample_set_id", "class_name", "class_index", "solver", "l1", "l2", "max_iterations", "cut_ratio", "top_k", "include_samples", "execution", "request_id", "stability_resamples")
+    __slots__ = ("sample_set_id", "class_name", "class_index", "solver", "l1", "l2", "max_iterations", "cut_ratio", "top_k", "include_samples", "execution", "request_id", "stability_resamples", "run_id")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class RankMistakeNeuronsRequest(_message.Message):
     EXECUTION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STABILITY_RESAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     class_name: str
     class_index: int
@@ -90,7 +91,8 @@ class RankMistakeNeuronsRequest(_message.Message):
     execution: Execution
     request_id: str
     stability_resamples: int
-    def __init__(self, sample_set_id: _Optional[str] = ..., class_name: _Optional[str] = ..., class_index: _Optional[int] = ..., solver: _Optional[_Union[CounterfactualSolver, str]] = ..., l1: _Optional[float] = ..., l2: _Optional[float] = ..., max_iterations: _Optional[int] = ..., cut_ratio: _Optional[float] = ..., top_k: _Optional[int] = ..., include_samples: _Optional[bool] = ..., execution: _Optional[_Union[Execution, str]] = ..., request_id: _Optional[str] = ..., stability_resamples: _Optional[int] = ...) -> None: ...
+    run_id: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., class_name: _Optional[str] = ..., class_index: _Optional[int] = ..., solver: _Optional[_Union[CounterfactualSolver, str]] = ..., l1: _Optional[float] = ..., l2: _Optional[float] = ..., max_iterations: _Optional[int] = ..., cut_ratio: _Optional[float] = ..., top_k: _Optional[int] = ..., include_samples: _Optional[bool] = ..., execution: _Optional[_Union[Execution, str]] = ..., request_id: _Optional[str] = ..., stability_resamples: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class RankMistakeNeuronsResponse(_message.Message):
     __slots__ = ("ranking", "operation")
@@ -194,7 +196,7 @@ class NeuronClassPair(_message.Message):
     def __init__(self, neuron: _Optional[int] = ..., class_name: _Optional[str] = ..., class_index: _Optional[int] = ...) -> None: ...
 
 class VisualizeNeuronsRequest(_message.Message):
-    __slots__ = ("pairs", "method", "steps", "gamma", "epsilon", "learning_rate", "seed", "preview_every", "classes_per_neuron", "request_id")
+    __slots__ = ("pairs", "method", "steps", "gamma", "epsilon", "learning_rate", "seed", "preview_every", "classes_per_neuron", "request_id", "run_id")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +207,7 @@ class VisualizeNeuronsRequest(_message.Message):
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     CLASSES_PER_NEURON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[NeuronClassPair]
     method: VisualizationMethod
     steps: int
@@ -215,7 +218,8 @@ class VisualizeNeuronsRequest(_message.Message):
     preview_every: int
     classes_per_neuron: int
     request_id: str
-    def __init__(self, pairs: _Optional[_Iterable[_Union[NeuronClassPair, _Mapping[str, _Any]]]] = ..., method: _Optional[_Union[VisualizationMethod, str]] = ..., steps: _Optional[int] = ..., gamma: _Optional[float] = ..., epsilon: _Optional[float] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ..., classes_per_neuron: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    run_id: str
+    def __init__(self, pairs: _Optional[_Iterable[_Union[NeuronClassPair, _Mapping[str, _Any]]]] = ..., method: _Optional[_Union[VisualizationMethod, str]] = ..., steps: _Optional[int] = ..., gamma: _Optional[float] = ..., epsilon: _Optional[float] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ..., classes_per_neuron: _Optional[int] = ..., request_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class VisualizeNeuronsResponse(_message.Message):
     __slots__ = ("operation",)
@@ -268,7 +272,7 @@ class VisualizeNeuronsResult(_message.Message):
     def __init__(self, model_version: _Optional[str] = ..., method: _Optional[str] = ..., steps: _Optional[int] = ..., visualizations: _Optional[_Iterable[_Union[NeuronVisualization, _Mapping[str, _Any]]]] = ..., gamma: _Optional[float] = ..., epsilon: _Optional[float] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class EditHeadRequest(_message.Message):
-    __slots__ = ("sample_set_id", "class_name", "class_index", "neurons", "method", "validation_sample_set_id", "evaluation_sample_set_id", "group_attribute", "strength", "target_ratio", "auto_target_ratio", "learning_rate", "max_epochs", "patience", "seed", "promote", "description", "request_id")
+    __slots__ = ("sample_set_id", "class_name", "class_index", "neurons", "method", "validation_sample_set_id", "evaluation_sample_set_id", "group_attribute", "strength", "target_ratio", "auto_target_ratio", "learning_rate", "max_epochs", "patience", "seed", "promote", "description", "request_id", "run_id")
     SAMPLE_SET_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +291,7 @@ class EditHeadRequest(_message.Message):
     PROMOTE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     sample_set_id: str
     class_name: str
     class_index: int
@@ -305,7 +310,8 @@ class EditHeadRequest(_message.Message):
     promote: bool
     description: str
     request_id: str
-    def __init__(self, sample_set_id: _Optional[str] = ..., class_name: _Optional[str] = ..., class_index: _Optional[int] = ..., neurons: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[HeadEditMethod, str]] = ..., validation_sample_set_id: _Optional[str] = ..., evaluation_sample_set_id: _Optional[str] = ..., group_attribute: _Optional[str] = ..., strength: _Optional[float] = ..., target_ratio: _Optional[float] = ..., auto_target_ratio: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., max_epochs: _Optional[int] = ..., patience: _Optional[int] = ..., seed: _Optional[int] = ..., promote: _Optional[bool] = ..., description: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    run_id: str
+    def __init__(self, sample_set_id: _Optional[str] = ..., class_name: _Optional[str] = ..., class_index: _Optional[int] = ..., neurons: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[HeadEditMethod, str]] = ..., validation_sample_set_id: _Optional[str] = ..., evaluation_sample_set_id: _Optional[str] = ..., group_attribute: _Optional[str] = ..., strength: _Optional[float] = ..., target_ratio: _Optional[float] = ..., auto_target_ratio: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., max_epochs: _Optional[int] = ..., patience: _Optional[int] = ..., seed: _Optional[int] = ..., promote: _Optional[bool] = ..., description: _Optional[str] = ..., request_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class EditHeadResponse(_message.Message):
     __slots__ = ("operation",)

@@ -37,7 +37,7 @@ OPERATION_VIEW_BASIC: OperationView
 OPERATION_VIEW_FULL: OperationView
 
 class OperationMetadata(_message.Message):
-    __slots__ = ("kind", "state", "progress", "create_time", "start_time", "end_time", "artifacts", "cancel_requested", "full_response_artifact", "owner", "requested_again")
+    __slots__ = ("kind", "state", "progress", "create_time", "start_time", "end_time", "artifacts", "cancel_requested", "full_response_artifact", "owner", "requested_again", "requested_by_another_run")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class OperationMetadata(_message.Message):
     FULL_RESPONSE_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_AGAIN_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_ANOTHER_RUN_FIELD_NUMBER: _ClassVar[int]
     kind: str
     state: OperationState
     progress: Progress
@@ -60,7 +61,8 @@ class OperationMetadata(_message.Message):
     full_response_artifact: str
     owner: str
     requested_again: bool
-    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping[str, _Any]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping[str, _Any]]]] = ..., cancel_requested: _Optional[bool] = ..., full_response_artifact: _Optional[str] = ..., owner: _Optional[str] = ..., requested_again: _Optional[bool] = ...) -> None: ...
+    requested_by_another_run: bool
+    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping[str, _Any]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping[str, _Any]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping[str, _Any]]]] = ..., cancel_requested: _Optional[bool] = ..., full_response_artifact: _Optional[str] = ..., owner: _Optional[str] = ..., requested_again: _Optional[bool] = ..., requested_by_another_run: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total", "message", "preview_png")

@@ -48,9 +48,19 @@ OPERATION_PREFIX = "operations/"
 # everyone's); "predict_partial_failure": Predict's partial_failure (an older server fails
 # the whole request for one bad image); "requested_again": a start's answer sets
 # OperationMetadata.requested_again (an older server's, keeping request_ids, never does, so
-# a client cannot tell there that the operation is no new one).
-CAPABILITIES = ("request_id", "sample_set_request_id", "list_owner_filter", "predict_partial_failure", "requested_again")
+# a client cannot tell there that the operation is no new one); "run_id": the starts' run_id,
+# and OperationMetadata.requested_by_another_run in a repeat's answer (an older server's
+# never says another run asked, so a client cannot tell there whose wait a cancel stops).
+CAPABILITIES = ("request_id", "sample_set_request_id", "list_owner_filter", "predict_partial_failure", "requested_again", "run_id")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _check_uuid(value: str, field: str, per: str) -> None:
+    """InvalidArgument naming ``field`` where ``value`` is not a UUID, which a client picks ``per`` one."""
+    if not _UUID.fullmatch(value):  # fullmatch: "$" would accept a final "\n"
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise InvalidArgument(f"{shown!r} is not a UUID (such as 123e4567-e89b-42d3-a456-426614174000); a client picks a new one "
+                              f"{per}, e.g. uuid.uuid4()", field=field)
 
 
 def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
@@ -61,17 +71,19 @@ def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
     it (explaind.ownership) is part of the fingerprint: another caller repeating a
     caller's request_id and request is another request (INVALID_ARGUMENT), not a repeat
     answered with what the first made, which its audit line would name as its own change.
-    An id that is not a UUID is InvalidArgument naming request_id."""
+    An id that is not a UUID is InvalidArgument naming request_id (a start's run_id:
+    naming run_id), which RequestKey.run_id keeps out of the fingerprint."""
     request_id = request.request_id
     if not request_id:
         return None
-    if not _UUID.fullmatch(request_id):  # fullmatch: "$" would accept a final "\n"
-        shown = request_id if len(request_id) <= 64 else request_id[:64] + "..."
-        raise InvalidArgument(f"{shown!r} is not a UUID (such as 123e4567-e89b-42d3-a456-426614174000); a client picks a new one "
-                              "per request, e.g. uuid.uuid4()", field="request_id")
+    _check_uuid(request_id, "request_id", "per request")
+    # The starts' (a sample set's requests have none): who sends it, not what it asks.
+    run_id = request.run_id if "run_id" in request.DESCRIPTOR.fields_by_name else ""
+    if run_id:
+        _check_uuid(run_id, "run_id", "per run")
     rest = type(request)()
-    for field, value in request.ListFields():  # all but request_id and ``apart``, without copying those
-        if field.name in ("request_id", apart):
+    for field, value in request.ListFields():  # all but request_id, run_id and ``apart``, without copying those
+        if field.name in ("request_id", "run_id", apart):
             continue
         if field.is_repeated or field.message_type is not None:
             getattr(rest, field.name).MergeFrom(value)
@@ -83,7 +95,7 @@ def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
     for part in (rest, *(getattr(request, apart) if apart else ())):  # length-prefixed, so no two requests hash alike
         encoded = part.SerializeToString(deterministic=True)
         hashed.update(len(encoded).to_bytes(8, "little") + encoded)
-    return RequestKey(request_id.lower(), hashed.hexdigest(), caller)
+    return RequestKey(request_id.lower(), hashed.hexdigest(), caller, run_id.lower())
 
 
 def unknown_enum_value(enum, value: int, field: str) -> InvalidArgument:
@@ -193,6 +205,7 @@ def operation(snapshot: JobSnapshot, *, response: bool = True, preview: bool = T
         full_response_artifact=RESULT_ARTIFACT if record.state == SUCCEEDED and any(a.name == RESULT_ARTIFACT for a in record.artifacts) else "",
         owner=record.owner or "",
         requested_again=snapshot.requested_again,
+        requested_by_another_run=snapshot.requested_by_another_run,
     )
     message = lro_pb2.Operation(name=f"{OPERATION_PREFIX}{record.job_id}", done=snapshot.done)
     message.metadata.Pack(metadata)

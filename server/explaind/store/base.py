@@ -86,11 +86,14 @@ class RequestKey:
     the named caller sending it (explaind.ownership; None: none named): an error for its id
     reused names the operation or set the id went to only if this caller, or no named
     caller, sent the request that used it (:func:`request_id_reused`), kept with an upload's
-    request (an admin's append to another caller's set is the admin's)."""
+    request (an admin's append to another caller's set is the admin's). ``run_id``: the
+    client's id of the run sending it ("" none: every such run counts as another's), not
+    part of the request: a repeat from another run is the same request."""
 
     request_id: str
     fingerprint: str
     caller: str | None = None
+    run_id: str = ""
 
 
 # Told of an upload's request answered as a repeat: (the set it was applied to, its key).
@@ -249,6 +252,10 @@ class Store(Protocol):
     # ``fingerprint`` raises InvalidArgument naming request_id (request_id_reused: the job
     # too, unless another caller made it).
     def job_of_request(self, request: RequestKey) -> str | None: ...
+    # Record that a request from run ``run_id`` ("" none) got job ``job_id``, inserted with
+    # it or sent again; whether a request from another run had: one from no named run, or
+    # from before the store recorded runs (the job has none recorded), counts as another's.
+    def add_request_run(self, job_id: str, run_id: str) -> bool: ...
     def update_job(self, job: JobRecord) -> None: ...
     def get_job(self, job_id: str) -> JobRecord: ...
     # Newest first; ``after`` (create_time, job_id) resumes after that job, so jobs created

@@ -78,6 +78,13 @@ CREATE INDEX IF NOT EXISTS job_artifacts_by_digest ON job_artifacts (digest);
 CREATE TABLE IF NOT EXISTS job_requests (
     request_id TEXT PRIMARY KEY, job_id TEXT NOT NULL UNIQUE REFERENCES jobs(id) ON DELETE CASCADE, fingerprint TEXT NOT NULL
 );
+-- The runs (RequestKey.run_id, '' for none named) whose request under a job's request_id
+-- got the job, making it or sent again: a repeat's answer says whether another run asked
+-- for it too (OperationMetadata.requested_by_another_run). The release before never reads
+-- it, and its rows go with their job.
+CREATE TABLE IF NOT EXISTS job_request_runs (
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, run_id TEXT NOT NULL, PRIMARY KEY (job_id, run_id)
+);
 -- The request_id of each job DeleteOperation deleted, with its request's fingerprint,
 -- the job's owner (NULL: none named) and end time: that request arriving later (a first
 -- request delayed past its resend, whose job was found, cancelled and deleted) would
@@ -165,7 +172,8 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # job or set when it deletes one (ON DELETE CASCADE), keeps the version, so a rollback still
 # opens the data dir (job_requests and sample_set_requests, 2026-12-03;
 # sample_set_request_senders, 2026-12-07; deleted_job_requests, whose rows retention
-# deletes by their own time, 2026-12-07); so does an index, which SQLite keeps up to date
+# deletes by their own time, 2026-12-07; job_request_runs, 2026-12-08: a job a rollback
+# made or was asked for again has none or too few, which reads as another run's); so does an index, which SQLite keeps up to date
 # for any release that writes the table.
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -1086,6 +1094,7 @@ class SQLiteStore:
                     raise request_id_reused(request_id, sample_set=self._sample_set_of_request(db, request, row[0]))
                 self._refuse_request_of_deleted_job(db, request)
                 db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)", (request_id, job.job_id, request.fingerprint))
+                db.execute("INSERT INTO job_request_runs VALUES (?, ?)", (job.job_id, request.run_id))
 
     def job_of_request(self, request: RequestKey) -> str | None:
         with self._lock:
@@ -1095,6 +1104,16 @@ class SQLiteStore:
             if row is None:
                 self._refuse_request_of_deleted_job(self._db, request)
         return None if row is None else row[0]
+
+    def add_request_run(self, job_id: str, run_id: str) -> bool:
+        def add() -> bool:
+            with self._transaction() as db:
+                runs = {row[0] for row in db.execute("SELECT run_id FROM job_request_runs WHERE job_id = ?", (job_id,))}
+                if runs:  # none: made before runs were recorded, by a run nothing names, which a row would hide
+                    db.execute("INSERT OR IGNORE INTO job_request_runs VALUES (?, ?)", (job_id, run_id))
+                return not run_id or runs != {run_id}
+        # Bookkeeping a repeat's answer needs, as small as a cancel's: a full data dir refused the repeat otherwise.
+        return self._with_reserve(f"to record a run asking for operation {job_id} again", add)
 
     @staticmethod
     def _refuse_request_of_deleted_job(db: sqlite3.Connection, request: RequestKey) -> None:
