@@ -9631,7 +9631,7 @@ def test_a_repeat_says_whether_another_run_asked_for_its_job(tmp_path):
     store = SQLiteStore(tmp_path)
     jobs = JobManager(store, Metrics(), workers=1)
     request_id, mine, theirs = "123e4567-e89b-42d3-a456-426614174000", "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
-    job_id = jobs.submit("evaluate", lambda ctx: _empty(), request=RequestKey(request_id, "fingerprint", run_id=mine)).record.job_id
+    jobs.submit("evaluate", lambda ctx: _empty(), request=RequestKey(request_id, "fingerprint", run_id=mine))
     assert not jobs.submitted(RequestKey(request_id, "fingerprint", run_id=mine)).requested_by_another_run  # its own
     assert jobs.submitted(RequestKey(request_id, "fingerprint")).requested_by_another_run  # an unnamed run's: can't tell
     assert jobs.submitted(RequestKey(request_id, "fingerprint", run_id=mine)).requested_by_another_run  # which asked for it since
