@@ -9646,6 +9646,76 @@ def test_a_repeat_says_whether_another_run_asked_for_its_job(tmp_path):
     restarted.shutdown(5)
 
 
+_RUN_A, _RUN_B = "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
+
+
+@contextmanager
+def _jobs_queued_behind_a_busy_worker(store: SQLiteStore) -> Iterator[tuple[JobManager, Callable[[str], tuple[RequestKey, str]]]]:
+    """A JobManager whose one worker is held, so jobs stay queued, and ``made_by(run_id)``:
+    a new request_id's job submitted by that run, with its key."""
+    jobs, running, release = JobManager(store, Metrics(), workers=1), threading.Event(), threading.Event()
+    jobs.submit("evaluate", lambda ctx: (running.set(), release.wait(30), _empty())[2])
+    assert running.wait(30)  # its start recorded: nothing else writes while a test's store fails
+
+    def made_by(run_id: str) -> tuple[RequestKey, str]:
+        key = RequestKey(str(uuid.uuid4()), "fingerprint", run_id=run_id)
+        return key, jobs.submit("evaluate", lambda ctx: _empty(), request=key).record.job_id
+
+    try:
+        yield jobs, made_by
+    finally:
+        release.set()
+        jobs.shutdown(5)
+
+
+def test_a_cancel_unless_another_run_asked_leaves_a_job_another_run_asked_for_under_its_request_id(tmp_path):
+    # An interrupted run's cancel (in its start or its wait) ended the job another run under the same request_id made or
+    # waited on: what its start's answer said of other runs went stale as soon as another joined. The server decides at
+    # the cancel, under the lock its starts record runs under.
+    store = SQLiteStore(tmp_path)
+    with _jobs_queued_behind_a_busy_worker(store) as (jobs, made_by):
+        key, joined = made_by(_RUN_A)
+        jobs.submitted(dataclasses.replace(key, run_id=_RUN_B))  # a second command under the same --request-id
+        for run in (_RUN_A, _RUN_B):  # neither run's interrupt ends the other's wait
+            left, changed = jobs.request_cancel(joined, unless_asked_by_another_run_than=run)
+            assert (left.record.state, left.record.cancel_requested, left.requested_by_another_run, changed) == ("queued", False, True, False)
+        _, own = made_by(_RUN_A)
+        jobs.submitted(RequestKey(key.request_id, key.fingerprint, run_id=_RUN_A))  # its own run again
+        cancelled = jobs.request_cancel(own, unless_asked_by_another_run_than=_RUN_A)[0]
+        assert (cancelled.record.state, cancelled.requested_by_another_run) == ("cancelled", False)
+        unnamed = jobs.submit("evaluate", lambda ctx: _empty()).record.job_id  # no request_id: no other run can ask for it
+        assert jobs.request_cancel(unnamed, unless_asked_by_another_run_than=_RUN_A)[0].record.state == "cancelled"
+        _, older = made_by(_RUN_A)
+        store._db.execute("DELETE FROM job_request_runs WHERE job_id = ?", (older,))  # as a release before recording runs left it
+        assert jobs.request_cancel(older, unless_asked_by_another_run_than=_RUN_A)[0].requested_by_another_run
+        assert jobs.cancel(joined).record.state == "cancelled"  # a plain cancel (explaind operations cancel): unconditional
+
+
+@pytest.mark.parametrize("store_fails", ["full", "read-only"])
+def test_a_repeat_whose_run_the_store_cannot_record_is_answered_and_the_run_kept_in_memory(tmp_path, monkeypatch, caplog, store_fails):
+    # A repeat was a read: recording its run made a full (or read-only) data dir refuse the repeat it answered before.
+    store = SQLiteStore(tmp_path, reserve_bytes=0)
+    with _jobs_queued_behind_a_busy_worker(store) as (jobs, made_by):
+        key, job_id = made_by(_RUN_A)
+        with monkeypatch.context() as failing:
+            if store_fails == "full":
+                @contextmanager
+                def full():
+                    raise store._full("database or disk is full")
+                    yield
+
+                failing.setattr(store, "_transaction", full)
+            else:
+                store._db.execute("PRAGMA query_only = 1")
+            with caplog.at_level(logging.WARNING, logger="explaind.store.sqlite"):
+                repeat = jobs.submitted(dataclasses.replace(key, run_id=_RUN_B))
+            store._db.execute("PRAGMA query_only = 0")
+        assert (repeat.record.job_id, repeat.requested_again, repeat.requested_by_another_run) == (job_id, True, True)
+        assert f"could not record that run '{_RUN_B}' asked for operation {job_id} again" in caplog.text
+        assert store.request_runs(job_id) == {_RUN_A, _RUN_B}  # kept, though not in the database
+        assert jobs.request_cancel(job_id, unless_asked_by_another_run_than=_RUN_A)[0].record.state == "queued"
+
+
 def test_a_request_id_whose_job_was_deleted_is_refused_until_retention_would_have_dropped_the_job(tmp_path):
     # Forgotten with its operation, a request_id started a new job for its request arriving
     # late: the CLI's interrupted start had found the job by sending it again, cancelled and

@@ -418,8 +418,16 @@ class JobManager:
             if (previous.record.state, previous.record.error_code) == (FAILED, ABORTED):
                 return None  # the server's shutdown ended it, not the request: it runs again
             self.metrics.job_requests_repeated.labels(kind=previous.record.kind).inc()
-            return dataclasses.replace(previous, requested_again=True,
-                                       requested_by_another_run=self.store.add_request_run(job_id, request.run_id))
+            self.store.add_request_run(job_id, request.run_id)
+            return dataclasses.replace(previous, requested_again=True, requested_by_another_run=self._asked_by_another_run(job_id, request.run_id))
+
+    def _asked_by_another_run(self, job_id: str, run_id: str) -> bool:
+        """Whether a run other than ``run_id`` ("" none) asked for job ``job_id`` under its
+        request_id: one from no named run, or from before the store recorded runs (none
+        recorded), counts as another's; a job with no request_id, none. Under ``_changed``,
+        as the starts that record runs are."""
+        runs = self.store.request_runs(job_id)
+        return runs is not None and (not run_id or runs != {run_id})
 
     def submit(self, kind: str, fn: Callable[[JobContext], Message], *, message: str = "queued",
                cut_lists: tuple[str, ...] = (), request: RequestKey | None = None, owner: str | None = None,
@@ -748,14 +756,19 @@ class JobManager:
         one at its next check. PermissionDenied when ``caller`` may not change it."""
         return self.request_cancel(job_id, caller=caller)[0]
 
-    def request_cancel(self, job_id: str, *, caller: str | None = None) -> tuple[JobSnapshot, bool]:
+    def request_cancel(self, job_id: str, *, caller: str | None = None, unless_asked_by_another_run_than: str | None = None) -> tuple[JobSnapshot, bool]:
         """:meth:`cancel`, and whether this call changed anything: False for a job that had
-        ended or had been asked to stop already (the audit log names who stopped a job)."""
+        ended or had been asked to stop already (the audit log names who stopped a job).
+        ``unless_asked_by_another_run_than`` (a run_id): leave the job alone where another
+        run asked for it under its request_id (the snapshot's ``requested_by_another_run``):
+        an interrupted run's cancel would end that run's wait."""
         with self._changed:
             self._require_owner(job_id, caller)
             live = self._live.get(job_id)
             if live is None or live.record.state in FINISHED_STATES or live.record.cancel_requested:
                 return self.get(job_id), False  # ended (live: its end the store refused), or stopping already
+            if unless_asked_by_another_run_than is not None and self._asked_by_another_run(job_id, unless_asked_by_another_run_than):
+                return dataclasses.replace(self.get(job_id), requested_by_another_run=True), False
             if live.record.state == QUEUED:
                 live.cancel_event.set()
                 self._end_queued(live, CANCELLED, ("CANCELLED", "cancelled before it started"), cancel_requested=True)

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65xplaind/v1/operations.proto\x12\x0b\x65xplaind.v1\x1a#google/longrunning/operations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x03\n\x11OperationMetadata\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.explaind.v1.OperationState\x12\'\n\x08progress\x18\x03 \x01(\x0b\x32\x15.explaind.v1.Progress\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\tartifacts\x18\x07 \x03(\x0b\x32\x15.explaind.v1.Artifact\x12\x18\n\x10\x63\x61ncel_requested\x18\x08 \x01(\x08\x12\x1e\n\x16\x66ull_response_artifact\x18\t \x01(\t\x12\r\n\x05owner\x18\n \x01(\t\x12\x17\n\x0frequested_again\x18\x0b \x01(\x08\x12 \n\x18requested_by_another_run\x18\x0c \x01(\x08\"M\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0bpreview_png\x18\x04 \x01(\x0c\"P\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\"#\n\x13GetOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x14GetOperationResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"\xb1\x01\n\x15ListOperationsRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.explaind.v1.OperationState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12(\n\x04view\x18\x05 \x01(\x0e\x32\x1a.explaind.v1.OperationView\x12\r\n\x05owner\x18\x06 \x01(\t\"d\n\x16ListOperationsResponse\x12\x31\n\noperations\x18\x01 \x03(\x0b\x32\x1d.google.longrunning.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x43\x61ncelOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x17\x43\x61ncelOperationResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"P\n\x14WaitOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"I\n\x15WaitOperationResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"%\n\x15WatchOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"J\n\x16WatchOperationResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"W\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x03\"O\n\x13GetArtifactResponse\x12\'\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x15.explaind.v1.Artifact\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"&\n\x16\x44\x65leteOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteOperationResponse*\xc4\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16OPERATION_STATE_QUEUED\x10\x01\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16OPERATION_STATE_FAILED\x10\x04\x12\x1d\n\x19OPERATION_STATE_CANCELLED\x10\x05*b\n\rOperationView\x12\x1e\n\x1aOPERATION_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14OPERATION_VIEW_BASIC\x10\x01\x12\x17\n\x13OPERATION_VIEW_FULL\x10\x02\x32\x86\x05\n\x11OperationsService\x12S\n\x0cGetOperation\x12 .explaind.v1.GetOperationRequest\x1a!.explaind.v1.GetOperationResponse\x12Y\n\x0eListOperations\x12\".explaind.v1.ListOperationsRequest\x1a#.explaind.v1.ListOperationsResponse\x12\\\n\x0f\x43\x61ncelOperation\x12#.explaind.v1.CancelOperationRequest\x1a$.explaind.v1.CancelOperationResponse\x12V\n\rWaitOperation\x12!.explaind.v1.WaitOperationRequest\x1a\".explaind.v1.WaitOperationResponse\x12[\n\x0eWatchOperation\x12\".explaind.v1.WatchOperationRequest\x1a#.explaind.v1.WatchOperationResponse0\x01\x12P\n\x0bGetArtifact\x12\x1f.explaind.v1.GetArtifactRequest\x1a .explaind.v1.GetArtifactResponse\x12\\\n\x0f\x44\x65leteOperation\x12#.explaind.v1.DeleteOperationRequest\x1a$.explaind.v1.DeleteOperationResponseB\x91\x01\n\x0f\x64\x65v.explaind.v1B\x0fOperationsProtoP\x01Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\xa2\x02\x03\x45XD\xaa\x02\x0b\x45xplaind.V1\xca\x02\x0b\x45xplaind\\V1\xea\x02\x0c\x45xplaind::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65xplaind/v1/operations.proto\x12\x0b\x65xplaind.v1\x1a#google/longrunning/operations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x03\n\x11OperationMetadata\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.explaind.v1.OperationState\x12\'\n\x08progress\x18\x03 \x01(\x0b\x32\x15.explaind.v1.Progress\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\tartifacts\x18\x07 \x03(\x0b\x32\x15.explaind.v1.Artifact\x12\x18\n\x10\x63\x61ncel_requested\x18\x08 \x01(\x08\x12\x1e\n\x16\x66ull_response_artifact\x18\t \x01(\t\x12\r\n\x05owner\x18\n \x01(\t\x12\x17\n\x0frequested_again\x18\x0b \x01(\x08\x12 \n\x18requested_by_another_run\x18\x0c \x01(\x08\"M\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0bpreview_png\x18\x04 \x01(\x0c\"P\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\"#\n\x13GetOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x14GetOperationResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"\xb1\x01\n\x15ListOperationsRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.explaind.v1.OperationState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12(\n\x04view\x18\x05 \x01(\x0e\x32\x1a.explaind.v1.OperationView\x12\r\n\x05owner\x18\x06 \x01(\t\"d\n\x16ListOperationsResponse\x12\x31\n\noperations\x18\x01 \x03(\x0b\x32\x1d.google.longrunning.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"P\n\x16\x43\x61ncelOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n unless_asked_by_another_run_than\x18\x02 \x01(\t\"K\n\x17\x43\x61ncelOperationResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"P\n\x14WaitOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"I\n\x15WaitOperationResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"%\n\x15WatchOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"J\n\x16WatchOperationResponse\x12\x30\n\toperation\x18\x01 \x01(\x0b\x32\x1d.google.longrunning.Operation\"W\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x03\"O\n\x13GetArtifactResponse\x12\'\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x15.explaind.v1.Artifact\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"&\n\x16\x44\x65leteOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteOperationResponse*\xc4\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16OPERATION_STATE_QUEUED\x10\x01\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16OPERATION_STATE_FAILED\x10\x04\x12\x1d\n\x19OPERATION_STATE_CANCELLED\x10\x05*b\n\rOperationView\x12\x1e\n\x1aOPERATION_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14OPERATION_VIEW_BASIC\x10\x01\x12\x17\n\x13OPERATION_VIEW_FULL\x10\x02\x32\x86\x05\n\x11OperationsService\x12S\n\x0cGetOperation\x12 .explaind.v1.GetOperationRequest\x1a!.explaind.v1.GetOperationResponse\x12Y\n\x0eListOperations\x12\".explaind.v1.ListOperationsRequest\x1a#.explaind.v1.ListOperationsResponse\x12\\\n\x0f\x43\x61ncelOperation\x12#.explaind.v1.CancelOperationRequest\x1a$.explaind.v1.CancelOperationResponse\x12V\n\rWaitOperation\x12!.explaind.v1.WaitOperationRequest\x1a\".explaind.v1.WaitOperationResponse\x12[\n\x0eWatchOperation\x12\".explaind.v1.WatchOperationRequest\x1a#.explaind.v1.WatchOperationResponse0\x01\x12P\n\x0bGetArtifact\x12\x1f.explaind.v1.GetArtifactRequest\x1a .explaind.v1.GetArtifactResponse\x12\\\n\x0f\x44\x65leteOperation\x12#.explaind.v1.DeleteOperationRequest\x1a$.explaind.v1.DeleteOperationResponseB\x91\x01\n\x0f\x64\x65v.explaind.v1B\x0fOperationsProtoP\x01Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\xa2\x02\x03\x45XD\xaa\x02\x0b\x45xplaind.V1\xca\x02\x0b\x45xplaind\\V1\xea\x02\x0c\x45xplaind::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'explaind.v1.operations_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.explaind.v1B\017OperationsProtoP\001Z:github.com/explaind/explaind/gen/go/explaind/v1;explaindv1\242\002\003EXD\252\002\013Explaind.V1\312\002\013Explaind\\V1\352\002\014Explaind::V1'
-  _globals['_OPERATIONSTATE']._serialized_start=1766
-  _globals['_OPERATIONSTATE']._serialized_end=1962
-  _globals['_OPERATIONVIEW']._serialized_start=1964
-  _globals['_OPERATIONVIEW']._serialized_end=2062
+  _globals['_OPERATIONSTATE']._serialized_start=1808
+  _globals['_OPERATIONSTATE']._serialized_end=2004
+  _globals['_OPERATIONVIEW']._serialized_start=2006
+  _globals['_OPERATIONVIEW']._serialized_end=2104
   _globals['_OPERATIONMETADATA']._serialized_start=148
   _globals['_OPERATIONMETADATA']._serialized_end=583
   _globals['_PROGRESS']._serialized_start=585
@@ -54,25 +54,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1037
   _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1137
   _globals['_CANCELOPERATIONREQUEST']._serialized_start=1139
-  _globals['_CANCELOPERATIONREQUEST']._serialized_end=1177
-  _globals['_CANCELOPERATIONRESPONSE']._serialized_start=1179
-  _globals['_CANCELOPERATIONRESPONSE']._serialized_end=1254
-  _globals['_WAITOPERATIONREQUEST']._serialized_start=1256
-  _globals['_WAITOPERATIONREQUEST']._serialized_end=1336
-  _globals['_WAITOPERATIONRESPONSE']._serialized_start=1338
-  _globals['_WAITOPERATIONRESPONSE']._serialized_end=1411
-  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1413
-  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1450
-  _globals['_WATCHOPERATIONRESPONSE']._serialized_start=1452
-  _globals['_WATCHOPERATIONRESPONSE']._serialized_end=1526
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1528
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1615
-  _globals['_GETARTIFACTRESPONSE']._serialized_start=1617
-  _globals['_GETARTIFACTRESPONSE']._serialized_end=1696
-  _globals['_DELETEOPERATIONREQUEST']._serialized_start=1698
-  _globals['_DELETEOPERATIONREQUEST']._serialized_end=1736
-  _globals['_DELETEOPERATIONRESPONSE']._serialized_start=1738
-  _globals['_DELETEOPERATIONRESPONSE']._serialized_end=1763
-  _globals['_OPERATIONSSERVICE']._serialized_start=2065
-  _globals['_OPERATIONSSERVICE']._serialized_end=2711
+  _globals['_CANCELOPERATIONREQUEST']._serialized_end=1219
+  _globals['_CANCELOPERATIONRESPONSE']._serialized_start=1221
+  _globals['_CANCELOPERATIONRESPONSE']._serialized_end=1296
+  _globals['_WAITOPERATIONREQUEST']._serialized_start=1298
+  _globals['_WAITOPERATIONREQUEST']._serialized_end=1378
+  _globals['_WAITOPERATIONRESPONSE']._serialized_start=1380
+  _globals['_WAITOPERATIONRESPONSE']._serialized_end=1453
+  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1455
+  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1492
+  _globals['_WATCHOPERATIONRESPONSE']._serialized_start=1494
+  _globals['_WATCHOPERATIONRESPONSE']._serialized_end=1568
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1570
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1657
+  _globals['_GETARTIFACTRESPONSE']._serialized_start=1659
+  _globals['_GETARTIFACTRESPONSE']._serialized_end=1738
+  _globals['_DELETEOPERATIONREQUEST']._serialized_start=1740
+  _globals['_DELETEOPERATIONREQUEST']._serialized_end=1778
+  _globals['_DELETEOPERATIONRESPONSE']._serialized_start=1780
+  _globals['_DELETEOPERATIONRESPONSE']._serialized_end=1805
+  _globals['_OPERATIONSSERVICE']._serialized_start=2107
+  _globals['_OPERATIONSSERVICE']._serialized_end=2753
 # @@protoc_insertion_point(module_scope)

@@ -125,10 +125,12 @@ class ListOperationsResponse(_message.Message):
     def __init__(self, operations: _Optional[_Iterable[_Union[_operations_pb2.Operation, _Mapping[str, _Any]]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelOperationRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "unless_asked_by_another_run_than")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    UNLESS_ASKED_BY_ANOTHER_RUN_THAN_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    unless_asked_by_another_run_than: str
+    def __init__(self, name: _Optional[str] = ..., unless_asked_by_another_run_than: _Optional[str] = ...) -> None: ...
 
 class CancelOperationResponse(_message.Message):
     __slots__ = ("operation",)

@@ -49,8 +49,9 @@ OPERATION_PREFIX = "operations/"
 # the whole request for one bad image); "requested_again": a start's answer sets
 # OperationMetadata.requested_again (an older server's, keeping request_ids, never does, so
 # a client cannot tell there that the operation is no new one); "run_id": the starts' run_id,
-# and OperationMetadata.requested_by_another_run in a repeat's answer (an older server's
-# never says another run asked, so a client cannot tell there whose wait a cancel stops).
+# OperationMetadata.requested_by_another_run in a repeat's answer, and CancelOperation's
+# unless_asked_by_another_run_than (an older server's never says another run asked, and
+# cancels, so a client cannot tell there whose wait a cancel stops).
 CAPABILITIES = ("request_id", "sample_set_request_id", "list_owner_filter", "predict_partial_failure", "requested_again", "run_id")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -78,9 +79,7 @@ def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
         return None
     _check_uuid(request_id, "request_id", "per request")
     # The starts' (a sample set's requests have none): who sends it, not what it asks.
-    run_id = request.run_id if "run_id" in request.DESCRIPTOR.fields_by_name else ""
-    if run_id:
-        _check_uuid(run_id, "run_id", "per run")
+    run_id = (run_id_of(request.run_id, "run_id") or "") if "run_id" in request.DESCRIPTOR.fields_by_name else ""
     rest = type(request)()
     for field, value in request.ListFields():  # all but request_id, run_id and ``apart``, without copying those
         if field.name in ("request_id", "run_id", apart):
@@ -95,7 +94,16 @@ def request_key(request: Any, *, apart: str = "") -> RequestKey | None:
     for part in (rest, *(getattr(request, apart) if apart else ())):  # length-prefixed, so no two requests hash alike
         encoded = part.SerializeToString(deterministic=True)
         hashed.update(len(encoded).to_bytes(8, "little") + encoded)
-    return RequestKey(request_id.lower(), hashed.hexdigest(), caller, run_id.lower())
+    return RequestKey(request_id.lower(), hashed.hexdigest(), caller, run_id)
+
+
+def run_id_of(value: str, field: str) -> str | None:
+    """A run_id sent in ``field``, lower-cased as a request_id is; None where empty;
+    InvalidArgument naming ``field`` where it is not a UUID."""
+    if not value:
+        return None
+    _check_uuid(value, field, "per run")
+    return value.lower()
 
 
 def unknown_enum_value(enum, value: int, field: str) -> InvalidArgument:

@@ -84,7 +84,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         )
 
     def CancelOperation(self, request, context: grpc.ServicerContext) -> operations_pb2.CancelOperationResponse:
-        snapshot, changed = self._jobs.request_cancel(convert.job_id(request.name), caller=current_caller())
+        run_id = convert.run_id_of(request.unless_asked_by_another_run_than, "unless_asked_by_another_run_than")
+        snapshot, changed = self._jobs.request_cancel(convert.job_id(request.name), caller=current_caller(),
+                                                      unless_asked_by_another_run_than=run_id)
         if not changed:
             audit.unchanged()
         return operations_pb2.CancelOperationResponse(operation=convert.operation(snapshot))

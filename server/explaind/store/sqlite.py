@@ -173,7 +173,8 @@ CREATE TABLE IF NOT EXISTS file_heads (
 # opens the data dir (job_requests and sample_set_requests, 2026-12-03;
 # sample_set_request_senders, 2026-12-07; deleted_job_requests, whose rows retention
 # deletes by their own time, 2026-12-07; job_request_runs, 2026-12-08: a job a rollback
-# made or was asked for again has none or too few, which reads as another run's); so does an index, which SQLite keeps up to date
+# made has none, which reads as another run's, but one it was asked for again by another run
+# lacks that run, and a repeat of its maker's run reads as its own); so does an index, which SQLite keeps up to date
 # for any release that writes the table.
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -399,6 +400,8 @@ class SQLiteStore:
         # (job states, small records), so new files, operations and samples are refused
         # until it is set aside again.
         self._reserve_released = False
+        # Runs a repeat could not record (Store.add_request_run: a full data dir, a read-only file), by job id.
+        self._unrecorded_runs: dict[str, set[str]] = {}
         if not reserve_bytes:
             self._reserve.unlink(missing_ok=True)  # set aside under an earlier configuration
         elif self._free_bytes() < reserve_bytes:
@@ -1105,15 +1108,27 @@ class SQLiteStore:
                 self._refuse_request_of_deleted_job(self._db, request)
         return None if row is None else row[0]
 
-    def add_request_run(self, job_id: str, run_id: str) -> bool:
-        def add() -> bool:
+    def add_request_run(self, job_id: str, run_id: str) -> None:
+        def add() -> None:
             with self._transaction() as db:
-                runs = {row[0] for row in db.execute("SELECT run_id FROM job_request_runs WHERE job_id = ?", (job_id,))}
-                if runs:  # none: made before runs were recorded, by a run nothing names, which a row would hide
-                    db.execute("INSERT OR IGNORE INTO job_request_runs VALUES (?, ?)", (job_id, run_id))
-                return not run_id or runs != {run_id}
-        # Bookkeeping a repeat's answer needs, as small as a cancel's: a full data dir refused the repeat otherwise.
-        return self._with_reserve(f"to record a run asking for operation {job_id} again", add)
+                # None recorded: made before runs were recorded, by a run nothing names, which a row would hide.
+                db.execute("INSERT OR IGNORE INTO job_request_runs SELECT ?, ? WHERE EXISTS (SELECT 1 FROM job_request_runs WHERE job_id = ?)",
+                           (job_id, run_id, job_id))
+        try:
+            # Bookkeeping a repeat's answer needs, as small as a cancel's: a full data dir refused the repeat otherwise.
+            self._with_reserve(f"to record a run asking for operation {job_id} again", add)
+        except (ResourceExhausted, sqlite3.Error) as error:  # still full, or a read-only file: the repeat was answered before runs were kept
+            with self._lock:
+                self._unrecorded_runs.setdefault(job_id, set()).add(run_id)
+            log.warning("store %s: could not record that run %r asked for operation %s again (%s): kept in memory until the "
+                        "server stops", self.data_dir, run_id, job_id, error)
+
+    def request_runs(self, job_id: str) -> frozenset[str] | None:
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM job_requests WHERE job_id = ?", (job_id,)).fetchone() is None:
+                return None
+            runs = {row[0] for row in self._db.execute("SELECT run_id FROM job_request_runs WHERE job_id = ?", (job_id,))}
+            return frozenset(runs | self._unrecorded_runs.get(job_id, set()) if runs else runs)
 
     @staticmethod
     def _refuse_request_of_deleted_job(db: sqlite3.Connection, request: RequestKey) -> None:
