@@ -590,11 +590,28 @@ def test_ctrl_c_inside_the_call_that_started_a_job_cancels_that_job_and_names_it
             ahead.cancel()
 
 
-@pytest.mark.parametrize("other_run", ["earlier, the start not sent", "earlier, the start sent", "joined the start's job", "older server"])
+def _as_an_older_server(monkeypatch) -> None:
+    """Make the server answer as a release before run_id: it lists no such capability, and
+    its CancelOperation, not knowing unless_asked_by_another_run_than, cancels."""
+    metadata, call = Client.model_metadata, Client._call
+
+    def older_call(self, service, method, request, **kwargs):
+        if method == "CancelOperation":
+            request.ClearField("unless_asked_by_another_run_than")  # an older server's parse drops it
+        return call(self, service, method, request, **kwargs)
+
+    monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: dataclasses.replace(
+        metadata(self, **kwargs), capabilities=tuple(c for c in metadata(self, **kwargs).capabilities if c != "run_id")))
+    monkeypatch.setattr(Client, "_call", older_call)
+
+
+@pytest.mark.parametrize("other_run", ["earlier, the start not sent", "earlier, the start sent", "joined the start's job",
+                                       "joined the repeat's job", "older server"])
 def test_ctrl_c_inside_a_start_under_another_run_s_request_id_leaves_that_run_s_job_running(server, capsys, monkeypatch, other_run):
     # Two runs under one --request-id (a retry in a second terminal): the second's Ctrl-C inside its start found the job by
     # sending the start again and cancelled it, the job the first run was waiting on. Whoever made it, another run asked for
-    # it: it goes on, named, the note saying why. A server that does not list run_id cannot say so: cancelled, as before.
+    # it, even between the start sent again and the cancel: it goes on, named, the note saying why. A server that knows
+    # nothing of runs cancels it, as before.
     given = str(uuid.uuid4())
     start = Client.visualize_neurons
     runs: list[object] = []  # the other run's job
@@ -606,17 +623,18 @@ def test_ctrl_c_inside_a_start_under_another_run_s_request_id_leaves_that_run_s_
     def interrupted_once(self, *args, **kwargs):
         calls.append(kwargs["request_id"])
         if len(calls) > 1:
-            return start(self, *args, **kwargs)
-        if other_run != "earlier, the start not sent":
+            found = start(self, *args, **kwargs)
+            if not runs:  # the other run asks for the job this run's start sent again made, before this run cancels it
+                other_run_s_start()
+            return found
+        if other_run not in ("earlier, the start not sent", "joined the repeat's job"):
             start(self, *args, **kwargs)
-        if not runs:  # the other run asks for the job this run's interrupted start made
+        if not runs and other_run != "joined the repeat's job":  # the other run asks for the job this run's interrupted start made
             other_run_s_start()
         raise KeyboardInterrupt  # where Ctrl-C lands while the job's answer is on its way
 
     if other_run == "older server":
-        metadata = Client.model_metadata
-        monkeypatch.setattr(Client, "model_metadata", lambda self, **kwargs: dataclasses.replace(
-            metadata(self, **kwargs), capabilities=tuple(c for c in metadata(self, **kwargs).capabilities if c != "run_id")))
+        _as_an_older_server(monkeypatch)
     with Client(server.target, timeout=30) as other:
         ahead = other.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
         try:
@@ -638,6 +656,46 @@ def test_ctrl_c_inside_a_start_under_another_run_s_request_id_leaves_that_run_s_
             f"explaind operations cancel {job.name} stops it")
     assert err == f"interrupted\n  {note}\n", err
     assert (error["operation"], error["notes"]) == (job.name, [note]), error
+
+
+@pytest.mark.parametrize("other_run", ["earlier", "joined during the wait", "older server"])
+def test_ctrl_c_in_the_wait_of_a_command_under_another_run_s_request_id_leaves_that_run_s_job_running(server, capsys, monkeypatch, other_run):
+    # The wait's Ctrl-C cancelled the job whatever its start had been told: the job another command under the same
+    # --request-id made, or one that asked for this command's job while it waited. It goes on, named; a server that knows
+    # nothing of runs cancels it, as before.
+    given = str(uuid.uuid4())
+    runs: list[Operation] = []  # the other run's job
+
+    def other_run_s_start() -> None:
+        runs.append(other.visualize_neurons([5], method="no_clip", steps=1, request_id=given))
+
+    def interrupted(self, *args, **kwargs):
+        if not runs:
+            other_run_s_start()
+        raise KeyboardInterrupt
+
+    if other_run == "older server":
+        _as_an_older_server(monkeypatch)
+    with Client(server.target, timeout=30) as other:
+        ahead = other.visualize_neurons([3], method="feature_visualization", steps=10_000)  # one worker: the job queues behind it
+        try:
+            if other_run == "earlier":
+                other_run_s_start()
+            monkeypatch.setattr(Operation, "wait", interrupted)
+            monkeypatch.setattr(Operation, "watch", interrupted)  # what a command that shows progress waits with
+            assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--request-id", given,
+                         "--json"]) == 130
+            out, err = capsys.readouterr()
+            job = runs[0].refresh()
+            assert (job.state, job.cancel_requested) == (("cancelled", True) if other_run == "older server" else ("queued", False))
+        finally:
+            ahead.cancel()
+            runs[0].cancel()
+    error = json.loads(out)["error"]
+    note = (f"cancelled {job.name}" if other_run == "older server" else
+            f"{job.name} goes on (queued): another run asked for it under its request_id too, whose wait cancelling it would end; "
+            f"its cancel() (explaind operations cancel {job.name}) stops it")
+    assert (error["operation"], error["notes"]) == (job.name, [note]), (error, err)
 
 
 def test_sigterm_inside_the_call_that_started_a_job_cancels_it_through_a_second_sigterm(server, capsys, monkeypatch, tmp_path):
@@ -703,7 +761,7 @@ def test_ctrl_c_inside_the_call_that_starts_a_job_names_its_request_id_where_the
 def test_ctrl_c_inside_a_start_whose_job_cannot_be_cancelled_names_that_job(server, capsys, monkeypatch):
     # The repeat got the job (started by the first call, or by the repeat itself); the cancel failing leaves it running.
     _interrupted_once_started(monkeypatch, "visualize_neurons", sent=True)
-    monkeypatch.setattr(Operation, "cancel", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))  # a second Ctrl-C
+    monkeypatch.setattr(Operation, "_cancel_unless_asked_by_another_run", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))  # a second Ctrl-C
     assert main(["--target", server.target, "visualize", "5", "--method", "no_clip", "--steps", "1", "--no-wait", "--json"]) == 130
     out, err = capsys.readouterr()
     error = json.loads(out)["error"]
@@ -836,7 +894,7 @@ def test_an_interrupted_start_whose_repeat_started_a_job_it_cannot_delete_names_
     def delete():
         raise UnavailableError("the server is restarting")
 
-    job = types.SimpleNamespace(name="operations/00000000000000dd", state="queued", done=False, cancel=cancel, delete=delete,
+    job = types.SimpleNamespace(name="operations/00000000000000dd", state="queued", done=False, _cancel_unless_asked_by_another_run=cancel, _left_for_another_run=False, delete=delete,
                                 metadata=types.SimpleNamespace(requested_again=False))
     client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id", "requested_again")))
     interrupt = KeyboardInterrupt()
@@ -853,7 +911,7 @@ def test_an_interrupted_start_whose_repeat_the_sdk_retried_to_an_earlier_job_doe
         job.state, job.done = "cancelled", True
 
     deleted: list[str] = []
-    job = types.SimpleNamespace(name="operations/00000000000000ee", state="queued", done=False, cancel=cancel,
+    job = types.SimpleNamespace(name="operations/00000000000000ee", state="queued", done=False, _cancel_unless_asked_by_another_run=cancel, _left_for_another_run=False,
                                 delete=lambda: deleted.append(job.name), requested_again=False,
                                 metadata=types.SimpleNamespace(requested_again=True))
     client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id", "requested_again")))
@@ -871,7 +929,7 @@ def test_an_interrupted_start_whose_repeat_started_a_job_that_ended_before_its_c
         job.state, job.done = "succeeded", True
 
     deleted: list[str] = []
-    job = types.SimpleNamespace(name="operations/00000000000000ff", state="running", done=False, cancel=cancel,
+    job = types.SimpleNamespace(name="operations/00000000000000ff", state="running", done=False, _cancel_unless_asked_by_another_run=cancel, _left_for_another_run=False,
                                 delete=lambda: deleted.append(job.name), metadata=types.SimpleNamespace(requested_again=False))
     client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id", "requested_again")))
     interrupt = KeyboardInterrupt()
@@ -1048,7 +1106,7 @@ def test_an_interrupted_start_whose_job_ended_already_is_not_cancelled_and_says_
     def cancel():
         raise AssertionError("an ended job is not cancelled")
 
-    ended = types.SimpleNamespace(name="operations/0123456789abcdef", state="succeeded", done=True, cancel=cancel)
+    ended = types.SimpleNamespace(name="operations/0123456789abcdef", state="succeeded", done=True, _cancel_unless_asked_by_another_run=cancel, _left_for_another_run=False)
     notes, named = _interrupted_start_notes(lambda request_id: ended)
     assert (notes, named) == (["operations/0123456789abcdef had already finished (succeeded); nothing to cancel"], ended)
 
@@ -1455,7 +1513,7 @@ def test_sigterm_stops_a_wait_as_ctrl_c_does_saying_what_became_of_the_job(serve
 def test_a_second_sigterm_does_not_stop_the_cancel_of_the_job_the_first_stopped(server, capsys, monkeypatch, tmp_path):
     # coreutils' timeout sends SIGTERM to the command and then to its process group: the second,
     # landing in the cancel the first began, ended the command with its job still running and no word.
-    watch, cancel = Operation.watch, Operation.cancel
+    watch, cancel = Operation.watch, Operation._cancel_unless_asked_by_another_run
 
     def watch_until_terminated(self, *args, **kwargs):
         for update in watch(self, *args, **kwargs):
@@ -1469,7 +1527,7 @@ def test_a_second_sigterm_does_not_stop_the_cancel_of_the_job_the_first_stopped(
         return cancel(self, *args, **kwargs)
 
     monkeypatch.setattr(Operation, "watch", watch_until_terminated)
-    monkeypatch.setattr(Operation, "cancel", cancel_terminated_again)
+    monkeypatch.setattr(Operation, "_cancel_unless_asked_by_another_run", cancel_terminated_again)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["--target", server.target, "visualize", "5", "--method", "feature_visualization", "--steps", "10000",
                  "--out-dir", str(tmp_path), "--json"]) == 143
@@ -1644,7 +1702,7 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
     from explaind.client._interrupted import started_job
 
     exits = _stuck_exits_recorded(monkeypatch, grace=True)
-    job = types.SimpleNamespace(name="operations/00000000000000bb", state="running", done=False, requested_again=False)
+    job = types.SimpleNamespace(name="operations/00000000000000bb", state="running", done=False, requested_again=False, _left_for_another_run=False)
     starts: list[str] = []
 
     def stuck(*_args):  # a server slow to answer: until the exit
@@ -1659,7 +1717,7 @@ def test_a_search_for_a_sigterm_s_job_cut_short_by_the_exit_still_names_its_requ
             stuck()
         return job
 
-    job.cancel = stuck
+    job._cancel_unless_asked_by_another_run = stuck
     client = types.SimpleNamespace(model_metadata=lambda: types.SimpleNamespace(capabilities=("request_id",)))
     with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=600, json=True)):
         with pytest.raises(cli._Terminated):
@@ -1793,7 +1851,7 @@ def test_sigterm_in_the_cancel_of_the_job_a_ctrl_c_s_search_found_names_that_job
         os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM (a systemd stop) while the job found is cancelled
         time.sleep(60)  # the signal ends it
 
-    job = types.SimpleNamespace(name=job_name, state="running", done=False, requested_again=False, cancel=cancel)
+    job = types.SimpleNamespace(name=job_name, state="running", done=False, requested_again=False, _cancel_unless_asked_by_another_run=cancel, _left_for_another_run=False)
 
     def interrupted_then_found(self, *args, request_id, **kwargs):
         starts.append(request_id)
@@ -4789,12 +4847,13 @@ def test_sigterm_in_the_channel_s_close_after_a_ctrl_c_keeps_what_the_ctrl_c_lef
     # (a systemd stop) landed there: its interrupt took the Ctrl-C's place, and the words said "terminated" alone, not
     # which job was cancelled (nor, had the search failed, which request_id to look for).
     starts: list[str] = []
-    job = types.SimpleNamespace(name="operations/0123456789abcdef", state="queued", done=False, requested_again=False)
+    job = types.SimpleNamespace(name="operations/0123456789abcdef", state="queued", done=False, requested_again=False,
+                                _left_for_another_run=False)
 
     def cancel():
         job.state, job.done = "cancelled", True
 
-    job.cancel = cancel
+    job._cancel_unless_asked_by_another_run = cancel
 
     def interrupted_once(self, *args, request_id, **kwargs):
         starts.append(request_id)

@@ -4014,6 +4014,10 @@ def test_a_ranking_read_without_download_fetches_no_artifact_and_with_it_its_ome
     (dict(state=operations_pb2.OPERATION_STATE_CANCELLED, done=True), "cancelled operations/x"),
     # It ended as Ctrl-C came: "cancelled" sent the caller to submit again a job whose result was there.
     (dict(state=operations_pb2.OPERATION_STATE_SUCCEEDED, done=True), "operations/x had already finished (succeeded); nothing to cancel"),
+    # Another run (another Client) asked for it under its request_id: the server left it running for that run's wait.
+    (dict(state=operations_pb2.OPERATION_STATE_RUNNING, requested_by_another_run=True),
+     "operations/x goes on (running): another run asked for it under its request_id too, whose wait cancelling it would end; its "
+     "cancel() (explaind operations cancel operations/x) stops it"),
 ])
 def test_ctrl_c_during_a_result_cancels_the_job_and_says_how_it_stands(monkeypatch, answer, note):
     from explaind.client._operations import Operation
@@ -4021,8 +4025,10 @@ def test_ctrl_c_during_a_result_cancels_the_job_and_says_how_it_stands(monkeypat
     asked = []
 
     class Server:
+        _run_id = "00000000-0000-4000-8000-00000000000a"
+
         def _call(self, service, method, request, **kwargs):
-            asked.append((method, request.name))
+            asked.append((method, request.name, request.unless_asked_by_another_run_than))
             done = answer.get("done", False)
             fields = {key: value for key, value in answer.items() if key != "done"}
             return operations_pb2.CancelOperationResponse(operation=_operation_message(request.name, done=done, **fields))
@@ -4031,7 +4037,7 @@ def test_ctrl_c_during_a_result_cancels_the_job_and_says_how_it_stands(monkeypat
     operation = Operation(Server(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING))
     with pytest.raises(KeyboardInterrupt) as interrupted:
         operation.result()
-    assert asked == [("CancelOperation", "operations/x")]
+    assert asked == [("CancelOperation", "operations/x", Server._run_id)]  # unless another run asked for it
     assert interrupted.value.__notes__ == [note]
 
 

@@ -90,9 +90,6 @@ REQUEST_ID_CAPABILITY = "request_id"
 # Listed by a server whose start's answer sets OperationMetadata.requested_again (an older
 # one, honouring request_id, leaves it false for a repeat too).
 REQUESTED_AGAIN_CAPABILITY = "requested_again"
-# Listed by a server that takes a start's run_id and sets OperationMetadata.requested_by_another_run
-# in a repeat's answer (an older one never says another run asked).
-RUN_ID_CAPABILITY = "run_id"
 # Methods whose request_id a server began to honour later than the operations' ("request_id").
 REQUEST_ID_CAPABILITIES = {"CreateSampleSet": "sample_set_request_id", "AppendSamples": "sample_set_request_id"}
 _IDENTIFIED = {method: REQUEST_ID_CAPABILITIES.get(method, REQUEST_ID_CAPABILITY) for methods in IDENTIFIED_METHODS.values() for method in methods}

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._client import REQUEST_ID_CAPABILITY, REQUESTED_AGAIN_CAPABILITY, RUN_ID_CAPABILITY
+from ._client import REQUEST_ID_CAPABILITY, REQUESTED_AGAIN_CAPABILITY
 from ._errors import ExplaindError, FailedPreconditionError, InvalidArgumentError
 from ._neuroinspect import NeuronRanking
 from ._operations import cancel_outcome
@@ -157,18 +157,19 @@ def _cancel_interrupted_start(interrupt: KeyboardInterrupt, client: Client, requ
     # that says nothing of an earlier run's (the first attempt's answer, which would have, is lost).
     operation._requested_again = False
     interrupt.operation = operation  # type: ignore[attr-defined]  # as the SDK's result() names the job it stopped waiting for
-    if RUN_ID_CAPABILITY in capabilities and operation.metadata.requested_by_another_run and not operation.done:
-        # Another run under the id (a retry in a second terminal) made it, or was answered with it: cancelled, its wait would end.
-        interrupt.add_note(f"{operation.name} goes on: another run asked for it under request_id {request_id} too, whose wait cancelling "
-                           f"it would end; explaind operations cancel {operation.name} stops it")
-        return
     say_meanwhile(f"{operation.name} may still be running: cancelling it was cut short; explaind operations cancel {operation.name} stops it")
     try:
         if not operation.done:  # one ended already (a --request-id's earlier run's) says so
-            operation.cancel()
+            # Not where another run under the id (a retry in a second terminal) made it or was answered with it, up to
+            # the cancel itself (the server decides): its wait would end. An older server cancels.
+            operation._cancel_unless_asked_by_another_run()
     except (ExplaindError, KeyboardInterrupt) as error:
         why = "interrupted again" if isinstance(error, KeyboardInterrupt) else error
         interrupt.add_note(f"{operation.name} may still be running: cancelling it failed ({why}); explaind operations cancel {operation.name} stops it")
+        return
+    if operation._left_for_another_run:
+        interrupt.add_note(f"{operation.name} goes on: another run asked for it under request_id {request_id} too, whose wait cancelling "
+                           f"it would end; explaind operations cancel {operation.name} stops it")
         return
     if started_by_repeat and _ended_cancelled(operation, say_meanwhile) and _deleted(operation):
         # Nobody asked for it: a CANCELLED job listed would read as one this command had started.

@@ -265,6 +265,9 @@ def cancel_outcome(operation: Operation[Any]) -> str:
     """What a cancel did, read from the operation it returned. A job that ended before the
     cancel reached it keeps its result (or error): calling it "cancelled" sent callers to
     submit it again."""
+    if operation._left_for_another_run:
+        return (f"{operation.name} goes on ({operation.state}): another run asked for it under its request_id too, whose wait "
+                f"cancelling it would end; its cancel() (explaind operations cancel {operation.name}) stops it")
     if not operation.done:  # a running job ends at its next check
         return f"cancel requested for {operation.name} ({operation.state}); it ends at its next check"
     if operation.state == "cancelled":
@@ -406,6 +409,22 @@ class Operation(Generic[ResultT]):
         self._update(response.operation)
         return self
 
+    def _cancel_unless_asked_by_another_run(self) -> Self:
+        """:meth:`cancel`, where no other run (another client, a second CLI command under
+        the same request_id) asked for the job under its request_id: its wait would end.
+        Where one did, the job goes on, and :attr:`_left_for_another_run` says so; an older
+        server (no "run_id" capability) ignores the condition and cancels."""
+        response = self._client._call("operations", "CancelOperation", operations_pb2.CancelOperationRequest(
+            name=self.name, unless_asked_by_another_run_than=self._client._run_id))
+        self._update(response.operation)
+        return self
+
+    @property
+    def _left_for_another_run(self) -> bool:
+        """Whether the last answer, a cancel's (:meth:`_cancel_unless_asked_by_another_run`),
+        left this job running for another run that asked for it."""
+        return self.metadata.requested_by_another_run and not self.done and not self.cancel_requested
+
     def delete(self) -> None:
         """Forget the finished operation on the server (see :meth:`Client.delete_operation`)."""
         self._client.delete_operation(self.name)
@@ -536,7 +555,7 @@ class Operation(Generic[ResultT]):
         except KeyboardInterrupt as interrupt:
             interrupt.operation = self  # type: ignore[attr-defined]  # as an error's: the job it stopped waiting for
             try:
-                self.cancel()
+                self._cancel_unless_asked_by_another_run()  # another run's wait on it (its request_id's) goes on
             except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened
                 interrupt.add_note(f"{self.name} may still be running: cancelling it failed ({error})")
             else:
