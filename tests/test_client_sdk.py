@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import io
+import pickle
 import re
 import threading
 import time
@@ -4034,11 +4035,25 @@ def test_ctrl_c_during_a_result_cancels_the_job_and_says_how_it_stands(monkeypat
             return operations_pb2.CancelOperationResponse(operation=_operation_message(request.name, done=done, **fields))
 
     monkeypatch.setattr(Operation, "wait", lambda self, timeout=None: (_ for _ in ()).throw(KeyboardInterrupt()))
-    operation = Operation(Server(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING))
+    operation = Operation(Server(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING), retried=False)  # a start's
     with pytest.raises(KeyboardInterrupt) as interrupted:
         operation.result()
     assert asked == [("CancelOperation", "operations/x", Server._run_id)]  # unless another run asked for it
     assert interrupted.value.__notes__ == [note]
+    # One fetched by name (client.operation) is no run's own: cancelled whoever asked for it, as before runs were told apart.
+    asked.clear()
+    with pytest.raises(KeyboardInterrupt):
+        Operation(Server(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING)).result()
+    assert asked == [("CancelOperation", "operations/x", "")]
+
+
+def test_a_client_unpickled_is_of_the_same_run():
+    # An operation a client started, waited on in a spawn worker: a run of the worker's own would read as another run's,
+    # whose Ctrl-C would leave the job running.
+    from explaind.client import Client
+
+    with Client("127.0.0.1:1") as client:
+        assert pickle.loads(pickle.dumps(client))._run_id == client._run_id
 
 
 def test_a_rankings_fields_are_the_servers_each_in_its_place():

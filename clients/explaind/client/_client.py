@@ -557,11 +557,12 @@ class Client:
         require_seconds("timeout", seconds)  # a string failed at the next call as a TypeError naming nothing
         self._timeout = seconds
 
-    def __reduce__(self) -> tuple[Callable[[], Client], tuple[()], dict[str, bool]]:
+    def __reduce__(self) -> tuple[Callable[[], Client], tuple[()], dict[str, Any]]:
         """Pickled as its arguments (see the class): unpickled, a new client that connects
         at its first call, or a closed one for a closed client (an error a worker raises
-        holds its operation and so its client, which the worker's with-block closed)."""
-        return functools.partial(type(self), **self._pickled_arguments()), (), {"closed": self._closed}
+        holds its operation and so its client, which the worker's with-block closed), of
+        the same run (run_id): an operation it started, waited on in a worker, is its own."""
+        return functools.partial(type(self), **self._pickled_arguments()), (), {"closed": self._closed, "run_id": self._run_id}
 
     def _pickled_arguments(self) -> dict[str, Any]:
         """The arguments a pickle carries; a closed client's without its token and TLS
@@ -572,7 +573,8 @@ class Client:
             return arguments
         return arguments | {"token": None, "tls": False, "root_certificates": None, "private_key": None, "certificate_chain": None}
 
-    def __setstate__(self, state: dict[str, bool]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._run_id = state.get("run_id", self._run_id)  # a pickle from a release before runs: a run of its own
         if state["closed"]:
             self.close()
 

@@ -281,13 +281,16 @@ class Operation(Generic[ResultT]):
 
     metadata: operations_pb2.OperationMetadata  # as of the last update
 
-    def __init__(self, client: Client, message: lro_pb2.Operation, *, retried: bool = False) -> None:
-        """``retried``: ``message`` is a start's answer to the SDK's retry of it, after an
-        attempt whose answer was lost (:attr:`requested_again`)."""
+    def __init__(self, client: Client, message: lro_pb2.Operation, *, retried: bool | None = None) -> None:
+        """``retried``: ``message`` is a start's answer (None: not one, but fetched or
+        listed), True to the SDK's retry of it, after an attempt whose answer was lost
+        (:attr:`requested_again`)."""
         self._client = client
         self._update(message)
         # A start's answer says it; later updates do not. One to a retry may be this call's own lost attempt's.
         self._requested_again = self.metadata.requested_again and not retried
+        # This client's run asked for it under its request_id: an interrupted wait cancels it only if no other run did too.
+        self._asked_by_this_run = retried is not None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickled (in a spawn worker, say), its client is a new one, unanswered as yet:
@@ -555,7 +558,10 @@ class Operation(Generic[ResultT]):
         except KeyboardInterrupt as interrupt:
             interrupt.operation = self  # type: ignore[attr-defined]  # as an error's: the job it stopped waiting for
             try:
-                self._cancel_unless_asked_by_another_run()  # another run's wait on it (its request_id's) goes on
+                if self._asked_by_this_run:  # another run's wait on it (its request_id's) goes on
+                    self._cancel_unless_asked_by_another_run()
+                else:  # fetched by name: as before runs were told apart
+                    self.cancel()
             except ExplaindError as error:  # e.g. the server is down: the interrupt is still what happened
                 interrupt.add_note(f"{self.name} may still be running: cancelling it failed ({error})")
             else:
