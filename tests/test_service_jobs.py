@@ -11,8 +11,8 @@ import pytest
 
 from conftest import until_running
 from explaind.client import AbortedError, CancelledError, Client, FailedPreconditionError, NotFoundError, OperationError
-from explaind.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, operations_pb2, sample_sets_pb2,
-                         sample_sets_pb2_grpc)
+from explaind.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, operations_pb2, operations_pb2_grpc,
+                         sample_sets_pb2, sample_sets_pb2_grpc)
 from test_service_api import _metric
 
 
@@ -330,6 +330,11 @@ def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_
             sample_set_id="identified", request_id=requests["EvaluateSampleSet"].request_id, run_id="not-a-uuid"))
     error = from_rpc_error(caught.value)
     assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "run_id") and "is not a UUID" in error.details
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as caught:  # and a cancel's, as it
+        operations_pb2_grpc.OperationsServiceStub(channel).CancelOperation(operations_pb2.CancelOperationRequest(
+            name=first["EvaluateSampleSet"], unless_asked_by_another_run_than="not-a-uuid"), timeout=60)
+    error = from_rpc_error(caught.value)
+    assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "unless_asked_by_another_run_than") and "is not a UUID" in error.details
 
 
 class _DroppingProxy(grpc.GenericRpcHandler):
