@@ -4045,6 +4045,15 @@ def test_ctrl_c_during_a_result_cancels_the_job_and_says_how_it_stands(monkeypat
     with pytest.raises(KeyboardInterrupt):
         Operation(Server(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING)).result()
     assert asked == [("CancelOperation", "operations/x", "")]
+    # One a release before runs pickled (no _asked_by_this_run) is cancelled as that release did, not an AttributeError.
+    asked.clear()
+    state = dict(vars(Operation(Server(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING), retried=False)))
+    del state["_asked_by_this_run"]
+    unpickled = Operation.__new__(Operation)  # as pickle builds it (the stand-in client itself cannot be pickled)
+    Operation.__setstate__(unpickled, state)
+    with pytest.raises(KeyboardInterrupt):
+        unpickled.result()
+    assert asked == [("CancelOperation", "operations/x", "")]
 
 
 def test_a_client_unpickled_is_of_the_same_run():

@@ -296,8 +296,9 @@ class Operation(Generic[ResultT]):
         """Unpickled (in a spawn worker, say), its client is a new one, unanswered as yet:
         the server at its address made this operation, so its waits ride over a restart as
         the original's would, not failing at once as a client's first call to a wrong
-        address does."""
-        self.__dict__.update(state)
+        address does. One pickled by a release before runs were told apart is cancelled by
+        an interrupted wait, as that release did."""
+        self.__dict__.update({"_asked_by_this_run": False} | state)
         self._client._reached = True
 
     def _update(self, message: lro_pb2.Operation, *, keep_preview: bool = False) -> None:
