@@ -19,6 +19,7 @@ NOT_NEGATIVE = [
     "server.upload_idle_timeout_s", "server.max_samples_per_caller", "server.max_concurrent_rpcs", "batching.max_queue_delay_ms",
     "batching.max_queued_images_per_caller", "runtime.num_threads", "classifier.image_size", "classifier.resize_size",
     "jobs.retention_days", "jobs.max_run_seconds", "jobs.max_queued_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
+    "server.max_head_versions_per_caller",
 ]
 AT_LEAST_ONE = [
     "server.max_message_bytes", "server.max_pixels_per_request", "server.max_decode_bytes", "batching.max_batch_size",
@@ -30,6 +31,7 @@ AT_LEAST_TWO = ["server.max_workers"]
 C_INT = [
     "server.max_message_bytes", "server.max_concurrent_rpcs", "server.max_samples_per_caller", "runtime.num_threads",
     "batching.max_batch_size", "batching.max_queue_size", "batching.max_images_per_request", "batching.max_queued_images_per_caller",
+    "server.max_head_versions_per_caller",
 ]
 PORTS = ["port", "metrics_port", "health_port"]
 # Durations where TOML's inf reads as "never", as their 0 does (docs/configuration.md).
@@ -257,8 +259,10 @@ def test_only_keys_the_file_sets_to_other_than_their_default_are_warned_of(tmp_p
      "which CLIP-Illusion needs", {"clip": {"model": "ViT-B-32", "checkpoint": "openai"}}),
     ({"tracing": {"service_name": "inspector", "sample_ratio": 0.5}}, "[tracing].service_name and [tracing].sample_ratio are ignored "
      "without [tracing].otlp_endpoint: nothing is traced", {"tracing": {"otlp_endpoint": "http://collector:4317"}}),
-    ({"server": {"max_samples_per_caller": 10}, "batching": {"max_queued_images_per_caller": 10}, "jobs": {"max_queued_per_caller": 2}},
-     "[server].max_samples_per_caller, [batching].max_queued_images_per_caller and [jobs].max_queued_per_caller are ignored without "
+    ({"server": {"max_samples_per_caller": 10, "max_head_versions_per_caller": 20}, "batching": {"max_queued_images_per_caller": 10},
+      "jobs": {"max_queued_per_caller": 2}},
+     "[server].max_samples_per_caller, [server].max_head_versions_per_caller, [batching].max_queued_images_per_caller and "
+     "[jobs].max_queued_per_caller are ignored without "
      "[server].callers_file: per-caller limits bound named callers, and no call has one", {"server": {"callers_file": "callers"}}),
 ])
 def test_keys_another_key_leaves_unused_are_warned_of_until_it_is_set(tmp_path, classifier_dir, sections, warning, with_what_they_need):

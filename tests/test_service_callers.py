@@ -164,6 +164,68 @@ def test_the_store_checks_a_callers_samples_in_the_transaction_that_adds_them(tm
     store.close()
 
 
+HEAD_VERSIONS_REFUSED = ("caller 'monitoring' holds {held} head version{s}, and 1 more would pass its limit of {held} "
+                         "([server].max_head_versions_per_caller): delete versions it no longer needs (explaind head-versions delete)")
+
+
+def test_a_callers_edits_hold_at_most_max_head_versions_per_caller_until_it_deletes_one(tmp_path, classifier_dir, callers_file, capsys):
+    # Each version is the head's weights whole (8 MB for ResNet-50): unbounded, one
+    # caller's edits could fill the data dir for all.
+    from explaind.client.cli import main
+
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), admins=("root",), max_head_versions_per_caller=2)
+    try:
+        with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
+            assert monitoring.model_metadata().limits.max_head_versions_per_caller == 2
+            assert main(["--target", f"127.0.0.1:{server.port}", "--token", "tokenMON", "info"]) == 0
+            assert ", 2 head versions of one caller's edits\n" in capsys.readouterr().out
+            monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
+            first, _ = (monitoring.edit_head("train", 1, [0], max_epochs=1).result(timeout=60).version for _ in range(2))
+            with pytest.raises(ResourceExhaustedError) as refused:
+                monitoring.edit_head("train", 1, [0], max_epochs=1)
+            assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=2, s="s")
+            assert len(monitoring.operations()) == 2  # refused at submit: no job
+            # Another caller has a limit of its own; the loaded v0 counts against none.
+            analyst.edit_head("train", 1, [0], max_epochs=1).result(timeout=60)
+            root.edit_head("train", 1, [0], max_epochs=1).result(timeout=60)
+            monitoring.delete_head_version(first.version_id)  # room again
+            assert monitoring.edit_head("train", 1, [0], max_epochs=1).result(timeout=60).version.owner == "monitoring"
+    finally:
+        server.stop(0)
+
+
+def test_edits_racing_past_the_check_at_submit_store_one_version_and_the_other_fails_resource_exhausted(tmp_path, classifier_dir, callers_file):
+    # Both submitted while the caller held none, each passes the check at submit; the
+    # store asks again as it inserts, so the later one stores nothing.
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), max_head_versions_per_caller=1)
+    try:
+        with client(server, "tokenMON") as monitoring:
+            monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
+            gate = threading.Event()
+            server.engine.jobs.submit("block", lambda context: (gate.wait(30), empty_pb2.Empty())[1])  # the edits wait queued
+            first, second = (monitoring.edit_head("train", 1, [0], max_epochs=1) for _ in range(2))
+            gate.set()
+            stored = first.result(timeout=60).version
+            with pytest.raises(ResourceExhaustedError) as refused:
+                second.result(timeout=60)
+            assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=1, s="")
+            assert [v.version_id for v in monitoring.head_versions()] == ["v0", stored.version_id]
+    finally:
+        server.stop(0)
+
+
+def test_edits_without_a_named_caller_count_against_no_caller_s_head_versions(tmp_path, classifier_dir):
+    server = start(tmp_path, classifier_dir, max_head_versions_per_caller=1)
+    try:
+        with client(server, "") as anyone:
+            anyone.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
+            for _ in range(2):
+                anyone.edit_head("train", 1, [0], max_epochs=1).result(timeout=60)
+            assert len(anyone.head_versions()) == 3
+    finally:
+        server.stop(0)
+
+
 def test_a_head_the_server_loaded_from_a_model_file_is_deleted_by_an_admin_only(tmp_path, classifier_dir, callers_file):
     # Stored at a start, not by a caller: without an owner it was open to every caller,
     # which could delete the earlier model file's head the admins would serve again.

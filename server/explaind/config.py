@@ -92,7 +92,7 @@ _NOT_NEGATIVE = (
     "server.port", "server.metrics_port", "server.health_port", "server.grace_period_s", "server.data_dir_reserve_bytes", "server.upload_idle_timeout_s", "batching.max_queue_delay_ms",
     "runtime.num_threads", "classifier.image_size", "classifier.resize_size", "jobs.retention_days", "jobs.max_run_seconds",
     "jobs.max_queued_per_caller", "batching.max_queued_images_per_caller", "server.max_samples_per_caller", "clip.illusion_epsilon", "tracing.sample_ratio",
-    "server.max_concurrent_rpcs",
+    "server.max_concurrent_rpcs", "server.max_head_versions_per_caller",
 )
 _MAX_PORT = 65535
 # Upper bounds. Sizes and counts that reach a C int (gRPC's channel arguments, torch's
@@ -110,6 +110,7 @@ _AT_MOST = {
     # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
     "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,
     "batching.max_queued_images_per_caller": _C_INT_MAX, "server.max_concurrent_rpcs": _C_INT_MAX, "server.max_samples_per_caller": _C_INT_MAX,
+    "server.max_head_versions_per_caller": _C_INT_MAX,
     "server.grace_period_s": 86400.0, "batching.max_queue_delay_ms": 60_000.0, "clip.illusion_epsilon": MAX_LOSS_WEIGHT,
     "tracing.sample_ratio": 1.0,
 }
@@ -181,6 +182,10 @@ class ServerSection:
     # RESOURCE_EXHAUSTED, so one caller cannot fill the data dir for all (with the image
     # size limits, it bounds the caller's bytes). 0: no limit of its own.
     max_samples_per_caller: int = 0
+    # Head versions of the served model one named caller's edits may hold (each one the
+    # head's weights, 8 MB for ResNet-50); an EditHead past it is RESOURCE_EXHAUSTED, so
+    # one caller's edits cannot fill the data dir for all. 0: no limit of its own.
+    max_head_versions_per_caller: int = 0
     # Log lines on stderr: "text", or "json" (one object per line, for log pipelines).
     log_format: str = "text"
     # gRPC over TLS with this certificate chain and private key (PEM files), both or
@@ -895,7 +900,8 @@ _LOADER_READS: dict[str, tuple[str, ...]] = {
 _EVERY_LOADER_READS = ("loader", "class_names", "class_names_file", "image_size", "resize_size", "interpolation", "jpeg_reduced_decode",
                        "mean", "std")
 # Keys that limit one named caller: without [server].callers_file no call has one.
-_PER_CALLER_KEYS = ("server.max_samples_per_caller", "batching.max_queued_images_per_caller", "jobs.max_queued_per_caller")
+_PER_CALLER_KEYS = ("server.max_samples_per_caller", "server.max_head_versions_per_caller", "batching.max_queued_images_per_caller",
+                    "jobs.max_queued_per_caller")
 
 
 def ignored_keys(config: Config) -> list[str]:

@@ -153,8 +153,9 @@ class Normalization:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may carry on this server, and what one caller's sets may hold; 0
-    where the server does not say (or, for ``max_samples_per_caller``, sets no such limit)."""
+    """What one request may carry on this server, and what one caller's sets and edits may hold; 0
+    where the server does not say (or, for ``max_samples_per_caller`` and
+    ``max_head_versions_per_caller``, sets no such limit)."""
 
     max_message_bytes: int
     max_pixels_per_request: int  # decoded pixels of one request's images, in all
@@ -164,6 +165,9 @@ class RequestLimits:
     # Predict, CreateSampleSet and AppendSamples calls one named caller may have in progress
     # at once (half of [server].max_workers); 0 from an older server, which has no such limit.
     max_calls_per_caller: int = 0
+    # Head versions of the served model one named caller's edits may hold
+    # ([server].max_head_versions_per_caller); 0: no such limit, or an older server.
+    max_head_versions_per_caller: int = 0
 
 
 @dataclass(frozen=True, repr=False)

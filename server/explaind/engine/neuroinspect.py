@@ -715,6 +715,8 @@ class NeuroInspectEngine:
         if promote:
             self._engine.ownership.require_head_changer(caller, "promote the edited head (promote)")
         version = self._split_version()
+        # Before any training; the store asks again as it stores the version, so edits racing past this store one at most.
+        self._engine.store.require_room_for_head_version(version.feature_version, caller)
         class_index = self._class_index(version, target_class)
         if not neurons:
             raise InvalidArgument("at least one neuron is required", field="neurons")

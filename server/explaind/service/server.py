@@ -118,7 +118,8 @@ class ExplaindServer:
         self.metrics = Metrics()
         try:
             self.store = SQLiteStore(config.server.data_dir, reserve_bytes=config.server.data_dir_reserve_bytes,
-                                     max_samples_per_owner=config.server.max_samples_per_caller)
+                                     max_samples_per_owner=config.server.max_samples_per_caller,
+                                     max_head_versions_per_owner=config.server.max_head_versions_per_caller)
         except StoreOpenError as error:  # no permission, a file in the path, in use, a damaged database
             raise _naming_data_dir(str(error)) from None
         self.metrics.watch_data_dir(self.store.data_dir)

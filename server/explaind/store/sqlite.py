@@ -154,6 +154,8 @@ CREATE TABLE IF NOT EXISTS head_version_owners (
     feature_version TEXT NOT NULL, version_id TEXT NOT NULL, owner TEXT NOT NULL, PRIMARY KEY (feature_version, version_id),
     FOREIGN KEY (feature_version, version_id) REFERENCES head_versions(feature_version, version_id) ON DELETE CASCADE
 );
+-- One caller's versions, counted against [server].max_head_versions_per_caller without reading the others'.
+CREATE INDEX IF NOT EXISTS head_version_owners_by_owner ON head_version_owners (owner, feature_version);
 CREATE TABLE IF NOT EXISTS deleted_head_versions (
     feature_version TEXT NOT NULL, version_id TEXT NOT NULL, PRIMARY KEY (feature_version, version_id)
 );
@@ -362,11 +364,15 @@ def _interrupted(interrupt: threading.Event | None) -> bool:
 class SQLiteStore:
     """Thread-safe (one connection behind a lock); durable across restarts and kill -9."""
 
-    def __init__(self, data_dir: str | Path, *, reserve_bytes: int = 0, max_samples_per_owner: int = 0) -> None:
+    def __init__(self, data_dir: str | Path, *, reserve_bytes: int = 0, max_samples_per_owner: int = 0,
+                 max_head_versions_per_owner: int = 0) -> None:
         """``reserve_bytes``: how much to keep aside for a full file system (see RESERVE_FILE);
-        ``max_samples_per_owner``: samples one named caller's sets may hold in all. 0: none."""
+        ``max_samples_per_owner``: samples one named caller's sets may hold in all;
+        ``max_head_versions_per_owner``: head versions of one feature version one named
+        caller may hold. 0: none."""
         self.data_dir = Path(data_dir)
         self.max_samples_per_owner = max_samples_per_owner
+        self.max_head_versions_per_owner = max_head_versions_per_owner
         self.blob_dir = self.data_dir / "artifacts" / "sha256"
         try:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -1306,6 +1312,7 @@ class SQLiteStore:
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM head_versions WHERE feature_version = ? AND version_id = ?", (record.feature_version, record.version_id)).fetchone():
                 raise AlreadyExists(f"head version {record.version_id!r} already exists", field="version_id")
+            self._require_room_for_head_version(db, record.feature_version, record.owner)
             db.execute(
                 f"INSERT INTO head_versions ({self._HEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (record.feature_version, record.version_id, record.head_hash, record.weights_digest, record.parent_version_id,
@@ -1313,6 +1320,24 @@ class SQLiteStore:
             )
             if record.owner is not None:
                 db.execute("INSERT INTO head_version_owners VALUES (?, ?, ?)", (record.feature_version, record.version_id, record.owner))
+
+    def require_room_for_head_version(self, feature_version: str, owner: str | None) -> None:
+        with self._lock:
+            self._require_room_for_head_version(self._db, feature_version, owner)
+
+    def _require_room_for_head_version(self, db: sqlite3.Connection, feature_version: str, owner: str | None) -> None:
+        """ResourceExhausted when ``owner`` (a named caller; None: no one's) holds
+        max_head_versions_per_owner versions of ``feature_version`` already. Asked in the
+        transaction that inserts one, so edits racing past the check at submit cannot
+        pass it together."""
+        if not self.max_head_versions_per_owner or owner is None:
+            return
+        (held,) = db.execute("SELECT COUNT(*) FROM head_version_owners WHERE owner = ? AND feature_version = ?",
+                             (owner, feature_version)).fetchone()
+        if held >= self.max_head_versions_per_owner:
+            raise ResourceExhausted(f"caller {owner!r} holds {held} head version{'s' * (held != 1)}, and 1 more would pass its limit of "
+                                    f"{self.max_head_versions_per_owner} ([server].max_head_versions_per_caller): delete versions "
+                                    f"it no longer needs (explaind head-versions delete)")
 
     def list_head_versions(self, feature_version: str, *, after: tuple[float, str] | None = None,
                            limit: int | None = None) -> list[HeadVersionRecord]:
