@@ -3,6 +3,7 @@ read it but not change it, admins may change anything; the file is reloaded on c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -210,6 +211,54 @@ def test_edits_racing_past_the_check_at_submit_store_one_version_and_the_other_f
                 second.result(timeout=60)
             assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=1, s="")
             assert [v.version_id for v in monitoring.head_versions()] == ["v0", stored.version_id]
+    finally:
+        server.stop(0)
+
+
+def test_a_promoting_edit_refused_at_the_limit_serves_nothing_stores_nothing_and_leaves_its_weights_to_the_sweep(
+        tmp_path, classifier_dir, callers_file):
+    # The store's refusal comes before the promote: a refused edit must not be served, nor
+    # leave its 8 MB weights file behind once no version names it.
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), max_head_versions_per_caller=1)
+    try:
+        with client(server, "tokenMON") as monitoring:
+            monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
+            gate = threading.Event()
+            server.engine.jobs.submit("block", lambda context: (gate.wait(30), empty_pb2.Empty())[1])  # the edits wait queued
+            first, second = (monitoring.edit_head("train", 1, [neuron], max_epochs=1, promote=True) for neuron in (0, 1))
+            gate.set()
+            stored = first.result(timeout=60).version
+            with pytest.raises(ResourceExhaustedError) as refused:
+                second.result(timeout=60)
+            assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=1, s="")
+            assert [(v.version_id, v.active) for v in monitoring.head_versions()] == [("v0", False), (stored.version_id, True)]
+            assert server.store.delete_unused_blobs() == 1  # the refused edit's weights, which only it had
+            assert monitoring.head_version(stored.version_id).active  # its own stay
+            with pytest.raises(ResourceExhaustedError) as refused:  # at submit, before any training or promote
+                monitoring.edit_head("train", 1, [0], max_epochs=1, promote=True)
+            assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=1, s="")
+    finally:
+        server.stop(0)
+
+
+def test_a_report_of_a_caller_at_its_head_version_limit_fails_with_the_refusal_not_a_traceback(tmp_path, classifier_dir, callers_file,
+                                                                                               world_images, capsys):
+    from explaind.client.cli import main
+
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), max_head_versions_per_caller=1)
+    try:
+        images, labels = world_images
+        mislabelled = (labels[:24] + 1) % 6  # every sample a mistake, for a ranking
+        with client(server, "tokenMON") as monitoring:
+            monitoring.create_sample_set(images[:24], mislabelled, sample_set_id="nightly")
+            class_name = monitoring.model_metadata().class_names[int(mislabelled[0])]
+            monitoring.edit_head("nightly", 1, [0], max_epochs=1).result(timeout=60)
+        target = ["--target", f"127.0.0.1:{server.port}", "--token", "tokenMON"]
+        assert main([*target, "info", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["limits"]["max_head_versions_per_caller"] == 1
+        assert main([*target, "report", "--class", class_name, "--sample-set", "nightly", "--out", str(tmp_path / "report.html"),
+                     "--neurons", "1", "--steps", "2", "--stability", "0"]) == 1
+        assert capsys.readouterr().err == "error: RESOURCE_EXHAUSTED: " + HEAD_VERSIONS_REFUSED.format(held=1, s="") + "\n"
     finally:
         server.stop(0)
 
