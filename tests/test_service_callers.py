@@ -231,6 +231,9 @@ def test_a_promoting_edit_refused_at_the_limit_serves_nothing_stores_nothing_and
             with pytest.raises(ResourceExhaustedError) as refused:
                 second.result(timeout=60)
             assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=1, s="")
+            # A job's RESOURCE_EXHAUSTED counts where ExplaindJobsFailing looks (deploy/alerts.yml says so).
+            assert server.metrics.registry.get_sample_value(
+                "explaind_jobs_ended_total", {"kind": "edit_head", "outcome": "failed", "code": "RESOURCE_EXHAUSTED"}) == 1
             assert [(v.version_id, v.active) for v in monitoring.head_versions()] == [("v0", False), (stored.version_id, True)]
             assert server.store.delete_unused_blobs() == 1  # the refused edit's weights, which only it had
             assert monitoring.head_version(stored.version_id).active  # its own stay
