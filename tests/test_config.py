@@ -373,6 +373,15 @@ def test_a_file_no_loader_opens_in_a_model_directory_does_not_stop_the_start(tmp
     load_diffusion(config.diffusion, load_clip(config.clip, required=True), required=True)  # raises where it cannot load
 
 
+@pytest.mark.parametrize("index", ["[]", "{}", '{"weight_map": ["a.safetensors"]}', '{"weight_map": {"a": 1}}'])
+def test_a_sharded_weights_index_of_the_wrong_shape_is_left_to_the_loader_not_a_traceback_before_the_bind(tmp_path, classifier_dir, index):
+    # JSON, but not an index naming its shards: the check looks at the index alone, and loading says what is wrong with it.
+    _world_t2i_directory(tmp_path / "t2i", classifier_dir)
+    _sharded_unet(tmp_path / "t2i")
+    (tmp_path / "t2i" / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(index)
+    assert unusable_model_path(load_config(write_config(tmp_path / "c.toml", classifier_dir, diffusion={"path": str(tmp_path / "t2i")}))) is None
+
+
 @pytest.mark.parametrize("save", [{"safe_serialization": False}, {"max_shard_size": "2MB"}], ids=["bin", "sharded"])
 def test_a_unet_saved_as_diffusers_also_loads_it_passes_the_check(tmp_path, classifier_dir, save):
     # The check takes the weights diffusers' from_pretrained does (no variant): a sharded
@@ -394,6 +403,7 @@ def test_a_unet_saved_as_diffusers_also_loads_it_passes_the_check(tmp_path, clas
     # Stable Diffusion 1.x / 2.x / XL, Kandinsky 2.2's decoder: a UNet and an autoencoder; SD3's, Flux's, PixArt's transformer.
     ("UNet2DConditionModel", True), ("AutoencoderKL", True), ("SD3Transformer2DModel", True), ("FluxTransformer2DModel", True),
     ("PixArtTransformer2DModel", True), ("Transformer2DModel", True), ("ControlNetModel", True),
+    ("WanTransformer3DModel", True), ("CogVideoXTransformer3DModel", True),  # video pipelines' transformers
     ("DDIMScheduler", True), ("EulerDiscreteScheduler", True), ("FlowMatchEulerDiscreteScheduler", True),
     # Kandinsky's movq, and classes that are no diffusers model (OnnxRuntimeModel reads model.onnx): checked only as they load.
     ("VQModel", False), ("AutoModel", False), ("EMAModel", False), ("OnnxRuntimeModel", False), ("VaeImageProcessor", False), ("T2IAdapter", False),
