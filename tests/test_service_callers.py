@@ -1099,7 +1099,9 @@ def test_a_callers_predictions_and_uploads_hold_at_most_half_of_the_threads_so_a
             held = [pool.submit(analyst.predict, [IMAGE]) for _ in range(2)]
             for _ in held:
                 assert entered.acquire(timeout=30)  # both decoding, in two of the four threads
-            for refused_call in (lambda: analyst.predict([IMAGE]), lambda: analyst.create_sample_set([IMAGE], [0], sample_set_id="more")):
+            # Refused before the call runs: AppendSamples to a set that does not exist is RESOURCE_EXHAUSTED, not NOT_FOUND.
+            for refused_call in (lambda: analyst.predict([IMAGE]), lambda: analyst.create_sample_set([IMAGE], [0], sample_set_id="more"),
+                                 lambda: analyst.append_samples("more", [IMAGE], [0])):
                 with pytest.raises(ResourceExhaustedError) as refused:
                     refused_call()
                 assert refused.value.details == (
@@ -1111,6 +1113,34 @@ def test_a_callers_predictions_and_uploads_hold_at_most_half_of_the_threads_so_a
             assert [len(call.result(timeout=30)) for call in held] == [1, 1]
             assert len(analyst.predict([IMAGE])) == 1  # the share came back as the calls answered
             assert analyst.model_metadata().limits.max_calls_per_caller == 2  # which the SDK's predict keeps to
+    finally:
+        release.set()
+        server.stop(0)
+
+
+def test_the_one_caller_of_a_server_without_named_callers_may_use_more_than_half_of_the_threads_for_predictions(
+        tmp_path, classifier_dir, monkeypatch):
+    # The share is one named caller's against the others: a server with one token (or none)
+    # has one caller, whose Predicts beyond half of max_workers must run, not be refused.
+    decode, entered, release = convert.decode_image, threading.Semaphore(0), threading.Event()
+
+    def decode_blocking(*args, **kwargs):
+        entered.release()
+        release.wait(30)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "decode_image", decode_blocking)
+    server = start(tmp_path, classifier_dir, max_workers=4, token="tokenONE")
+    try:
+        with client(server, "tokenONE") as only, ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(only.predict, [IMAGE]) for _ in range(3)]
+            for call in held:
+                call.add_done_callback(lambda _: entered.release())  # a refused call ends the wait below too
+            for _ in held:
+                assert entered.acquire(timeout=30)
+            assert not any(call.done() for call in held)  # all three decoding at once, past the 2 of a named caller's share
+            release.set()
+            assert [len(call.result(timeout=30)) for call in held] == [1, 1, 1]
     finally:
         release.set()
         server.stop(0)
