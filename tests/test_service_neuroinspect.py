@@ -1175,7 +1175,8 @@ def test_a_visualisation_waiting_for_another_to_move_clip_ends_cancelled_when_ca
             second = inspect.visualize_neurons([(11, "heart")], method="clip_illusion", steps=1)
             assert second_waiting.wait(timeout=60)
             engine.jobs.cancel(second.record.job_id)
-            cancelled = engine.jobs.wait(second.record.job_id, 30).record
+            # within jobs.LOCK_CANCEL_POLL_S (0.1 s) of its cancel, not the move's end: 10 s leaves a loaded machine room
+            cancelled = engine.jobs.wait(second.record.job_id, 10).record
             assert cancelled.state == "cancelled", cancelled
             assert engine.jobs.get(first.record.job_id).record.state == "running" and lock.locked()  # the move holds it still
             may_finish.set()
