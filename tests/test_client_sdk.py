@@ -4059,10 +4059,14 @@ def test_ctrl_c_during_a_result_cancels_the_job_and_says_how_it_stands(monkeypat
 def test_a_client_unpickled_is_of_the_same_run():
     # An operation a client started, waited on in a spawn worker: a run of the worker's own would read as another run's,
     # whose Ctrl-C would leave the job running.
-    from explaind.client import Client
+    # An AsyncClient's too: a start a worker's copy repeated under its request_id read as another run's.
+    from explaind.client import AsyncClient, Client
 
     with Client("127.0.0.1:1") as client:
         assert pickle.loads(pickle.dumps(client))._run_id == client._run_id
+    async_client = AsyncClient("127.0.0.1:1")
+    assert pickle.loads(pickle.dumps(async_client)).client._run_id == async_client.client._run_id
+    async_client._close()
 
 
 def test_a_rankings_fields_are_the_servers_each_in_its_place():

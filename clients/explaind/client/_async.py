@@ -121,11 +121,14 @@ class AsyncClient:
                     self._executor_pid = os.getpid()
         return self._executor
 
-    def __reduce__(self) -> tuple[Callable[[], AsyncClient], tuple[()], dict[str, bool]]:
-        """Pickled as its arguments, as the Client: unpickled, a new client, closed if this one is."""
-        return functools.partial(type(self), **self.client._pickled_arguments(), max_workers=self._max_workers), (), {"closed": self.client._closed}
+    def __reduce__(self) -> tuple[Callable[[], AsyncClient], tuple[()], dict[str, Any]]:
+        """Pickled as its arguments, as the Client: unpickled, a new client, closed if this
+        one is, of the same run (run_id): a start it repeats is its own, not another run's."""
+        return (functools.partial(type(self), **self.client._pickled_arguments(), max_workers=self._max_workers), (),
+                {"closed": self.client._closed, "run_id": self.client._run_id})
 
-    def __setstate__(self, state: dict[str, bool]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.client._run_id = state.get("run_id", self.client._run_id)  # a pickle from a release before runs: a run of its own
         if state["closed"]:
             self._close()
 
