@@ -847,7 +847,8 @@ def _print_metadata(meta: ModelMetadata) -> None:
         print(f"limits      {limits.max_message_bytes / 2**20:g} MiB per message, {limits.max_pixels_per_request / 2**20:g} Mi decoded pixels "
               f"per request, {limits.max_images_per_request} images (or samples) per request, sides up to {limits.max_image_side} px"
               + (f", {limits.max_samples_per_caller} samples in one caller's sets" if limits.max_samples_per_caller else "")
-              + (f", {limits.max_head_versions_per_caller} head versions of one caller's edits" if limits.max_head_versions_per_caller else ""))
+              + (f", {limits.max_head_versions_per_caller} head versions of one caller's edits" if limits.max_head_versions_per_caller else "")
+              + (f", {limits.max_calls_per_caller} Predict or upload calls of one named caller at once" if limits.max_calls_per_caller else ""))
     if meta.capabilities:  # what makes retries safe and what its answers say (README: the SDK's retries); an older server lists none
         print(f"supports    {', '.join(meta.capabilities)}")
 
