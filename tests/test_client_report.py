@@ -489,14 +489,15 @@ def _interrupted_start_client(job: str, repeat_state: str):
     request_ids: list[str] = []
     cancels: list[str] = []
     job_done = repeat_state in ("succeeded", "failed", "cancelled")
-    operation = SimpleNamespace(name="operations/0123456789abcdef", state=repeat_state, done=job_done,
+    operation = SimpleNamespace(name="operations/0123456789abcdef", state=repeat_state, done=job_done, _left_for_another_run=False,
                                 result=lambda download: SimpleNamespace(version=SimpleNamespace(version_id="v7")))
 
     def cancel():
         cancels.append(operation.name)
         operation.state, operation.done = "cancelled", True
 
-    operation.cancel = cancel
+    # The report chose the request_id: no other run asked for the job, which its cancel (the interrupted start's) ends.
+    operation.cancel = operation._cancel_unless_asked_by_another_run = cancel
 
     def interrupted_once(*args, request_id, **kwargs):
         request_ids.append(request_id)
@@ -739,7 +740,8 @@ def test_a_report_interrupted_inside_its_ranking_s_start_cancels_the_job_and_nam
 
     client, _, _ = _interrupted_start_client("visualize_neurons", "queued")
     ranking = client._start_ranking()
-    operation = SimpleNamespace(name="operations/00000000000000aa", state="running", done=False, cancel=lambda: cancels.append(operation.name))
+    operation = SimpleNamespace(name="operations/00000000000000aa", state="running", done=False, _left_for_another_run=False,
+                                _cancel_unless_asked_by_another_run=lambda: cancels.append(operation.name))
     cancels: list[str] = []
     starts: list[tuple[str, float | None]] = []
     looking = "interrupted: looking for the job the report may have started, to cancel it (a second Ctrl-C stops looking)\n"
