@@ -195,6 +195,26 @@ def test_a_callers_edits_hold_at_most_max_head_versions_per_caller_until_it_dele
         server.stop(0)
 
 
+def test_the_served_head_version_does_not_count_against_the_caller_whose_edit_stored_it(tmp_path):
+    # Its caller cannot delete a served version: counted, a caller whose one version an admin promoted at a
+    # limit of 1 could never edit again, whatever the refusal's advice to delete versions.
+    from explaind.errors import ResourceExhausted
+    from explaind.store import HeadVersionRecord, SQLiteStore
+
+    store = SQLiteStore(tmp_path, max_head_versions_per_owner=1)
+    with store.writing_blobs() as put:
+        weights = put(b"head weights")
+    store.insert_head_version(HeadVersionRecord("f", "v1", "h", weights, "", 0.0, owner="monitoring"))
+    with pytest.raises(ResourceExhausted):
+        store.require_room_for_head_version("f", "monitoring")
+    store.set_active_head_version("f", "v1")
+    store.require_room_for_head_version("f", "monitoring")
+    store.insert_head_version(HeadVersionRecord("f", "v2", "h", weights, "v1", 1.0, owner="monitoring"))
+    with pytest.raises(ResourceExhausted, match="^caller 'monitoring' holds 1 head version, "):
+        store.insert_head_version(HeadVersionRecord("f", "v3", "h", weights, "v1", 2.0, owner="monitoring"))
+    store.close()
+
+
 def test_edits_racing_past_the_check_at_submit_store_one_version_and_the_other_fails_resource_exhausted(tmp_path, classifier_dir, callers_file):
     # Both submitted while the caller held none, each passes the check at submit; the
     # store asks again as it inserts, so the later one stores nothing.

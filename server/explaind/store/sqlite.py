@@ -1332,7 +1332,10 @@ class SQLiteStore:
         pass it together."""
         if not self.max_head_versions_per_owner or owner is None:
             return
-        (held,) = db.execute("SELECT COUNT(*) FROM head_version_owners WHERE owner = ? AND feature_version = ?",
+        # The served version is not counted: its caller cannot delete it, so a caller whose version an admin
+        # promoted at a limit of 1 had no way to make room.
+        (held,) = db.execute("SELECT COUNT(*) FROM head_version_owners AS o WHERE owner = ? AND feature_version = ? AND NOT EXISTS "
+                             "(SELECT 1 FROM active_heads AS a WHERE a.feature_version = o.feature_version AND a.version_id = o.version_id)",
                              (owner, feature_version)).fetchone()
         if held >= self.max_head_versions_per_owner:
             raise ResourceExhausted(f"caller {owner!r} holds {held} head version{'s' * (held != 1)}, and 1 more would pass its limit of "
