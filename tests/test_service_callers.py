@@ -105,7 +105,7 @@ def test_a_callers_sets_hold_at_most_max_samples_per_caller_counted_against_each
         with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
             assert monitoring.model_metadata().limits.max_samples_per_caller == 10
             assert main(["--target", f"127.0.0.1:{server.port}", "--token", "tokenMON", "info"]) == 0
-            assert ", 10 samples in one caller's sets\n" in capsys.readouterr().out
+            assert ", 10 samples in one caller's sets," in capsys.readouterr().out
             monitoring.create_sample_set([IMAGE] * 6, [0] * 6, sample_set_id="a")
             monitoring.append_samples("a", [IMAGE] * 2, [1] * 2)
             monitoring.create_sample_set([IMAGE] * 2, [0] * 2, sample_set_id="b")  # 10 in two sets: at the limit, not past it
@@ -179,7 +179,7 @@ def test_a_callers_edits_hold_at_most_max_head_versions_per_caller_until_it_dele
         with client(server, "tokenMON") as monitoring, client(server, "tokenANA") as analyst, client(server, "tokenROOT") as root:
             assert monitoring.model_metadata().limits.max_head_versions_per_caller == 2
             assert main(["--target", f"127.0.0.1:{server.port}", "--token", "tokenMON", "info"]) == 0
-            assert ", 2 head versions of one caller's edits\n" in capsys.readouterr().out
+            assert ", 2 head versions of one caller's edits," in capsys.readouterr().out
             monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
             first, _ = (monitoring.edit_head("train", 1, [0], max_epochs=1).result(timeout=60).version for _ in range(2))
             with pytest.raises(ResourceExhaustedError) as refused:
@@ -245,7 +245,8 @@ def test_a_promoting_edit_refused_at_the_limit_serves_nothing_stores_nothing_and
             monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
             gate = threading.Event()
             server.engine.jobs.submit("block", lambda context: (gate.wait(30), empty_pb2.Empty())[1])  # the edits wait queued
-            first, second = (monitoring.edit_head("train", 1, [neuron], max_epochs=1, promote=True) for neuron in (0, 1))
+            # The first stores a version it does not serve, which counts (a served one would not); the second would serve its own.
+            first, second = (monitoring.edit_head("train", 1, [neuron], max_epochs=1, promote=neuron == 1) for neuron in (0, 1))
             gate.set()
             stored = first.result(timeout=60).version
             with pytest.raises(ResourceExhaustedError) as refused:
@@ -254,9 +255,10 @@ def test_a_promoting_edit_refused_at_the_limit_serves_nothing_stores_nothing_and
             # A job's RESOURCE_EXHAUSTED counts where ExplaindJobsFailing looks (deploy/alerts.yml says so).
             assert server.metrics.registry.get_sample_value(
                 "explaind_jobs_ended_total", {"kind": "edit_head", "outcome": "failed", "code": "RESOURCE_EXHAUSTED"}) == 1
-            assert [(v.version_id, v.active) for v in monitoring.head_versions()] == [("v0", False), (stored.version_id, True)]
+            assert [(v.version_id, v.active) for v in monitoring.head_versions()] == [("v0", True), (stored.version_id, False)]
             assert server.store.delete_unused_blobs() == 1  # the refused edit's weights, which only it had
-            assert monitoring.head_version(stored.version_id).active  # its own stay
+            (digest,) = server.store._db.execute("SELECT weights_digest FROM head_versions WHERE version_id = ?", (stored.version_id,)).fetchone()
+            assert server.store.get_blob(digest)  # the stored one's stay
             with pytest.raises(ResourceExhaustedError) as refused:  # at submit, before any training or promote
                 monitoring.edit_head("train", 1, [0], max_epochs=1, promote=True)
             assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=1, s="")
