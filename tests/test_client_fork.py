@@ -100,7 +100,8 @@ def test_a_forked_child_of_a_process_with_a_call_under_way_refuses_its_calls_say
                "cannot be used in it: start worker processes before calls begin in other threads, or with "
                "multiprocessing's 'spawn' or 'forkserver' start method (a Client pickles, so it can be passed to them)")
     relay = StallingRelay(server.port)
-    stalled = Client(relay.target, timeout=10, retry=False)
+    # Its call must stay under way through four forked children on a loaded machine (10 s ran out there): the relay's close ends it.
+    stalled = Client(relay.target, timeout=120, retry=False)
     ended: list[ExplaindError] = []
     with Client(server.target, timeout=10) as client:
         job = client.evaluate_sample_set(client.create_sample_set(IMAGES, [0, 1, 2, 3]).sample_set_id)
