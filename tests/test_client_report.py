@@ -915,6 +915,31 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
         build_report(client, "heart", "s", max_neurons=1)
 
 
+def test_only_the_head_version_limit_s_refusal_leaves_the_page_without_an_edit_among_resource_exhausted_errors():
+    # At its limit a caller's report went on failing after the ranking and images; a full
+    # job queue is RESOURCE_EXHAUSTED too, but retrying later would give the edit.
+    from explaind.client._errors import operation_error
+    from explaind.client._neuroinspect import NeuronRanking, RankedNeuron
+
+    ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 1, 1, [RankedNeuron(0, "insufficient", 0.5, 0.0, 0.1, 1.0, ["heart"])], {}, [], None)
+    limit = ("caller 'nightly' holds 2 head versions, and 1 more would pass its limit of 2 ([server].max_head_versions_per_caller): "
+             "delete versions it no longer needs (explaind head-versions delete)")
+    client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking,
+                             visualize_neurons=lambda pairs, **o: SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[])),
+                             model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
+    at_start = ResourceExhaustedError(limit)
+    at_end = operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, limit)  # edits that raced past the check at submit
+    for refusal in (lambda *a, **k: (_ for _ in ()).throw(at_start),
+                    lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(at_end))):
+        client.edit_head = refusal
+        report = build_report(client, "heart", "s", keep_edit=False)
+        assert (report.edit, report.no_edit_reason, report.edit_at_head_version_limit, report.edit_command) == (None, limit, True, "")
+    full = ResourceExhaustedError("the job queue is full (64 jobs); retry later", retry_delay=5.0)
+    client.edit_head = lambda *a, **k: (_ for _ in ()).throw(full)
+    with pytest.raises(ResourceExhaustedError, match="the job queue is full"):
+        build_report(client, "heart", "s")
+
+
 def test_an_excessive_neuron_is_visualised_on_its_top_class_and_the_others_on_the_explained_class():
     # An excessive neuron fired too much, pushing the heart's mistakes to other classes:
     # heart's head weight for it is small or negative, so conditioned on heart, α_n and

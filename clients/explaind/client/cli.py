@@ -1654,8 +1654,12 @@ def _require_whole(report: MistakeReport) -> None:
 
 
 def _print_report_gaps(report: MistakeReport, file: TextIO | None = None) -> None:
-    """Why a report lacks its head edit or its visualisations, where it does."""
-    if report.no_edit_reason:
+    """Why a report lacks its head edit or its visualisations, where it does: a warning on
+    stderr where the caller's head-version limit refused the edit, which a nightly job's
+    operator must act on (the command still exits 0: the page is written)."""
+    if report.edit_at_head_version_limit:
+        print(f"warning: no head edit evaluated: {report.no_edit_reason}", file=sys.stderr)
+    elif report.no_edit_reason:
         print(f"no head edit suggested: {report.no_edit_reason}", file=file)
     if report.no_visualization_reason:
         print(f"no visualisations: {report.no_visualization_reason}", file=file)

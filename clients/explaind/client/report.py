@@ -87,6 +87,10 @@ class MistakeReport:
     # before as many as had fit ran out: more than visualization_pairs_per_request there.
     # Last, as fields added later are, so positional construction keeps its meaning.
     visualization_largest_fit: int = 0
+    # True where the server refused to store the edit as the caller holds as many head
+    # versions as [server].max_head_versions_per_caller allows (no_edit_reason: its words):
+    # the page goes on without it, saying how to make room, rather than losing the rest.
+    edit_at_head_version_limit: bool = False
 
 
 def build_report(
@@ -125,7 +129,9 @@ def build_report(
     A wrong option of the caller's (an unknown set, a group attribute the samples lack)
     raises, before the visualisations (the longest part) where it can: the edit runs
     before them. A refusal the data causes (too few samples, training that diverged)
-    leaves the page without an edit, saying why; a server error that stops the
+    leaves the page without an edit, saying why, as does the server refusing to store it
+    as the caller holds as many head versions as ``[server].max_head_versions_per_caller``
+    allows (``edit_at_head_version_limit``); a server error that stops the
     visualisations leaves it without the rest of them, in ``visualization_error``, rather
     than losing the ranking and the edit; a job out of device memory for its pairs (the
     server's error names ``pairs``) is retried with half of them, down to one
@@ -142,7 +148,7 @@ def build_report(
     ranking = followed_ranking(client, sample_set_id, target_class, started_by=REPORT_WORDS, progress=progress,
                                stability_resamples=stability_resamples)
     edit, evaluated_on, no_edit_reason, edit_command = None, "", "", ""
-    edit_kept, edit_discard_error = True, None
+    edit_kept, edit_discard_error, edit_at_head_version_limit = True, None, False
     if ranking.neurons:
         neurons = [n.neuron for n in ranking.neurons[:edit_neurons]]
         try:
@@ -156,10 +162,9 @@ def build_report(
                     sample_set_id, ranking.class_name, neurons, evaluation_sample_set_id, validation_sample_set_id, group_attribute,
                     connection_options(client)))
             raise
-        except (InvalidArgumentError, OperationError) as error:  # refused, or no usable head came of it: the page still shows the rest
-            if isinstance(error, OperationError) and error.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-                raise
-            if any(field in _CALLERS_OPTIONS for field, _ in error.field_violations):
+        except (InvalidArgumentError, OperationError, ResourceExhaustedError) as error:  # refused, or no usable head came of it: the page still shows the rest
+            edit_at_head_version_limit = _at_head_version_limit(error)
+            if not edit_at_head_version_limit and not _refused_for_the_data(error):
                 raise
             no_edit_reason = error.details
     if edit is not None and not keep_edit:  # now, not after the images: an interrupt there leaves no version behind
@@ -170,7 +175,30 @@ def build_report(
     visualizations = [v for result in visualized.results for v in result.visualizations]
     return MistakeReport(ranking, visualizations, edit, visualized.method, evaluated_on, no_edit_reason, visualized.no_visualization_reason,
                          visualized.error, visualized.results, visualized.out_of_memory_at, visualized.pairs_per_request,
-                         edit_kept, edit_discard_error, edit_command, visualized.largest_fit)
+                         edit_kept, edit_discard_error, edit_command, visualized.largest_fit, edit_at_head_version_limit)
+
+
+# The server's setting its refusal of a caller's head version past the limit names.
+_HEAD_VERSION_LIMIT_SETTING = "[server].max_head_versions_per_caller"
+
+
+def _at_head_version_limit(error: ExplaindError) -> bool:
+    """Whether ``error`` is the server refusing to store a head version as its caller holds
+    as many as :data:`_HEAD_VERSION_LIMIT_SETTING` allows (at the edit's start, or at its
+    end where edits raced past that check), not another RESOURCE_EXHAUSTED: a full job
+    queue or a data dir is no reason to go on without the edit."""
+    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and _HEAD_VERSION_LIMIT_SETTING in error.details
+
+
+def _refused_for_the_data(error: ExplaindError) -> bool:
+    """Whether the edit's ``error`` is the server refusing the data (too few samples, a
+    class absent from the part trained on) or the job finding no usable head (training
+    diverged), not a wrong option of the caller's, which the report raises."""
+    if isinstance(error, OperationError):
+        refused = error.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+    else:
+        refused = isinstance(error, InvalidArgumentError)
+    return refused and not any(field in _CALLERS_OPTIONS for field, _ in error.field_violations)
 
 
 def _discard_edit(client: Client, edit: HeadEdit) -> ExplaindError | None:
@@ -759,6 +787,11 @@ def render_report(report: MistakeReport) -> str:
                          "<th>change</th></tr></thead><tbody>")
             parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation, version.class_name))
             parts.append(f"</tbody></table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
+    elif ranking.neurons and report.edit_at_head_version_limit:
+        parts.append("<h2>Suggested head edit</h2><p id='no-edit' class='warning'>None evaluated: the server refused to store it, as this "
+                     f"caller holds as many head versions as it may ({escape(report.no_edit_reason)}). To have one: delete the versions "
+                     "it no longer needs (<code>explaind head-versions list</code> names them, <code>explaind head-versions delete "
+                     "VERSION</code> deletes one), or have an admin raise the limit, and run the report again.</p>")
     elif ranking.neurons and report.no_edit_reason:
         parts.append(f"<h2>Suggested head edit</h2><p id='no-edit'>None: the server refused the edit ({escape(report.no_edit_reason)}).</p>")
     parts.append("</body></html>")
