@@ -3226,7 +3226,7 @@ def test_a_report_with_discard_edit_shows_the_command_that_stores_it_again_as_a_
     edit = types.SimpleNamespace(version=types.SimpleNamespace(version_id="v2", parent_version_id="v1"))
     ranking = types.SimpleNamespace(mistake_count=3, neurons=[1], class_name="bad\x1b[2Jclass")
     report = types.SimpleNamespace(edit=edit, edit_kept=False, edit_command=command, edit_discard_error=None, ranking=ranking, visualizations=[],
-                                   evaluated_on="sample set s", no_edit_reason="", no_visualization_reason="", visualization_error=None)
+                                   evaluated_on="sample set s", no_edit_reason="", edit_at_head_version_limit=False, no_visualization_reason="", visualization_error=None)
     monkeypatch.setattr(report_module, "build_report", lambda *args, **kwargs: report)
     monkeypatch.setattr(report_module, "render_report", lambda report: "<html>")
     argv = ["--target", "127.0.0.1:1", "report", "--class", "x", "--sample-set", "s", "--out", str(tmp_path / "r.html"), "--discard-edit"]

@@ -1004,9 +1004,11 @@ def test_every_name_from_the_server_or_the_config_is_escaped_in_the_page():
     image = Image.new("RGB", (8, 8))
     shown = NeuronVisualization(neuron=7, class_index=0, class_name=hostile, image=image, masked_image=image, activation=1.0,
                                 logit=2.0, clip_similarity=0.3, core_relevance=0.1, mask_fraction=0.5)
-    for visualizations, reason in (([shown], ""), ([], hostile)):
+    for visualizations, reason, at_limit in (([shown], "", False), ([], hostile, True)):
         page = render_report(MistakeReport(ranking=ranking, visualizations=visualizations, edit=None, visualization_method=hostile,
-                                           evaluated_on=hostile, no_edit_reason=hostile, no_visualization_reason=reason))
+                                           evaluated_on=hostile, no_edit_reason=hostile, no_visualization_reason=reason,
+                                           edit_at_head_version_limit=at_limit))
+        assert ("as this caller holds as many head versions" in page) is at_limit
         assert hostile not in page and "<script" not in page and "onerror=alert" not in page.replace("&lt;img src=x onerror=alert", "")
         assert "&lt;img src=x onerror=alert(1)&gt;" in page
         assert len(re.findall(r"<img ", page)) == 2 * len(visualizations)  # only the page's own images
