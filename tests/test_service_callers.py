@@ -21,7 +21,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from conftest import json_log_lines
-from explaind.client import Client, ExplaindError, Operation, ResourceExhaustedError, UnauthenticatedError
+from explaind.client import Client, ExplaindError, InvalidArgumentError, Operation, ResourceExhaustedError, UnauthenticatedError
 from explaind.config import ConfigError, default_config
 from explaind.service import ExplaindServer, audit, auth, convert
 
@@ -186,6 +186,9 @@ def test_a_callers_edits_hold_at_most_max_head_versions_per_caller_until_it_dele
             with pytest.raises(ResourceExhaustedError) as refused:
                 monitoring.edit_head("train", 1, [0], max_epochs=1)
             assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=2, s="s")
+            with pytest.raises(InvalidArgumentError) as wrong:  # a wrong option at the limit is named, not hidden behind the limit
+                monitoring.edit_head("train", 1, [10_000], max_epochs=1)
+            assert wrong.value.field == "neurons[0]"
             assert len(monitoring.operations()) == 2  # refused at submit: no job
             # Another caller has a limit of its own; the loaded v0 counts against none.
             analyst.edit_head("train", 1, [0], max_epochs=1).result(timeout=60)
@@ -1169,6 +1172,8 @@ def test_the_one_caller_of_a_server_without_named_callers_may_use_more_than_half
     server = start(tmp_path, classifier_dir, max_workers=4, token="tokenONE")
     try:
         with client(server, "tokenONE") as only, ThreadPoolExecutor(3) as pool:
+            # No share to tell: the SDK's predict kept its requests in flight under one that did not apply.
+            assert only.model_metadata().limits.max_calls_per_caller == 0
             held = [pool.submit(only.predict, [IMAGE]) for _ in range(3)]
             for call in held:
                 call.add_done_callback(lambda _: entered.release())  # a refused call ends the wait below too

@@ -715,8 +715,6 @@ class NeuroInspectEngine:
         if promote:
             self._engine.ownership.require_head_changer(caller, "promote the edited head (promote)")
         version = self._split_version()
-        # Before any training; the store asks again as it stores the version, so edits racing past this store one at most.
-        self._engine.store.require_room_for_head_version(version.feature_version, caller)
         class_index = self._class_index(version, target_class)
         if not neurons:
             raise InvalidArgument("at least one neuron is required", field="neurons")
@@ -765,6 +763,9 @@ class NeuroInspectEngine:
             raise InvalidArgument(f"{max_epochs} is not in [1, 1000] (0 means 20)", field="max_epochs")
         if not 1 <= patience <= 1000:
             raise InvalidArgument(f"{patience} is not in [1, 1000] (0 means 5)", field="patience")
+        # After the request's checks (a wrong option at the limit is named, not hidden behind the limit), before any
+        # training; the store asks again as it stores the version, so edits racing past this store one at most.
+        self._engine.store.require_room_for_head_version(version.feature_version, caller)
 
         def run(context: JobContext) -> neuroinspect_pb2.EditHeadResult:
             context.stage("features")

@@ -153,7 +153,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             limits=inference_pb2.RequestLimits(
                 max_message_bytes=server.max_message_bytes, max_pixels_per_request=server.max_pixels_per_request,
                 max_images_per_request=batching.max_images_per_request, max_image_side=MAX_IMAGE_SIDE,
-                max_samples_per_caller=server.max_samples_per_caller, max_calls_per_caller=server.calls_per_caller,
+                max_samples_per_caller=server.max_samples_per_caller, max_calls_per_caller=server.calls_per_caller if server.callers_file else 0,
                 max_head_versions_per_caller=server.max_head_versions_per_caller,
             ),
             capabilities=convert.CAPABILITIES,
