@@ -4194,7 +4194,7 @@ def test_model_metadata_has_each_of_the_servers_fields_in_its_place(client):
     assert (meta.name, meta.loader, meta.device, meta.interpolation) == ("world:balanced", "world", config.runtime.device, "bilinear")
     assert meta.supports_visualization  # a PyTorch classifier: its neurons can be visualised
     assert meta.limits == RequestLimits(config.server.max_message_bytes, config.server.max_pixels_per_request,
-                                        config.batching.max_images_per_request, MAX_IMAGE_SIDE, 0, config.server.max_workers // 2)
+                                        config.batching.max_images_per_request, MAX_IMAGE_SIDE, 0, 0)  # no callers_file: no share
     assert (meta.components["classifier"].source, meta.components["classifier"].detail) == (meta.source, "world:balanced (world)")
 
 
