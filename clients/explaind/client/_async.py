@@ -125,10 +125,10 @@ class AsyncClient:
         """Pickled as its arguments, as the Client: unpickled, a new client, closed if this
         one is, of the same run (run_id): a start it repeats is its own, not another run's."""
         return (functools.partial(type(self), **self.client._pickled_arguments(), max_workers=self._max_workers), (),
-                {"closed": self.client._closed, "run_id": self.client._run_id})
+                self.client._pickled_state())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.client._run_id = state.get("run_id", self.client._run_id)  # a pickle from a release before runs: a run of its own
+        self.client._restore_run(state)
         if state["closed"]:
             self._close()
 

@@ -562,7 +562,7 @@ class Client:
         at its first call, or a closed one for a closed client (an error a worker raises
         holds its operation and so its client, which the worker's with-block closed), of
         the same run (run_id): an operation it started, waited on in a worker, is its own."""
-        return functools.partial(type(self), **self._pickled_arguments()), (), {"closed": self._closed, "run_id": self._run_id}
+        return functools.partial(type(self), **self._pickled_arguments()), (), self._pickled_state()
 
     def _pickled_arguments(self) -> dict[str, Any]:
         """The arguments a pickle carries; a closed client's without its token and TLS
@@ -573,8 +573,18 @@ class Client:
             return arguments
         return arguments | {"token": None, "tls": False, "root_certificates": None, "private_key": None, "certificate_chain": None}
 
+    def _pickled_state(self) -> dict[str, Any]:
+        """What a pickle restores on the new client (:meth:`_restore_run`): whether this
+        one is closed, and its run."""
+        return {"closed": self._closed, "run_id": self._run_id}
+
+    def _restore_run(self, state: dict[str, Any]) -> None:
+        """Take the run of the pickled client's ``state``; a pickle from a release before
+        runs keeps this client's own run."""
+        self._run_id = state.get("run_id", self._run_id)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._run_id = state.get("run_id", self._run_id)  # a pickle from a release before runs: a run of its own
+        self._restore_run(state)
         if state["closed"]:
             self.close()
 
