@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import grpc
@@ -166,24 +166,23 @@ class HeldCalls:
     def slot(self, *, public: bool = False, caller: str | None = None) -> Iterator[bool]:
         """Whether a slot was free (for a call that needs no token: one of the public
         share too; for a named ``caller``: one of its share); it is held until the block ends."""
-        public_held = not public or self._public_slots.acquire(blocking=False)
-        try:
-            with self._callers.share(caller if public_held else None) as share_held:
-                held = public_held and share_held and self._slots.acquire(blocking=False)
-                try:
-                    yield held
-                finally:
-                    if held:
-                        self._slots.release()
-        finally:
-            if public and public_held:
-                self._public_slots.release()
+        with ExitStack() as taken:  # each part taken is given back at the end, the others not tried
+            yield ((not public or _acquired(self._public_slots, taken)) and taken.enter_context(self._callers.share(caller))
+                   and _acquired(self._slots, taken))
 
     def refusal(self, *, public: bool = False, caller: str | None = None) -> str:
         """Why :meth:`slot` found none free, for the caller's RESOURCE_EXHAUSTED."""
         most = (f"{self.public_limit} of them for calls without a token" if public
                 else f"{self.caller_limit} of them for one caller" if self._callers.full(caller) else "half of [server].max_workers")
         return f"the streams, waits and inline rankings this server keeps at once are open (at most {self.limit}, {most}); try again later"
+
+
+def _acquired(semaphore: threading.BoundedSemaphore, taken: ExitStack) -> bool:
+    """Whether ``semaphore`` had a slot free, taken then until ``taken`` closes."""
+    if not semaphore.acquire(blocking=False):
+        return False
+    taken.callback(semaphore.release)
+    return True
 
 
 class ThrottledLog:
