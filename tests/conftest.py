@@ -120,6 +120,32 @@ def default_device_meta() -> Iterator[None]:
         yield
 
 
+def limit_details(status) -> tuple[str, dict[str, str], list[tuple[str, str]]]:
+    """The ErrorInfo reason and metadata, and the QuotaFailure's (subject, description), of a
+    ``google.rpc.Status`` refusing a limit: a server ExplaindError's (``convert.error_status``),
+    a call's (its grpc-status-details-bin), or an operation's error. One ErrorInfo at most
+    (AIP-193), asserted."""
+    from google.rpc import error_details_pb2
+
+    infos, violations = [], []
+    for detail in status.details:
+        info, failure = error_details_pb2.ErrorInfo(), error_details_pb2.QuotaFailure()
+        if detail.Unpack(info):
+            infos.append(info)
+        elif detail.Unpack(failure):
+            violations += [(v.subject, v.description) for v in failure.violations]
+    (info,) = infos
+    assert info.domain == "explaind.v1"
+    return info.reason, dict(info.metadata), violations
+
+
+def trailing_status(metadata):
+    """The ``google.rpc.Status`` in a call's (or an _AbortingContext's) trailing metadata."""
+    from google.rpc import status_pb2
+
+    return status_pb2.Status.FromString(dict(metadata)["grpc-status-details-bin"])
+
+
 @contextlib.contextmanager
 def json_log_lines(logger: str) -> Iterator[list[dict]]:
     """The INFO and higher lines ``logger`` logs while the block runs, each as the object

@@ -2129,15 +2129,19 @@ def test_artifacts_are_read_in_ranges_and_checked_against_their_digest(server, c
 
 
 def test_an_artifact_range_larger_than_a_message_is_refused_not_cut():
+    from conftest import limit_details
     from explaind.errors import ResourceExhausted
+    from explaind.service.convert import error_status
     from explaind.service.interceptors import HeldCalls
     from explaind.service.operations import OperationsServicer
 
     servicer = OperationsServicer(None, max_message_bytes=128 * 1024 + 1000, held_calls=HeldCalls(1))  # 64 KiB of room
     whole = operations_pb2.GetArtifactRequest(name="operations/x", artifact="a")
     assert servicer._artifact_range(whole, 64 * 1024 + 1000) == (0, 64 * 1024 + 1000)
-    with pytest.raises(ResourceExhausted, match=r"max_bytes: 66537 bytes do not fit in one response \(at most 66536\)"):
+    with pytest.raises(ResourceExhausted, match=r"max_bytes: 66537 bytes do not fit in one response \(at most 66536\)") as refused:
         servicer._artifact_range(whole, 64 * 1024 + 1001)
+    assert limit_details(error_status(refused.value)) == (  # the field beside the limit, in one ErrorInfo
+        "RESPONSE_BYTES_EXCEEDED", {"field": "max_bytes", "setting": "[server].max_message_bytes", "limit": "66536"}, [("server", "bytes of one response")])
     assert servicer._artifact_range(operations_pb2.GetArtifactRequest(offset=1, max_bytes=1000), 5000) == (1, 1000)
     # Under 128 KiB, half the limit is left for the rest: 64 KiB of room left 1-byte ranges under 64 KiB.
     small = OperationsServicer(None, max_message_bytes=8192, held_calls=HeldCalls(1))

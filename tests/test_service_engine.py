@@ -48,9 +48,10 @@ from explaind.errors import (AlreadyExists, DataLoss, DeadlineExceeded, FailedPr
 from explaind.imaging import DECODING_VERSION, InputGeometry, decode_array, decode_encoded, encode_png
 from explaind.jobs import JobCancelled, JobManager
 from explaind.metrics import Metrics
+from explaind.service.convert import error_status
 from explaind.store import ArtifactRef, JobRecord, RequestKey, SampleRecord, SQLiteStore, StoreOpenError
 
-from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, default_device_meta, divides_by_mean, json_log_lines, torch_threads, until_running, vm_steps, write_config
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, default_device_meta, divides_by_mean, json_log_lines, limit_details, torch_threads, trailing_status, until_running, vm_steps, write_config
 
 
 def _engine(tmp_path: Path, classifier_dir: Path, *, load: bool = True, **runtime) -> Engine:
@@ -157,6 +158,9 @@ def test_batcher_keeps_each_named_caller_to_its_share_of_the_queue():
             batcher.submit(torch.ones(1, 1, 1, 1), caller="monitoring")
         assert str(refused.value) == ("prediction queue is full for caller 'monitoring' (4 of its images waiting, limit 4, "
                                       "[batching].max_queued_images_per_caller); retry with backoff")
+        assert limit_details(error_status(refused.value)) == (
+            "QUEUED_IMAGES_PER_CALLER_EXCEEDED", {"setting": "[batching].max_queued_images_per_caller", "limit": "4"},
+            [("caller:monitoring", "images this caller has waiting")])
         with pytest.raises(ResourceExhausted, match=r"^prediction queue is full for caller 'monitoring' \(4 of its"):
             batcher.check_room(1, caller="monitoring")  # as a Predict asks before it decodes its images
         batcher.check_room(10, caller="analyst")  # room, and none taken by asking
@@ -166,8 +170,10 @@ def test_batcher_keeps_each_named_caller_to_its_share_of_the_queue():
         with pytest.raises(ResourceExhausted, match="for caller 'reports'"):
             batcher.submit(torch.ones(1, 1, 1, 1), caller="reports")
         anonymous = batcher.submit(torch.ones(2, 1, 1, 1))  # no named caller: max_queue_size alone
-        with pytest.raises(ResourceExhausted, match=r"^prediction queue is full \(14 images waiting, limit 14\)"):
+        with pytest.raises(ResourceExhausted, match=r"^prediction queue is full \(14 images waiting, limit 14\)") as full:
             batcher.submit(torch.ones(1, 1, 1, 1), caller="dashboards")
+        assert limit_details(error_status(full.value)) == ("QUEUED_IMAGES_EXCEEDED", {"setting": "[batching].max_queue_size", "limit": "14"},
+                                                           [("server", "images waiting")])
         assert mine[0].cancel()  # a cancelled request frees its caller's share at once
         mine.append(batcher.submit(torch.ones(2, 1, 1, 1), caller="monitoring"))
         gate.set()
@@ -4430,6 +4436,10 @@ def test_a_full_queue_asks_callers_to_retry_about_when_a_worker_frees(tmp_path, 
             jobs.submit("evaluate", taking(0), owner="analyst")
         with pytest.raises(ResourceExhausted, match=r"job queue is full \(1 queued") as everyone:
             jobs.submit("evaluate", taking(0))
+        assert limit_details(error_status(mine.value)) == ("QUEUED_JOBS_PER_CALLER_EXCEEDED", {"setting": "[jobs].max_queued_per_caller", "limit": "1"},
+                                                           [("caller:analyst", "jobs this caller has queued")])
+        assert limit_details(error_status(everyone.value)) == ("QUEUED_JOBS_EXCEEDED", {"setting": "[jobs].max_queued", "limit": "1"},
+                                                               [("server", "jobs queued")])
         gate.set()
         for job in (*busy, queued):
             jobs.wait(job.record.job_id)
@@ -4932,7 +4942,7 @@ def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_a
     # page failed RESOURCE_EXHAUSTED, and the pages after it were out of reach).
     from google.protobuf import any_pb2
 
-    from explaind.jobs import RESULT_ARTIFACT
+    from explaind.jobs import RESULT_ARTIFACT, JobSnapshot
 
     store = SQLiteStore(tmp_path)
     jobs = JobManager(store, Metrics(), workers=1, max_result_bytes=4096)
@@ -4942,6 +4952,10 @@ def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_a
     # A result that does not fit even cut fails, and says where the whole of it is.
     uncut = jobs.wait(jobs.submit("evaluate", lambda ctx: result).record.job_id, 10).record
     assert (uncut.state, uncut.error_code) == ("failed", "RESOURCE_EXHAUSTED") and RESULT_ARTIFACT in uncut.error_message
+    from explaind.service import convert  # the operation's error names the limit as a call's refusal would
+
+    assert limit_details(convert.operation(JobSnapshot(uncut)).error) == (
+        "RESULT_BYTES_EXCEEDED", {"setting": "[server].max_message_bytes", "limit": "4096"}, [("server", "bytes of an operation's result")])
     assert type(result).FromString(store.get_blob(uncut.artifacts[0].digest)) == result
     assert big.state == "succeeded" and len(big.result) <= 4096
     response = any_pb2.Any.FromString(big.result)
@@ -4961,8 +4975,6 @@ def test_a_result_too_large_for_a_message_is_cut_to_fit_and_stored_whole_as_an_a
     jobs.shutdown(1)
     # The operation points at the whole result once it has ended: the artifact is saved a
     # moment before, while it still runs without a response.
-    from explaind.jobs import JobSnapshot
-    from explaind.service import convert
     from explaind.v1 import operations_pb2
 
     for state, expected in (("running", ""), ("succeeded", RESULT_ARTIFACT)):
@@ -6381,12 +6393,15 @@ def test_a_streamed_response_over_the_send_limit_is_resource_exhausted_like_a_un
         sent.extend(observed.call_stream(watch, None, context, lambda: ""))
     assert len(sent) == 1 and context.status == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert context.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
+    over_the_limit = ("RESPONSE_BYTES_EXCEEDED", {"setting": "[server].max_message_bytes", "limit": "1000"}, [("server", "bytes of one response")])
+    assert limit_details(trailing_status(context.trailing_metadata)) == over_the_limit
     labels = {"service": "explaind.v1.Svc", "method": "Watch", "code": "RESOURCE_EXHAUSTED"}
     assert metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", labels) == 1
     unary = _AbortingContext()
     with pytest.raises(RuntimeError, match="aborted"), _Observed(metrics, "explaind.v1.Svc", "Get", unary, 1000) as observed:
         observed.call(lambda request, context: common_pb2.Image(encoded=b"x" * 2000), None, unary)
     assert unary.status == grpc.StatusCode.RESOURCE_EXHAUSTED and unary.details.startswith("the response is 2003 bytes, more than the server's limit of 1000")
+    assert limit_details(trailing_status(unary.trailing_metadata)) == over_the_limit
 
 
 @pytest.mark.parametrize(("remaining_s", "code"), [(10.0, "CANCELLED"), (0.0, "DEADLINE_EXCEEDED")])

@@ -27,10 +27,11 @@ from google.rpc import error_details_pb2, status_pb2
 
 from explaind.client import Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from explaind.config import WORLD_CLIP_ILLUSION_EPSILON
+from explaind.service.convert import error_status
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc
 from explaind.world import assets
 
-from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, ServerProcess, on_the_decision_boundary, vm_steps, write_config
+from conftest import DIVIDES_BY_MEAN_CLASSIFIER, TINY_VIT_CLASSIFIER, ServerProcess, limit_details, on_the_decision_boundary, vm_steps, write_config
 
 SPURIOUS = assets.classifier_dir("spurious_background")
 pytestmark = pytest.mark.skipif(
@@ -2139,8 +2140,10 @@ def test_an_inline_ranking_holds_a_slot_of_the_held_calls_or_runs_as_an_operatio
             assert taken
             operation = rank(neuroinspect_pb2.EXECUTION_UNSPECIFIED)
             assert operation.WhichOneof("outcome") == "operation"
-            with pytest.raises(ResourceExhausted, match=r"^no thread is free for an inline ranking: .*at most 1.*or use execution AUTO or OPERATION$"):
+            with pytest.raises(ResourceExhausted, match=r"^no thread is free for an inline ranking: .*at most 1.*or use execution AUTO or OPERATION$") as refused:
                 rank(neuroinspect_pb2.EXECUTION_INLINE)
+            assert limit_details(error_status(refused.value)) == ("HELD_CALLS_EXCEEDED", {"setting": "[server].max_workers", "limit": "1"},
+                                                                  [("server", "streams, waits and inline rankings open")])
         assert engine.jobs.wait(operation.operation.name.removeprefix("operations/"), 60).record.state == "succeeded"
         assert rank(neuroinspect_pb2.EXECUTION_INLINE).WhichOneof("outcome") == "ranking"  # the slot is back
     finally:
@@ -2185,8 +2188,10 @@ def test_an_inline_ranking_larger_than_a_message_is_refused_with_the_way_to_get_
 
     request = neuroinspect_pb2.RankMistakeNeuronsRequest(sample_set_id="wide", class_name="heart", include_samples=True)
     engine = SimpleNamespace(rank_mistake_neurons=rank_mistake_neurons)
-    with pytest.raises(ResourceExhausted, match=r"^the ranking is 16\d{3} bytes, more than the server's limit of 16384 .*use execution OPERATION"):
+    with pytest.raises(ResourceExhausted, match=r"^the ranking is 16\d{3} bytes, more than the server's limit of 16384 .*use execution OPERATION") as refused:
         NeuroInspectServicer(engine, max_message_bytes=16384, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
+    assert limit_details(error_status(refused.value)) == ("RESPONSE_BYTES_EXCEEDED", {"setting": "[server].max_message_bytes", "limit": "16384"},
+                                                          [("server", "bytes of one response")])
     fits = NeuroInspectServicer(engine, max_message_bytes=32768, held_calls=HeldCalls(1)).RankMistakeNeurons(request, SimpleNamespace(is_active=lambda: True))
     assert fits.ranking.omega == omega
     # The interceptor's bound, on the whole response (the ranking and its wrapper's bytes):

@@ -34,16 +34,19 @@ class ExplaindError(Exception):
     retry_delay_s: float | None = None
 
     def __init__(self, message: str, *, field: str | None = None, violations: Sequence[PreconditionViolation] = (),
-                 retry_delay_s: float | None = None, operation: str | None = None) -> None:
+                 retry_delay_s: float | None = None, operation: str | None = None, quota: Quota | None = None) -> None:
         """``violations``: the request items a FAILED_PRECONDITION is about, sent as a
         ``google.rpc.PreconditionFailure`` (:func:`precondition_failure`) beside the
         message that names them too. ``retry_delay_s``: this error's own delay, over
         its class's. ``operation``: the operation (``operations/<id>``) the error is
         about, e.g. the one a reused request_id created, sent as a
         ``google.rpc.ResourceInfo`` (:data:`OPERATION_RESOURCE_TYPE`) so clients read it
-        without parsing the message."""
+        without parsing the message. ``quota``: the limit a RESOURCE_EXHAUSTED met,
+        sent as an ErrorInfo with its reason and a ``google.rpc.QuotaFailure``
+        (:func:`quota_failure`)."""
         self.field = field
         self.operation = operation
+        self.quota = quota
         if retry_delay_s is not None:
             self.retry_delay_s = retry_delay_s
         self.description = message  # without the field
@@ -51,15 +54,50 @@ class ExplaindError(Exception):
         super().__init__(f"{field}: {message}" if field else message)
 
 
-def field_detail(code: str, field: str, description: str) -> Message:
-    """The status detail naming the request ``field`` an error of ``code`` is about, so
-    clients in any language read it without parsing the message (AIP-193): a
-    ``google.rpc.BadRequest`` violation for INVALID_ARGUMENT, else a
-    ``google.rpc.ErrorInfo`` (reason: the code, domain :data:`ERROR_DOMAIN`) whose
-    ``metadata["field"]`` names it, e.g. the ``sample_set_id`` of a NOT_FOUND."""
-    if code == "INVALID_ARGUMENT":
+class Quota(NamedTuple):
+    """A limit of the server's that a RESOURCE_EXHAUSTED refusal met (AIP-193), so
+    clients tell one from another without parsing the message: ``reason`` its
+    ErrorInfo reason (e.g. "HEAD_VERSIONS_PER_CALLER_EXCEEDED"), ``setting`` the
+    config setting that sets it ("[server].max_head_versions_per_caller") and
+    ``limit`` its value, ``subject`` whose share it is (:func:`caller_subject`, or
+    "server" for a limit of all callers' or of one call), ``description`` what it
+    counts, short. Resources that ran out (memory, disk, file descriptors) are no
+    quota: their refusals carry none."""
+
+    reason: str
+    setting: str
+    limit: int
+    subject: str
+    description: str
+
+
+def caller_subject(caller: str) -> str:
+    """The QuotaFailure subject of a named caller's share of a limit."""
+    return f"caller:{caller}"
+
+
+def subject_detail(code: str, *, field: str | None = None, description: str = "", quota: Quota | None = None) -> Message | None:
+    """The status detail saying what an error of ``code`` is about, so clients in any
+    language read it without parsing the message (AIP-193): a ``google.rpc.BadRequest``
+    violation for an INVALID_ARGUMENT naming a request ``field``; else one
+    ``google.rpc.ErrorInfo`` (domain :data:`ERROR_DOMAIN`) whose reason is the
+    ``quota``'s (its metadata "setting" and "limit"), or the code, and whose
+    ``metadata["field"]`` names the ``field``, e.g. the ``sample_set_id`` of a NOT_FOUND;
+    None where there is neither. One ErrorInfo, not one each: AIP-193 allows one."""
+    if field and code == "INVALID_ARGUMENT":
         return error_details_pb2.BadRequest(field_violations=[{"field": field, "description": description}])
-    return error_details_pb2.ErrorInfo(reason=code, domain=ERROR_DOMAIN, metadata={"field": field})
+    if not field and quota is None:
+        return None
+    metadata = {"field": field} if field else {}
+    if quota is not None:
+        metadata.update(setting=quota.setting, limit=str(quota.limit))
+    return error_details_pb2.ErrorInfo(reason=quota.reason if quota else code, domain=ERROR_DOMAIN, metadata=metadata)
+
+
+def quota_failure(quota: Quota) -> Message:
+    """The ``google.rpc.QuotaFailure`` of the limit a refusal met, its subject (a caller's
+    name) and description cut to MAX_VIOLATION_PART_BYTES: it travels in a status header."""
+    return error_details_pb2.QuotaFailure(violations=[{"subject": _cut_part(quota.subject), "description": _cut_part(quota.description)}])
 
 
 class PreconditionViolation(NamedTuple):
@@ -118,6 +156,8 @@ class PermissionDenied(ExplaindError):
 
 
 class ResourceExhausted(ExplaindError):
+    """A limit met (with its :class:`Quota`), or a resource run out (none)."""
+
     code = "RESOURCE_EXHAUSTED"
 
 

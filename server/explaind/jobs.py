@@ -58,8 +58,8 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from .errors import (DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, field_detail,
-                     precondition_failure, report_unexpected)
+from .errors import (DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, Quota, ResourceExhausted, Unavailable,
+                     caller_subject, precondition_failure, quota_failure, report_unexpected, subject_detail)
 from .imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png
 from .logs import FIELDS, log_fields
 from .messages import leading_items_that_fit
@@ -254,25 +254,30 @@ class JobContext:
         return self.save_artifact(name, encode_png(pixels, compress_level=JOB_IMAGE_COMPRESS_LEVEL), "image/png")
 
 
-def _field_violation(error: ExplaindError) -> bytes:
-    """A failed job's ``result``: the field its error names, as a serialised Any of
-    :func:`field_detail` (the operation's error carries it as the call's would), or
-    nothing."""
-    if not error.field:
+def _subject_detail(error: ExplaindError) -> bytes:
+    """A failed job's ``result``: what its error is about (the field it names, the limit
+    it met), as a serialised Any of :func:`subject_detail` (the operation's error carries
+    it as the call's would), or nothing."""
+    detail = subject_detail(error.code, field=error.field, description=error.description, quota=error.quota)
+    if detail is None:
         return b""
     packed = any_pb2.Any()
-    packed.Pack(field_detail(error.code, error.field, error.description))
+    packed.Pack(detail)
     return packed.SerializeToString()
 
 
-def _precondition_violations(error: ExplaindError) -> bytes:
-    """A failed job's ``error_details``: the items its error names (the samples a model gives
-    unusable outputs for), as a serialised Status holding :func:`precondition_failure` (at
-    most ten violations, their parts cut short), or nothing."""
-    if not error.violations:
+def _other_details(error: ExplaindError) -> bytes:
+    """A failed job's ``error_details``: the limit its error met (:func:`quota_failure`) and
+    the items it names (the samples a model gives unusable outputs for, at most ten
+    violations, their parts cut short, :func:`precondition_failure`), as a serialised
+    Status holding them, or nothing."""
+    if error.quota is None and not error.violations:
         return b""
     status = status_pb2.Status()
-    status.details.add().Pack(precondition_failure(error.violations))
+    if error.quota is not None:
+        status.details.add().Pack(quota_failure(error.quota))
+    if error.violations:
+        status.details.add().Pack(precondition_failure(error.violations))
     return status.SerializeToString()
 
 
@@ -457,10 +462,13 @@ class JobManager:
                     ahead = next((place for place, live in enumerate(order) if live.record.owner == owner), 0)  # none: a worker has just taken it
                     raise ResourceExhausted(f"job queue is full for caller {owner!r} ({mine} of its jobs queued, limit "
                                             f"{self.max_queued_per_caller}, [jobs].max_queued_per_caller); retry later",
-                                            retry_delay_s=self._queue_retry_delay_s(ahead))
+                                            retry_delay_s=self._queue_retry_delay_s(ahead),
+                                            quota=Quota("QUEUED_JOBS_PER_CALLER_EXCEEDED", "[jobs].max_queued_per_caller", self.max_queued_per_caller,
+                                                        caller_subject(owner), "jobs this caller has queued"))
             if len(queued) >= self.max_queued:
                 raise ResourceExhausted(f"job queue is full ({len(queued)} queued, limit {self.max_queued}); retry later",
-                                        retry_delay_s=self._queue_retry_delay_s())
+                                        retry_delay_s=self._queue_retry_delay_s(),
+                                        quota=Quota("QUEUED_JOBS_EXCEEDED", "[jobs].max_queued", self.max_queued, "server", "jobs queued"))
             self._kinds.add(kind)
             record = JobRecord(job_id=uuid.uuid4().hex[:16], kind=kind, state=QUEUED, create_time=self.store.now(), message=message, owner=owner)
             self.store.insert_job(record, request=request)
@@ -565,7 +573,7 @@ class JobManager:
             else:  # only shutdown() stops a job nobody cancelled
                 self._finish(live, FAILED, error=(ABORTED, "the server shut down while this job was running; submit it again"))
         except ExplaindError as error:
-            self._finish(live, FAILED, error=(error.code, str(error)), result=_field_violation(error), error_details=_precondition_violations(error))
+            self._finish(live, FAILED, error=(error.code, str(error)), result=_subject_detail(error), error_details=_other_details(error))
         except BaseException as error:  # noqa: BLE001 - a job's failure is reported, not raised
             # BaseException too: a library's sys.exit() in the job's thread (SystemExit) left the
             # job running forever to its waiters, its worker free for the next one.
@@ -613,7 +621,9 @@ class JobManager:
 
     def _too_large(self, result: Message, consequence: str) -> ResourceExhausted:
         return ResourceExhausted(f"the result is {result.ByteSize()} bytes, over the {self.max_result_bytes} an operation's "
-                                 f"response may hold (half of [server].max_message_bytes)" + (f"; {consequence}" if consequence else ""))
+                                 f"response may hold (half of [server].max_message_bytes)" + (f"; {consequence}" if consequence else ""),
+                                 quota=Quota("RESULT_BYTES_EXCEEDED", "[server].max_message_bytes", self.max_result_bytes, "server",
+                                             "bytes of an operation's result"))
 
     def _finish(self, live: _LiveJob, state: str, *, error: tuple[str, str] = ("", ""), result: bytes = b"", **changes) -> None:
         """Store the job's end, then drop it from the live jobs (readers go to the store).

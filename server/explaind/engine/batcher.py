@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from ..errors import ResourceExhausted, Unavailable
+from ..errors import Quota, ResourceExhausted, Unavailable, caller_subject
 
 Output = TypeVar("Output")
 
@@ -128,9 +128,12 @@ class DynamicBatcher(Generic[Output]):
         mine = self._queued_by.get(caller, 0) if caller is not None else 0
         if mine and self.max_queued_per_caller and mine + count > self.max_queued_per_caller:
             raise ResourceExhausted(f"prediction queue is full for caller {caller!r} ({mine} of its images waiting, limit "
-                                    f"{self.max_queued_per_caller}, [batching].max_queued_images_per_caller); retry with backoff")
+                                    f"{self.max_queued_per_caller}, [batching].max_queued_images_per_caller); retry with backoff",
+                                    quota=Quota("QUEUED_IMAGES_PER_CALLER_EXCEEDED", "[batching].max_queued_images_per_caller",
+                                                self.max_queued_per_caller, caller_subject(caller), "images this caller has waiting"))
         if self._queued_images + count > self.max_queue_size:
-            raise ResourceExhausted(f"prediction queue is full ({self._queued_images} images waiting, limit {self.max_queue_size}); retry with backoff")
+            raise ResourceExhausted(f"prediction queue is full ({self._queued_images} images waiting, limit {self.max_queue_size}); retry with backoff",
+                                    quota=Quota("QUEUED_IMAGES_EXCEEDED", "[batching].max_queue_size", self.max_queue_size, "server", "images waiting"))
 
     def _count_queued(self, request: _Request, sign: int) -> None:
         """Add (+1) or remove (-1) ``request``'s images from the waiting counts; hold the condition."""

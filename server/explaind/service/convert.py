@@ -17,7 +17,7 @@ from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 
 from ..decode_memory import TENSOR_DECODE_BYTES_PER_VALUE, UPLOAD_BYTES_PER_VALUE
 from ..engine import NewSample
-from ..errors import ExplaindError, InvalidArgument, field_detail, precondition_failure
+from ..errors import ExplaindError, InvalidArgument, precondition_failure, quota_failure, subject_detail
 from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot
 from ..messages import timestamp
@@ -137,11 +137,13 @@ def tensor_decode_bytes(tensor: common_pb2.Tensor, bytes_per_value: int) -> int:
 
 def error_status(error: ExplaindError) -> status_pb2.Status:
     """``error`` as the google.rpc.Status a call refused with it would carry (code,
-    message, the details naming its field and items), for one image of a partial_failure
+    message, the details naming its field, limit and items), for one image of a partial_failure
     Predict."""
     status = status_pb2.Status(code=grpc.StatusCode[error.code].value[0], message=str(error))
-    if error.field:
-        status.details.add().Pack(field_detail(error.code, error.field, error.description))
+    if (detail := subject_detail(error.code, field=error.field, description=error.description, quota=error.quota)) is not None:
+        status.details.add().Pack(detail)
+    if error.quota is not None:
+        status.details.add().Pack(quota_failure(error.quota))
     if error.violations:
         status.details.add().Pack(precondition_failure(error.violations))
     return status

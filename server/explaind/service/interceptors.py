@@ -3,9 +3,10 @@ audit line of a call that changed something (explaind.service.audit).
 
 Servicers raise :class:`~explaind.errors.ExplaindError`; here it becomes the status
 code it names with its message, and an error naming a field also carries it in the
-status details (:func:`~explaind.errors.field_detail`, AIP-193), so clients in any
+status details (:func:`~explaind.errors.subject_detail`, AIP-193), so clients in any
 language read the field without parsing the message (and the request items a
-FAILED_PRECONDITION lists, as a ``google.rpc.PreconditionFailure``), and an UNAVAILABLE the
+FAILED_PRECONDITION lists, as a ``google.rpc.PreconditionFailure``; the limit a
+RESOURCE_EXHAUSTED met, as an ErrorInfo reason and a ``google.rpc.QuotaFailure``), and an UNAVAILABLE the
 server sends itself, a full job queue or an image decoder out of memory carries a ``google.rpc.RetryInfo`` (AIP-194), and one
 about an operation (a reused request_id's) names it in a ``google.rpc.ResourceInfo``. Anything else becomes
 INTERNAL with the exception's type and an incident id (its text and traceback go to the
@@ -37,7 +38,8 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import OPERATION_RESOURCE_TYPE, ExplaindError, PreconditionViolation, field_detail, precondition_failure, report_unexpected
+from ..errors import (OPERATION_RESOURCE_TYPE, ExplaindError, PreconditionViolation, Quota, caller_subject, precondition_failure, quota_failure,
+                      report_unexpected, subject_detail)
 from ..metrics import Metrics, exemplar
 from ..tracing import NO_TRACING, Tracing, current, trace_id
 from .audit import auditing, log_change
@@ -77,6 +79,8 @@ MAX_STATUS_MESSAGE_BYTES = 4096
 # grpc-status-details-bin (as the Status's message, and the violation's description),
 # maybe beside a PreconditionFailure (at most 10 violations of two 64-byte parts, see
 # explaind.errors.precondition_failure): 2 KiB + 4/3 · (2 KiB + 512 B + 1.4 KB) stays under 7.5 KB in all.
+# A Quota's details (an ErrorInfo of a setting's name and value, a QuotaFailure of two
+# 64-byte parts: ~300 B) come with RESOURCE_EXHAUSTED, never with a PreconditionFailure.
 MAX_DETAILED_MESSAGE_BYTES = 2048
 MAX_VIOLATION_BYTES = 512
 
@@ -175,6 +179,20 @@ class HeldCalls:
         most = (f"{self.public_limit} of them for calls without a token" if public
                 else f"{self.caller_limit} of them for one caller" if self._callers.full(caller) else "half of [server].max_workers")
         return f"the streams, waits and inline rankings this server keeps at once are open (at most {self.limit}, {most}); try again later"
+
+    def quota(self, *, public: bool = False, caller: str | None = None) -> Quota:
+        """The limit :meth:`slot` found no room in, as :meth:`refusal` words it."""
+        what = "streams, waits and inline rankings open"
+        if public:
+            return Quota("HELD_CALLS_WITHOUT_TOKEN_EXCEEDED", "[server].max_workers", self.public_limit, "server", f"{what} without a token")
+        if caller is not None and self._callers.full(caller):
+            return Quota("HELD_CALLS_PER_CALLER_EXCEEDED", "[server].max_workers", self.caller_limit, caller_subject(caller), what)
+        return Quota("HELD_CALLS_EXCEEDED", "[server].max_workers", self.limit, "server", what)
+
+
+def response_bytes_quota(limit: int) -> Quota:
+    """The limit a response larger than ``limit`` bytes ([server].max_message_bytes) met."""
+    return Quota("RESPONSE_BYTES_EXCEEDED", "[server].max_message_bytes", limit, "server", "bytes of one response")
 
 
 def _acquired(semaphore: threading.BoundedSemaphore, taken: ExitStack) -> bool:
@@ -275,7 +293,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 observed.refuse_if_unparsed(request)
                 with self._unary_shares.share(caller or None) if thread_bound else nullcontext(True) as shared:
                     if not shared:
-                        observed.abort("RESOURCE_EXHAUSTED", self._unary_refusal())
+                        observed.abort("RESOURCE_EXHAUSTED", self._unary_refusal(),
+                                       quota=Quota("CALLS_PER_CALLER_EXCEEDED", "[server].max_workers", self._unary_shares.limit,
+                                                   caller_subject(caller), "Predict, CreateSampleSet, AppendSamples calls in progress"))
                     return observed.call(behaviour, request, context)
 
         return handle
@@ -301,7 +321,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 public = service in _PUBLIC_SERVICES
                 with self._held_calls.slot(public=public, caller=caller or None) as held:
                     if not held:
-                        observed.abort("RESOURCE_EXHAUSTED", self._held_calls.refusal(public=public, caller=caller or None))
+                        observed.abort("RESOURCE_EXHAUSTED", self._held_calls.refusal(public=public, caller=caller or None),
+                                       quota=self._held_calls.quota(public=public, caller=caller or None))
                     yield from observed.call_stream(behaviour, request, context, revocation)
 
         return handle
@@ -392,12 +413,15 @@ class _Observed:
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
     def abort(self, code: str, message: str, *, field: str | None = None, description: str = "", retry_delay_s: float | None = None,
-              violations: Sequence[PreconditionViolation] = (), operation: str | None = None) -> None:
+              violations: Sequence[PreconditionViolation] = (), operation: str | None = None, quota: Quota | None = None) -> None:
         self._code = code
         status_code = grpc.StatusCode[code]
         details: list[Message] = []
-        if field:
-            details.append(field_detail(code, _shorten(field, MAX_VIOLATION_BYTES), _shorten(description, MAX_VIOLATION_BYTES)))
+        if (detail := subject_detail(code, field=field and _shorten(field, MAX_VIOLATION_BYTES), description=_shorten(description, MAX_VIOLATION_BYTES),
+                                     quota=quota)) is not None:
+            details.append(detail)
+        if quota is not None:
+            details.append(quota_failure(quota))
         if violations:
             details.append(precondition_failure(violations))
         if retry_delay_s is not None:
@@ -424,7 +448,7 @@ class _Observed:
 
     def _abort_with(self, error: ExplaindError) -> None:
         self.abort(error.code, str(error), field=error.field, description=error.description, retry_delay_s=error.retry_delay_s,
-                   violations=error.violations, operation=error.operation)
+                   violations=error.violations, operation=error.operation, quota=error.quota)
 
     @contextmanager
     def _serving(self) -> Iterator[None]:
@@ -477,7 +501,8 @@ class _Observed:
     def _sendable(self, response: Any) -> Any:
         size = response.ByteSize()
         if size > self._max_send_bytes:
-            self.abort("RESOURCE_EXHAUSTED", f"the response is {size} bytes, more than the server's limit of {self._max_send_bytes} ([server].max_message_bytes)")
+            self.abort("RESOURCE_EXHAUSTED", f"the response is {size} bytes, more than the server's limit of {self._max_send_bytes} ([server].max_message_bytes)",
+                       quota=response_bytes_quota(self._max_send_bytes))
         return response
 
     def _map_unexpected(self, error: Exception) -> None:

@@ -13,7 +13,7 @@ from ..errors import InvalidArgument, ResourceExhausted
 from ..jobs import JobSnapshot
 from . import convert
 from .auth import current_caller
-from .interceptors import HeldCalls
+from .interceptors import HeldCalls, response_bytes_quota
 from .paging import messages_that_fit, page_limit, resume_point, resume_token
 
 class _EnumNames:
@@ -79,7 +79,7 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         with self._held_calls.slot(caller=caller) if execution != "operation" else nullcontext(False) as held:
             if not held and execution == "inline":
                 raise ResourceExhausted(f"no thread is free for an inline ranking: {self._held_calls.refusal(caller=caller)}, "
-                                        "or use execution AUTO or OPERATION")
+                                        "or use execution AUTO or OPERATION", quota=self._held_calls.quota(caller=caller))
             outcome = self._engine.rank_mistake_neurons(
                 request.sample_set_id, target_class=_target_class(request), settings=settings,
                 execution=execution if held else "operation", call=context, request=convert.request_key(request),
@@ -93,7 +93,8 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         if (size := response.ByteSize()) > self._max_message_bytes:
             raise ResourceExhausted(f"the ranking is {size} bytes, more than the server's limit of {self._max_message_bytes} "
                                     "([server].max_message_bytes); use execution OPERATION, whose result keeps the top neurons "
-                                    "and the first mistakes that fit (with include_samples, every ω in its artifact)")
+                                    "and the first mistakes that fit (with include_samples, every ω in its artifact)",
+                                    quota=response_bytes_quota(self._max_message_bytes))
         return response
 
     def VisualizeNeurons(self, request, context: grpc.ServicerContext) -> neuroinspect_pb2.VisualizeNeuronsResponse:

@@ -14,7 +14,7 @@ from ..jobs import JobManager
 from ..store import JobRecord
 from . import audit, convert
 from .auth import current_caller
-from .interceptors import HeldCalls
+from .interceptors import HeldCalls, response_bytes_quota
 from .paging import listing_name, messages_that_fit, page_limit, resume_point, resume_token
 
 
@@ -144,7 +144,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServiceServicer):
         if length > self._max_content_bytes:
             raise ResourceExhausted(
                 f"{length} bytes do not fit in one response (at most {self._max_content_bytes}); read the artifact "
-                f"in ranges with offset and max_bytes", field="max_bytes")
+                f"in ranges with offset and max_bytes", field="max_bytes", quota=response_bytes_quota(self._max_content_bytes))
         return request.offset, length
 
 

@@ -24,7 +24,7 @@ from typing import IO, NamedTuple, TypeVar
 
 import numpy as np
 
-from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted, store_remedy
+from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, Quota, ResourceExhausted, caller_subject, store_remedy
 from ..ownership import OwnerCheck
 from .base import (ABORTED, CANCELLED, EDIT_JOB_ID, FINISHED_STATES, FAILED, QUEUED, RUNNING, SUCCEEDED, ArtifactRef, HeadVersionRecord, JobRecord, OnRepeat, RequestKey, SampleRecord,
                    SampleSetInfo, StoreOpenError, request_id_reused, request_of_deleted_job, require_sample_set_uid, sample_set_id_taken)
@@ -916,7 +916,8 @@ class SQLiteStore:
         if held + adding > self.max_samples_per_owner:
             raise ResourceExhausted(f"caller {owner!r} holds {held} samples in its sample sets, and {adding} more would pass its limit "
                                     f"of {self.max_samples_per_owner} ([server].max_samples_per_caller): delete sets it no longer needs",
-                                    field="samples")
+                                    field="samples", quota=Quota("SAMPLES_PER_CALLER_EXCEEDED", "[server].max_samples_per_caller",
+                                                                 self.max_samples_per_owner, caller_subject(owner), "samples in this caller's sets"))
 
     def delete_unfinished_uploads(self, *, idle_s: float | None = None) -> list[str]:
         with self._transaction() as db:
@@ -1340,7 +1341,9 @@ class SQLiteStore:
         if held >= self.max_head_versions_per_owner:
             raise ResourceExhausted(f"caller {owner!r} holds {held} head version{'s' * (held != 1)}, and 1 more would pass its limit of "
                                     f"{self.max_head_versions_per_owner} ([server].max_head_versions_per_caller): delete versions "
-                                    f"it no longer needs (explaind head-versions delete)")
+                                    f"it no longer needs (explaind head-versions delete)",
+                                    quota=Quota("HEAD_VERSIONS_PER_CALLER_EXCEEDED", "[server].max_head_versions_per_caller",
+                                                self.max_head_versions_per_owner, caller_subject(owner), "head versions this caller holds"))
 
     def list_head_versions(self, feature_version: str, *, after: tuple[float, str] | None = None,
                            limit: int | None = None) -> list[HeadVersionRecord]:
