@@ -65,6 +65,22 @@ def test_the_field_of_an_error_info_is_taken_from_explaind_only_and_only_where_i
     assert isinstance(error, NotFoundError) and error.field == "sample_set_id" and error.field_violations == []
 
 
+def test_a_limit_s_reason_and_quota_violations_are_read_from_explaind_s_details_and_none_from_an_older_server():
+    # Clients told one RESOURCE_EXHAUSTED from another by the setting in its message; the
+    # reason is explaind's ErrorInfo's, not a proxy's, nor the code name that a server
+    # older than the reasons (or one naming a field alone) sends.
+    foreign = error_details_pb2.ErrorInfo(reason="RATE_LIMIT_EXCEEDED", domain="gateway.example.com")
+    limit = error_details_pb2.ErrorInfo(reason="SAMPLES_PER_CALLER_EXCEEDED", domain="explaind.v1",
+                                        metadata={"field": "samples", "setting": "[server].max_samples_per_caller", "limit": "10"})
+    quota = error_details_pb2.QuotaFailure(violations=[{"subject": "caller:alice", "description": "samples in this caller's sets"}])
+    error = from_rpc_error(_Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many", foreign, limit, quota))
+    assert (error.reason, error.field, error.quota_violations) == ("SAMPLES_PER_CALLER_EXCEEDED", "samples", [("caller:alice", "samples in this caller's sets")])
+    older = error_details_pb2.ErrorInfo(reason="RESOURCE_EXHAUSTED", domain="explaind.v1", metadata={"field": "samples"})
+    error = from_rpc_error(_Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many", foreign, older))
+    assert (error.reason, error.field, error.quota_violations) == (None, "samples", [])
+    assert (from_rpc_error(_Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many")).reason, ExplaindError("boom").quota_violations) == (None, [])
+
+
 def test_an_rpc_error_without_a_status_is_an_unknown_error_with_its_message():
     # grpc.RpcError itself (as an interceptor or a test double raises it) has no code(),
     # details() or trailing metadata.

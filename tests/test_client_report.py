@@ -927,17 +927,25 @@ def test_only_the_head_version_limit_s_refusal_leaves_the_page_without_an_edit_a
     client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking,
                              visualize_neurons=lambda pairs, **o: SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[])),
                              model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
-    at_start = ResourceExhaustedError(limit)
-    at_end = operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, limit)  # edits that raced past the check at submit
-    for refusal in (lambda *a, **k: (_ for _ in ()).throw(at_start),
-                    lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(at_end))):
-        client.edit_head = refusal
-        report = build_report(client, "heart", "s", keep_edit=False)
-        assert (report.edit, report.no_edit_reason, report.edit_at_head_version_limit, report.edit_command) == (None, limit, True, "")
+    # A server with error reasons says which limit in the reason, whatever its message
+    # says; one older than them (no ErrorInfo) in the message alone, naming the setting.
+    reworded = "no room for another head version of this caller's"
+    refusals = [(ResourceExhaustedError(reworded, reason="HEAD_VERSIONS_PER_CALLER_EXCEEDED"),
+                 operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, reworded, reason="HEAD_VERSIONS_PER_CALLER_EXCEEDED"), reworded),
+                (ResourceExhaustedError(limit), operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, limit), limit)]
+    for at_start, at_end, message in refusals:  # at_end: edits that raced past the check at submit
+        for refusal in (lambda *a, **k: (_ for _ in ()).throw(at_start),
+                        lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(at_end))):
+            client.edit_head = refusal
+            report = build_report(client, "heart", "s", keep_edit=False)
+            assert (report.edit, report.no_edit_reason, report.edit_at_head_version_limit, report.edit_command) == (None, message, True, "")
     full = ResourceExhaustedError("the job queue is full (64 jobs); retry later", retry_delay=5.0)
-    client.edit_head = lambda *a, **k: (_ for _ in ()).throw(full)
-    with pytest.raises(ResourceExhaustedError, match="the job queue is full"):
-        build_report(client, "heart", "s")
+    # Another limit's reason, though its message names the setting, is no reason to go on without the edit.
+    other_limit = ResourceExhaustedError(f"the job queue is full; {limit}", reason="QUEUED_JOBS_EXCEEDED")
+    for error in (full, other_limit):
+        client.edit_head = lambda *a, **k: (_ for _ in ()).throw(error)
+        with pytest.raises(ResourceExhaustedError, match="the job queue is full"):
+            build_report(client, "heart", "s")
 
 
 def test_an_excessive_neuron_is_visualised_on_its_top_class_and_the_others_on_the_explained_class():

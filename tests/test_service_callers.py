@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from google.protobuf import empty_pb2
 
-from conftest import json_log_lines
+from conftest import json_log_lines, limit_details, trailing_status
 from explaind.client import Client, ExplaindError, InvalidArgumentError, Operation, ResourceExhaustedError, UnauthenticatedError
 from explaind.config import ConfigError, default_config
 from explaind.service import ExplaindServer, audit, auth, convert
@@ -118,7 +118,9 @@ def test_a_callers_sets_hold_at_most_max_samples_per_caller_counted_against_each
                 assert refused.value.details == (
                     "samples: caller 'monitoring' holds 10 samples in its sample sets, and 1 more would pass its limit of 10 "
                     "([server].max_samples_per_caller): delete sets it no longer needs")
-                assert refused.value.field == "samples"
+                # The field and the limit in one ErrorInfo (AIP-193: one a status).
+                assert (refused.value.field, refused.value.reason, refused.value.quota_violations) == (
+                    "samples", "SAMPLES_PER_CALLER_EXCEEDED", [("caller:monitoring", "samples in this caller's sets")])
             assert [s.sample_count for s in monitoring.sample_sets()] == [8, 2]  # nothing of a refused call is kept
             # Another caller has a limit of its own, and an admin's own sets count against it.
             analyst.create_sample_set([IMAGE] * 10, [0] * 10, sample_set_id="other")
@@ -168,6 +170,7 @@ def test_the_store_checks_a_callers_samples_in_the_transaction_that_adds_them(tm
 
 HEAD_VERSIONS_REFUSED = ("caller 'monitoring' holds {held} head version{s}, and 1 more would pass its limit of {held} "
                          "([server].max_head_versions_per_caller): delete versions it no longer needs (explaind head-versions delete)")
+HEAD_VERSIONS_LIMIT = ("HEAD_VERSIONS_PER_CALLER_EXCEEDED", [("caller:monitoring", "head versions this caller holds")])
 
 
 def test_a_callers_edits_hold_at_most_max_head_versions_per_caller_until_it_deletes_one(tmp_path, classifier_dir, callers_file, capsys):
@@ -186,6 +189,7 @@ def test_a_callers_edits_hold_at_most_max_head_versions_per_caller_until_it_dele
             with pytest.raises(ResourceExhaustedError) as refused:
                 monitoring.edit_head("train", 1, [0], max_epochs=1)
             assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=2, s="s")
+            assert (refused.value.reason, refused.value.quota_violations) == HEAD_VERSIONS_LIMIT
             with pytest.raises(InvalidArgumentError) as wrong:  # a wrong option at the limit is named, not hidden behind the limit
                 monitoring.edit_head("train", 1, [10_000], max_epochs=1)
             assert wrong.value.field == "neurons[0]"
@@ -234,6 +238,10 @@ def test_edits_racing_past_the_check_at_submit_store_one_version_and_the_other_f
             with pytest.raises(ResourceExhaustedError) as refused:
                 second.result(timeout=60)
             assert refused.value.details == HEAD_VERSIONS_REFUSED.format(held=1, s="")
+            # The operation's error carries the details the call's refusal would.
+            assert (refused.value.reason, refused.value.quota_violations) == HEAD_VERSIONS_LIMIT
+            assert limit_details(refused.value.operation._message.error) == (
+                "HEAD_VERSIONS_PER_CALLER_EXCEEDED", {"setting": "[server].max_head_versions_per_caller", "limit": "1"}, HEAD_VERSIONS_LIMIT[1])
             assert [v.version_id for v in monitoring.head_versions()] == ["v0", stored.version_id]
     finally:
         server.stop(0)
@@ -517,6 +525,8 @@ def test_a_callers_predictions_waiting_are_kept_to_its_share_and_another_callers
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert decoded == []  # refused before its images were decoded, which it would have paid for in full
             assert refused.value.details.startswith("prediction queue is full for caller 'monitoring' (2 of its images waiting, limit 2")
+            assert (refused.value.reason, refused.value.quota_violations) == (
+                "QUEUED_IMAGES_PER_CALLER_EXCEEDED", [("caller:monitoring", "images this caller has waiting")])
             # The log says whose backlog it is: the alert's description sends operators there.
             assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused explaind.v1.InferenceService/Predict from ")
                     and "(caller monitoring): RESOURCE_EXHAUSTED: prediction queue is full for caller 'monitoring'" in r.getMessage()]
@@ -1037,6 +1047,8 @@ def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
         assert all(stack.enter_context(held.slot(caller="analyst")) for _ in range(4))
         assert not stack.enter_context(held.slot(caller="analyst"))
         assert "(at most 8, 4 of them for one caller)" in held.refusal(caller="analyst")
+        assert held.quota(caller="analyst") == ("HELD_CALLS_PER_CALLER_EXCEEDED", "[server].max_workers", 4, "caller:analyst",
+                                                "streams, waits and inline rankings open")
         assert stack.enter_context(held.slot(caller="monitoring")) and stack.enter_context(held.slot())
     # Each slot and share went back as its block ended.
     with ExitStack() as stack:
@@ -1074,6 +1086,9 @@ def test_a_callers_streams_are_held_to_its_share_of_the_slots(callers_file):
             with pytest.raises(grpc.RpcError) as refused:
                 open_stream("tokenANA")
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "(at most 2, 1 of them for one caller)" in refused.value.details()
+            assert limit_details(trailing_status(refused.value.trailing_metadata())) == (
+                "HELD_CALLS_PER_CALLER_EXCEEDED", {"setting": "[server].max_workers", "limit": "1"},
+                [("caller:analyst", "streams, waits and inline rankings open")])
             other = open_stream("tokenMON")
             release.set()
             assert list(first) == list(other) == []
@@ -1092,10 +1107,12 @@ def test_calls_without_a_token_hold_at_most_a_quarter_of_the_slots_and_a_full_se
         assert all(stack.enter_context(held.slot(public=True)) for _ in range(2))
         assert not stack.enter_context(held.slot(public=True))
         assert "(at most 8, 2 of them for calls without a token)" in held.refusal(public=True)
+        assert held.quota(public=True)[:3] == ("HELD_CALLS_WITHOUT_TOKEN_EXCEEDED", "[server].max_workers", 2)
         assert all(stack.enter_context(held.slot(caller=caller)) for caller in ["analyst"] * 4 + ["monitoring"] * 2)
         # Every slot is held, none of them by "auditor": its refusal names the server's limit, not its share.
         assert not stack.enter_context(held.slot(caller="auditor"))
         assert held.refusal(caller="auditor").endswith("(at most 8, half of [server].max_workers); try again later")
+        assert held.quota(caller="auditor") == ("HELD_CALLS_EXCEEDED", "[server].max_workers", 8, "server", "streams, waits and inline rankings open")
 
 
 def test_a_server_holds_streams_to_half_of_its_max_workers(tmp_path, classifier_dir):
@@ -1147,6 +1164,8 @@ def test_a_callers_predictions_and_uploads_hold_at_most_half_of_the_threads_so_a
                     "this caller's Predict, CreateSampleSet and AppendSamples calls in progress hold its share of the server's threads "
                     "(at most 2 at once, half of [server].max_workers, which the server's operator may raise); retry once one of them "
                     "has answered, or send fewer at once")
+                assert (refused.value.reason, refused.value.quota_violations) == (
+                    "CALLS_PER_CALLER_EXCEEDED", [("caller:analyst", "Predict, CreateSampleSet, AppendSamples calls in progress")])
             assert len(monitoring.predict([IMAGE])) == 1  # served while the analyst's share is full
             release.set()
             assert [len(call.result(timeout=30)) for call in held] == [1, 1]

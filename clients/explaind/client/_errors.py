@@ -28,7 +28,14 @@ class ExplaindError(Exception):
     ranking, evaluation or edit (inline, or its operation's error) was refused for,
     ``("UNDECODABLE_IMAGE", "samples[3]", "")`` for one whose stored image does not decode now;
     empty from a server older than them, whose message alone names them.
-    ``retry_delay`` is the seconds the server asked to wait before the same call may
+    ``reason`` is what the server's ``google.rpc.ErrorInfo`` (domain "explaind.v1") says
+    the error is, e.g. "HEAD_VERSIONS_PER_CALLER_EXCEEDED" for a limit a
+    ResourceExhaustedError met (the README lists them), None if it says nothing more than
+    the code (errors that are no limit, and a server older than the reasons).
+    ``quota_violations`` lists ``(subject, description)`` for the limit it met
+    (``google.rpc.QuotaFailure`` details), e.g. ``("caller:alice", "head versions this
+    caller holds")``, or ``("server", "jobs queued")`` for a limit of all callers'; empty
+    if none. ``retry_delay`` is the seconds the server asked to wait before the same call may
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models, for a full job
     queue, or 1 s after an image decoder ran out of memory; no operation's error has one),
     None if it did not say. ``operation`` is the job a
@@ -49,11 +56,14 @@ class ExplaindError(Exception):
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None,
                  field_violations: list[tuple[str, str]] | None = None, *, retry_delay: float | None = None,
-                 field: str | None = None, precondition_violations: list[tuple[str, str, str]] | None = None) -> None:
+                 field: str | None = None, precondition_violations: list[tuple[str, str, str]] | None = None,
+                 reason: str | None = None, quota_violations: list[tuple[str, str]] | None = None) -> None:
         super().__init__(details)
         self.details = details
         self.field_violations = field_violations or []
         self.precondition_violations = precondition_violations or []
+        self.reason = reason
+        self.quota_violations = quota_violations or []
         self.retry_delay = retry_delay
         self._field = field
         if code is not None:
@@ -158,9 +168,11 @@ globals().update({cls.__name__: cls for cls in _OPERATION_BY_CODE.values()})
 
 def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
                     retry_delay: float | None = None, field: str | None = None,
-                    precondition_violations: list[tuple[str, str, str]] | None = None) -> ExplaindError:
+                    precondition_violations: list[tuple[str, str, str]] | None = None,
+                    reason: str | None = None, quota_violations: list[tuple[str, str]] | None = None) -> ExplaindError:
     cls = _BY_CODE.get(code, ExplaindError)
-    return cls(details, code, field_violations, retry_delay=retry_delay, field=field, precondition_violations=precondition_violations)
+    return cls(details, code, field_violations, retry_delay=retry_delay, field=field, precondition_violations=precondition_violations,
+               reason=reason, quota_violations=quota_violations)
 
 
 # Each status code by its number, as a google.rpc.Status holds it.
@@ -180,15 +192,18 @@ def error_from_status(status: status_pb2.Status, *, rename: Callable[[str], str]
     named = named_field(status)
     return error_from_code(code, rename(status.message) or code.name, [(rename(field), description) for field, description in field_violations(status)],
                            field=None if named is None else rename(named),
-                           precondition_violations=[(kind, rename(subject), description) for kind, subject, description in precondition_violations(status)])
+                           precondition_violations=[(kind, rename(subject), description) for kind, subject, description in precondition_violations(status)],
+                           reason=error_reason(status), quota_violations=quota_violations(status))
 
 
 def operation_error(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,
-                    field: str | None = None, precondition_violations: list[tuple[str, str, str]] | None = None) -> OperationError:
+                    field: str | None = None, precondition_violations: list[tuple[str, str, str]] | None = None,
+                    reason: str | None = None, quota_violations: list[tuple[str, str]] | None = None) -> OperationError:
     """A failed or cancelled job's error: an OperationError and the typed error of ``code``."""
     # cast: the classes type() made are OperationError subclasses.
     return cast(OperationError, _OPERATION_BY_CODE.get(code, OperationError)(details, code, field_violations, field=field,
-                                                                             precondition_violations=precondition_violations))
+                                                                             precondition_violations=precondition_violations,
+                                                                             reason=reason, quota_violations=quota_violations))
 
 
 def from_rpc_error(error: grpc.RpcError) -> ExplaindError:
@@ -198,7 +213,8 @@ def from_rpc_error(error: grpc.RpcError) -> ExplaindError:
     details = error.details() if hasattr(error, "details") else str(error)
     status = _status(error)
     return error_from_code(code, details or code.name, field_violations(status), retry_delay=_retry_delay(status), field=named_field(status),
-                           precondition_violations=precondition_violations(status))
+                           precondition_violations=precondition_violations(status), reason=error_reason(status),
+                           quota_violations=quota_violations(status))
 
 
 def _status(error: grpc.RpcError) -> status_pb2.Status:
@@ -229,6 +245,27 @@ def named_field(status: status_pb2.Status) -> str | None:
         if detail.Unpack(info) and info.domain == _ERROR_DOMAIN and "field" in info.metadata:
             return info.metadata["field"]
     return None
+
+
+def error_reason(status: status_pb2.Status) -> str | None:
+    """The reason of a status's ``google.rpc.ErrorInfo`` from the server, None if none or
+    if it is only the status code's name (what a server sends with a field alone, and all a
+    server older than the reasons sends)."""
+    info = error_details_pb2.ErrorInfo()
+    for detail in status.details:
+        if detail.Unpack(info) and info.domain == _ERROR_DOMAIN and info.reason not in grpc.StatusCode.__members__:
+            return info.reason
+    return None
+
+
+def quota_violations(status: status_pb2.Status) -> list[tuple[str, str]]:
+    """``(subject, description)`` of each ``google.rpc.QuotaFailure`` violation in a status's details."""
+    violations = []
+    for detail in status.details:
+        failure = error_details_pb2.QuotaFailure()
+        if detail.Unpack(failure):
+            violations += [(v.subject, v.description) for v in failure.violations]
+    return violations
 
 
 # ResourceInfo.resource_type of an operation the server's error names.

@@ -32,10 +32,12 @@ from ._errors import (
     UnavailableError,
     code_of,
     error_from_code,
+    error_reason,
     field_violations,
     named_field,
     operation_error,
     precondition_violations,
+    quota_violations,
 )
 from ._images import open_image
 from ._types import AbbreviatedRepr, Artifact, ComparedByValue, Progress
@@ -396,7 +398,8 @@ class Operation(Generic[ResultT]):
             return None
         status = self._message.error
         error = operation_error(code_of(status), status.message, field_violations(status), field=named_field(status),
-                                precondition_violations=precondition_violations(status))
+                                precondition_violations=precondition_violations(status), reason=error_reason(status),
+                                quota_violations=quota_violations(status))
         error.operation = self  # which job it was, for a caller that only sees the error (``result()``'s)
         return error
 

@@ -178,7 +178,7 @@ def build_report(
                          edit_kept, edit_discard_error, edit_command, visualized.largest_fit, edit_at_head_version_limit)
 
 
-# The server's setting its refusal of a caller's head version past the limit names.
+# The setting a server older than the error reasons names in its refusal of a caller's head version past the limit.
 _HEAD_VERSION_LIMIT_SETTING = "[server].max_head_versions_per_caller"
 
 
@@ -186,8 +186,14 @@ def _at_head_version_limit(error: ExplaindError) -> bool:
     """Whether ``error`` is the server refusing to store a head version as its caller holds
     as many as :data:`_HEAD_VERSION_LIMIT_SETTING` allows (at the edit's start, or at its
     end where edits raced past that check), not another RESOURCE_EXHAUSTED: a full job
-    queue or a data dir is no reason to go on without the edit."""
-    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and _HEAD_VERSION_LIMIT_SETTING in error.details
+    queue or a data dir is no reason to go on without the edit. Read from the error's
+    reason; a server older than the reasons says it in the message alone, which names the
+    setting."""
+    if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    if error.reason is not None:
+        return error.reason == "HEAD_VERSIONS_PER_CALLER_EXCEEDED"
+    return _HEAD_VERSION_LIMIT_SETTING in error.details
 
 
 def _refused_for_the_data(error: ExplaindError) -> bool:
