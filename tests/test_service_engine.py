@@ -6331,6 +6331,31 @@ def test_an_error_naming_a_field_has_its_message_field_and_description_cut_to_th
         assert part.startswith(character * 100) and part.endswith(" characters left out)") and len(part) <= MAX_VIOLATION_BYTES
 
 
+def test_a_limit_s_details_beside_a_long_field_and_caller_name_stay_within_the_status_header_budget():
+    # A quota's ErrorInfo and QuotaFailure travel in grpc-status-details-bin beside the
+    # message and the field: a caller's name of kilobytes must not take it past 8 KiB.
+    import base64
+
+    from explaind.errors import MAX_VIOLATION_PART_BYTES, Quota, ResourceExhausted, caller_subject
+    from explaind.service.interceptors import _Observed
+
+    context = _AbortingContext()
+    name = "é" * 5_000
+
+    def fail(request, context):
+        raise ResourceExhausted(f"caller {name!r} holds too many", field="x" * 10_000,
+                                quota=Quota("SAMPLES_PER_CALLER_EXCEEDED", "[server].max_samples_per_caller", 2**31 - 1, caller_subject(name), name))
+
+    with pytest.raises(RuntimeError, match="aborted"), _Observed(Metrics(), "explaind.v1.Svc", "Get", context, 1000) as observed:
+        observed.call(fail, None, context)
+    (key, value), = context.trailing_metadata
+    assert key == "grpc-status-details-bin" and len(base64.b64encode(value)) + len(context.details.encode()) < 8192
+    reason, metadata, [(subject, description)] = limit_details(trailing_status(context.trailing_metadata))
+    assert (reason, metadata["setting"], metadata["limit"], metadata["field"][:3]) == ("SAMPLES_PER_CALLER_EXCEEDED", "[server].max_samples_per_caller",
+                                                                                      "2147483647", "xxx")
+    assert subject.startswith("caller:é") and all(len(part.encode()) <= MAX_VIOLATION_PART_BYTES for part in (subject, description))
+
+
 def test_an_error_listing_many_long_precondition_violations_sends_the_first_ten_cut_to_their_budget():
     # The interceptor cut an error's message and field to their budgets but sent its
     # violations whole: a list of thousands, or a subject of kilobytes, took the status
