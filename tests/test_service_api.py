@@ -1455,7 +1455,7 @@ def test_errors_other_than_invalid_argument_name_their_field_in_an_error_info(se
     from explaind.client import OperationError
     from explaind.client._operations import Operation
     from explaind.errors import NotFound
-    from explaind.jobs import JobSnapshot, _field_violation
+    from explaind.jobs import JobSnapshot, _subject_detail
     from explaind.service import convert
     from explaind.store import FAILED, JobRecord
 
@@ -1470,7 +1470,7 @@ def test_errors_other_than_invalid_argument_name_their_field_in_an_error_info(se
     assert (info.reason, info.domain, dict(info.metadata)) == ("NOT_FOUND", "explaind.v1", {"field": "sample_set_id"})
     # A job that fails so carries it in its operation's error, as the call would.
     gone = NotFound("no sample set 'x'", field="sample_set_id")
-    record = JobRecord("j1", "evaluate", FAILED, 1.0, error_code=gone.code, error_message=str(gone), result=_field_violation(gone))
+    record = JobRecord("j1", "evaluate", FAILED, 1.0, error_code=gone.code, error_message=str(gone), result=_subject_detail(gone))
     with pytest.raises(NotFoundError) as failed:
         Operation(None, convert.operation(JobSnapshot(record))).result()  # done: no call is made
     assert isinstance(failed.value, OperationError) and failed.value.field == "sample_set_id"
