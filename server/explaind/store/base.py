@@ -136,9 +136,9 @@ class ArtifactRef:
 @dataclass(frozen=True)
 class JobRecord:
     """A job as persisted. ``result`` is a serialised ``google.protobuf.Any``: the response
-    of a succeeded job, the detail naming the field of a failed one's error (if any);
-    ``error_details``, a failed job's other details (its PreconditionFailure naming the
-    samples it failed for), as a serialised ``google.rpc.Status`` holding only them, or
+    of a succeeded job, the detail naming the field or the limit of a failed one's error
+    (if any: a BadRequest or an ErrorInfo); ``error_details``, a failed job's other details
+    (its QuotaFailure, its PreconditionFailure naming the samples it failed for), as a serialised ``google.rpc.Status`` holding only them, or
     b"" (kept apart: a release before them reads ``result`` as one Any); ``error_code``
     a ``grpc.StatusCode`` name."""
 
