@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import until_running
+from conftest import limit_details, until_running
 from explaind.client import AbortedError, CancelledError, Client, FailedPreconditionError, NotFoundError, OperationError
 from explaind.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, operations_pb2, operations_pb2_grpc,
                          sample_sets_pb2, sample_sets_pb2_grpc)
@@ -399,7 +399,10 @@ def test_a_full_job_queue_s_refusal_says_when_to_retry(server_factory):
                 _send(server.target, "EvaluateSampleSet", inference_pb2.EvaluateSampleSetRequest(sample_set_id="full-queue"))
             status = status_pb2.Status.FromString(dict(refused.value.trailing_metadata())["grpc-status-details-bin"])
             retry_info = error_details_pb2.RetryInfo()
-            assert [detail.Unpack(retry_info) for detail in status.details] == [True] and retry_info.retry_delay.seconds == 10
+            assert [detail.Unpack(retry_info) for detail in status.details] == [False, False, True] and retry_info.retry_delay.seconds == 10
+            # Beside it, which limit (AIP-193): the ErrorInfo and the QuotaFailure.
+            assert limit_details(status) == ("QUEUED_JOBS_EXCEEDED", {"setting": "[jobs].max_queued", "limit": "1"}, [("server", "jobs queued")])
+            assert (caught.value.reason, caught.value.quota_violations) == ("QUEUED_JOBS_EXCEEDED", [("server", "jobs queued")])
         finally:
             for operation in (queued, running):
                 operation.cancel()
