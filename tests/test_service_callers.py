@@ -1045,14 +1045,36 @@ def test_one_named_caller_holds_at_most_half_of_the_stream_and_wait_slots():
     held = HeldCalls(8)
     with ExitStack() as stack:
         assert all(stack.enter_context(held.slot(caller="analyst")) for _ in range(4))
-        assert not stack.enter_context(held.slot(caller="analyst"))
-        assert "(at most 8, 4 of them for one caller)" in held.refusal(caller="analyst")
-        assert held.quota(caller="analyst") == ("HELD_CALLS_PER_CALLER_EXCEEDED", "[server].max_workers", 4, "caller:analyst",
-                                                "streams, waits and inline rankings open")
+        refused = stack.enter_context(held.slot(caller="analyst"))
+        assert not refused and "(at most 8, 4 of them for one caller)" in held.refusal(refused.refused)
+        assert refused.refused == ("HELD_CALLS_PER_CALLER_EXCEEDED", "[server].max_workers", 4, "caller:analyst",
+                                   "streams, waits and inline rankings open")
         assert stack.enter_context(held.slot(caller="monitoring")) and stack.enter_context(held.slot())
     # Each slot and share went back as its block ended.
     with ExitStack() as stack:
         assert all(stack.enter_context(held.slot(caller="analyst")) for _ in range(4))
+
+
+def test_a_refused_slot_names_the_limit_that_had_no_room_not_a_share_with_room_left():
+    # The caller's share counts the refused call itself until its block ends, and the
+    # public share a public call's: read afterwards, both looked full when all slots were.
+    from contextlib import ExitStack
+
+    from explaind.service.interceptors import HeldCalls
+
+    held = HeldCalls(4)  # 2 for one caller, 1 without a token
+    with ExitStack() as stack:
+        assert all(stack.enter_context(held.slot(caller=caller)) for caller in ("analyst", "monitoring", "monitoring", "root"))
+        with held.slot(caller="analyst") as refused:  # it holds 1 of its 2
+            assert refused.refused == ("HELD_CALLS_EXCEEDED", "[server].max_workers", 4, "server", "streams, waits and inline rankings open")
+            assert "(at most 4, half of [server].max_workers)" in held.refusal(refused.refused)
+        with held.slot(public=True) as refused:  # none without a token is open
+            assert refused.refused is not None and refused.refused.reason == "HELD_CALLS_EXCEEDED"
+        with held.slot(caller="monitoring") as refused:
+            assert refused.refused is not None and refused.refused[::3] == ("HELD_CALLS_PER_CALLER_EXCEEDED", "caller:monitoring")
+    with held.slot(public=True) as open_slot, held.slot(public=True) as refused:
+        assert open_slot and refused.refused is not None and refused.refused[:3:2] == ("HELD_CALLS_WITHOUT_TOKEN_EXCEEDED", 1)
+        assert "(at most 4, 1 of them for calls without a token)" in held.refusal(refused.refused)
 
 
 def test_a_callers_streams_are_held_to_its_share_of_the_slots(callers_file):
@@ -1105,14 +1127,14 @@ def test_calls_without_a_token_hold_at_most_a_quarter_of_the_slots_and_a_full_se
     held = HeldCalls(8)
     with ExitStack() as stack:
         assert all(stack.enter_context(held.slot(public=True)) for _ in range(2))
-        assert not stack.enter_context(held.slot(public=True))
-        assert "(at most 8, 2 of them for calls without a token)" in held.refusal(public=True)
-        assert held.quota(public=True)[:3] == ("HELD_CALLS_WITHOUT_TOKEN_EXCEEDED", "[server].max_workers", 2)
+        refused = stack.enter_context(held.slot(public=True))
+        assert not refused and "(at most 8, 2 of them for calls without a token)" in held.refusal(refused.refused)
+        assert refused.refused[:3] == ("HELD_CALLS_WITHOUT_TOKEN_EXCEEDED", "[server].max_workers", 2)
         assert all(stack.enter_context(held.slot(caller=caller)) for caller in ["analyst"] * 4 + ["monitoring"] * 2)
         # Every slot is held, none of them by "auditor": its refusal names the server's limit, not its share.
-        assert not stack.enter_context(held.slot(caller="auditor"))
-        assert held.refusal(caller="auditor").endswith("(at most 8, half of [server].max_workers); try again later")
-        assert held.quota(caller="auditor") == ("HELD_CALLS_EXCEEDED", "[server].max_workers", 8, "server", "streams, waits and inline rankings open")
+        refused = stack.enter_context(held.slot(caller="auditor"))
+        assert not refused and held.refusal(refused.refused).endswith("(at most 8, half of [server].max_workers); try again later")
+        assert refused.refused == ("HELD_CALLS_EXCEEDED", "[server].max_workers", 8, "server", "streams, waits and inline rankings open")
 
 
 def test_a_server_holds_streams_to_half_of_its_max_workers(tmp_path, classifier_dir):

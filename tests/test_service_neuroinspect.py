@@ -2162,7 +2162,7 @@ def test_a_ranking_asked_for_as_an_operation_leaves_the_held_call_slots_to_the_w
 
     def rank_mistake_neurons(sample_set_id, *, execution, **options):
         with held_calls.slot() as free:
-            seen.append((execution, free))
+            seen.append((execution, bool(free)))
         return neuroinspect_pb2.NeuronRanking()
 
     servicer = NeuroInspectServicer(SimpleNamespace(rank_mistake_neurons=rank_mistake_neurons), max_message_bytes=1 << 20, held_calls=held_calls)

@@ -167,27 +167,42 @@ class HeldCalls:
         self._public_slots = threading.BoundedSemaphore(self.public_limit)
 
     @contextmanager
-    def slot(self, *, public: bool = False, caller: str | None = None) -> Iterator[bool]:
+    def slot(self, *, public: bool = False, caller: str | None = None) -> Iterator[HeldSlot]:
         """Whether a slot was free (for a call that needs no token: one of the public
-        share too; for a named ``caller``: one of its share); it is held until the block ends."""
+        share too; for a named ``caller``: one of its share); it is held until the block
+        ends. Refused, the limit that had no room: decided here, as the counts read later
+        cannot tell (the caller's share holds this call too until the block ends)."""
         with ExitStack() as taken:  # each part taken is given back at the end, the others not tried
-            yield ((not public or _acquired(self._public_slots, taken)) and taken.enter_context(self._callers.share(caller))
-                   and _acquired(self._slots, taken))
+            public_held = not public or _acquired(self._public_slots, taken)
+            share_held = public_held and taken.enter_context(self._callers.share(caller))
+            held = share_held and _acquired(self._slots, taken)
+            yield HeldSlot(None if held else self._limit_met(public_held, share_held, caller))
 
-    def refusal(self, *, public: bool = False, caller: str | None = None) -> str:
-        """Why :meth:`slot` found none free, for the caller's RESOURCE_EXHAUSTED."""
-        most = (f"{self.public_limit} of them for calls without a token" if public
-                else f"{self.caller_limit} of them for one caller" if self._callers.full(caller) else "half of [server].max_workers")
+    def refusal(self, refused: Quota) -> str:
+        """Why :meth:`slot` found none free (its ``refused`` limit), for the caller's RESOURCE_EXHAUSTED."""
+        most = {"HELD_CALLS_WITHOUT_TOKEN_EXCEEDED": f"{self.public_limit} of them for calls without a token",
+                "HELD_CALLS_PER_CALLER_EXCEEDED": f"{self.caller_limit} of them for one caller"}.get(refused.reason, "half of [server].max_workers")
         return f"the streams, waits and inline rankings this server keeps at once are open (at most {self.limit}, {most}); try again later"
 
-    def quota(self, *, public: bool = False, caller: str | None = None) -> Quota:
-        """The limit :meth:`slot` found no room in, as :meth:`refusal` words it."""
+    def _limit_met(self, public_held: bool, share_held: bool, caller: str | None) -> Quota:
+        """The limit :meth:`slot` found no room in: the public share, the caller's, or all slots."""
         what = "streams, waits and inline rankings open"
-        if public:
+        if not public_held:
             return Quota("HELD_CALLS_WITHOUT_TOKEN_EXCEEDED", "[server].max_workers", self.public_limit, "server", f"{what} without a token")
-        if caller is not None and self._callers.full(caller):
+        if not share_held and caller is not None:
             return Quota("HELD_CALLS_PER_CALLER_EXCEEDED", "[server].max_workers", self.caller_limit, caller_subject(caller), what)
         return Quota("HELD_CALLS_EXCEEDED", "[server].max_workers", self.limit, "server", what)
+
+
+class HeldSlot:
+    """What :meth:`HeldCalls.slot` yields: true where a slot was free, else false with
+    ``refused``, the limit that had no room."""
+
+    def __init__(self, refused: Quota | None) -> None:
+        self.refused = refused
+
+    def __bool__(self) -> bool:
+        return self.refused is None
 
 
 def response_bytes_quota(limit: int) -> Quota:
@@ -320,9 +335,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 observed.refuse_if_unparsed(request)
                 public = service in _PUBLIC_SERVICES
                 with self._held_calls.slot(public=public, caller=caller or None) as held:
-                    if not held:
-                        observed.abort("RESOURCE_EXHAUSTED", self._held_calls.refusal(public=public, caller=caller or None),
-                                       quota=self._held_calls.quota(public=public, caller=caller or None))
+                    if held.refused is not None:
+                        observed.abort("RESOURCE_EXHAUSTED", self._held_calls.refusal(held.refused), quota=held.refused)
                     yield from observed.call_stream(behaviour, request, context, revocation)
 
         return handle

@@ -76,10 +76,10 @@ class NeuroInspectServicer(neuroinspect_pb2_grpc.NeuroInspectServiceServicer):
         # thread from Predict and the short calls, nor one caller's from the others.
         # Without one, AUTO runs it as an operation, through the job queue's limits. One
         # asked for as an operation holds no thread, so it takes no slot from the waits.
-        with self._held_calls.slot(caller=caller) if execution != "operation" else nullcontext(False) as held:
-            if not held and execution == "inline":
-                raise ResourceExhausted(f"no thread is free for an inline ranking: {self._held_calls.refusal(caller=caller)}, "
-                                        "or use execution AUTO or OPERATION", quota=self._held_calls.quota(caller=caller))
+        with self._held_calls.slot(caller=caller) if execution != "operation" else nullcontext(None) as held:
+            if execution == "inline" and held is not None and held.refused is not None:
+                raise ResourceExhausted(f"no thread is free for an inline ranking: {self._held_calls.refusal(held.refused)}, "
+                                        "or use execution AUTO or OPERATION", quota=held.refused)
             outcome = self._engine.rank_mistake_neurons(
                 request.sample_set_id, target_class=_target_class(request), settings=settings,
                 execution=execution if held else "operation", call=context, request=convert.request_key(request),
