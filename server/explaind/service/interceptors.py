@@ -130,11 +130,6 @@ class CallerShares:
             if not self._held_by[caller]:
                 del self._held_by[caller]
 
-    def full(self, caller: str | None) -> bool:
-        """Whether ``caller`` holds all of its share now."""
-        with self._lock:
-            return caller is not None and self._held_by.get(caller, 0) >= self.limit
-
     @contextmanager
     def share(self, caller: str | None) -> Iterator[bool]:
         """Whether ``caller`` had room in its share; the call counts in it until the block ends."""
