@@ -201,7 +201,9 @@ class ClipIllusion:
     def clip_similarity(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine (B,) between images (B, 3, H, W) in [0, 1] and unit text embeddings (B, E)."""
         clip = self._require_clip()
-        pixels = F.interpolate(images, size=self._clip_size, mode="bilinear", align_corners=False)
+        pixels = images
+        if images.shape[-2:] != self._clip_size:  # at CLIP's size bilinear is the identity: its work, and backward's, is skipped
+            pixels = F.interpolate(images, size=self._clip_size, mode="bilinear", align_corners=False)
         mean, std = (torch.tensor(values, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1) for values in self._clip_normalisation)
         pixels = ((pixels - mean) / std).to(next(clip.parameters()).dtype)
         with eval_mode(self.clip_model):
