@@ -94,17 +94,19 @@ def test_auto_target_ratio_takes_the_least_important_of_several_neurons(world):
 @pytest.mark.parametrize(("method", "batches"), [("probability_ratio", 1), ("constrain", 1), ("constrain", 3)])
 def test_the_penalty_is_the_one_the_paper_writes(world, method, batches):
     # One epoch at a step too small to move the head: the recorded penalty is the loss
-    # term at the old head. probability_ratio: ‖p_c/p'_c − o‖₂ over the batch; constrain:
-    # the mean over the batch of ‖α_K β_{c,K} + b_c‖₂. The record is the mean over the
+    # term at the old head. probability_ratio: ‖p_c/p'_c − o‖₂ over the batch, K zeroed
+    # together; constrain: the mean over the batch of ‖α_K β_{c,K} + b_c‖₂ (Eq. 9: an L2
+    # norm over K, which two neurons tell from an L1 one). The record is the mean over the
     # epoch's minibatches (equal ones here, so that of the whole set for a mean), and
     # its loss is the cross-entropy plus the strength times the penalty.
     head, train, _, _ = world
     features, weight, bias = train[0], head.weight.detach(), head.bias.detach()
-    result = edit(world, method=method, max_epochs=1, batch_size=len(features) // batches, learning_rate=1e-9)
+    neurons = [3, SPURIOUS]
+    result = edit(world, method=method, neurons=neurons, max_epochs=1, batch_size=len(features) // batches, learning_rate=1e-9)
     if method == "probability_ratio":
-        expected = (probability_ratio(weight, bias, features, 0, torch.tensor([SPURIOUS])) - 1).norm()
+        expected = (probability_ratio(weight, bias, features, 0, torch.tensor(neurons)) - 1).norm()
     else:
-        expected = (features[:, [SPURIOUS]] * weight[0, [SPURIOUS]] + bias[0]).norm(dim=1).mean()
+        expected = (features[:, neurons] * weight[0, neurons] + bias[0]).norm(dim=1).mean()
     cross_entropy = torch.nn.functional.cross_entropy(features @ weight.T + bias, train[1])
     assert result.history[0].penalty == pytest.approx(float(expected), rel=1e-5)
     assert result.history[0].train_loss == pytest.approx(float(cross_entropy + result.strength * expected), rel=1e-5)

@@ -53,6 +53,8 @@ def test_rank_ratios_cut_and_both_lists():
     assert by_id[5].excessive_ratio == 0.5 and by_id[5].direction == "excessive"
     # Neuron 1 is in sample 0's insufficient and sample 3's excessive top-2: reported once.
     assert by_id[1].direction == "both" and (by_id[1].insufficient_ratio, by_id[1].excessive_ratio) == (0.25, 0.25)
+    # Its rank ratio is the larger of the two shares, not their sum (it is in a quarter of the top-2s each way).
+    assert (by_id[0].rank_ratio, by_id[1].rank_ratio) == (0.75, 0.25)
     assert ranking.neuron_ids[:2] == [0, 5] and sorted(ranking.neuron_ids) == [0, 1, 2, 3, 4, 5, 6, 7]
     # The rest tie at a quarter: by |mean ω| (1's −3/4 before 2's and 7's 1/2), then by id.
     assert ranking.neuron_ids == [0, 5, 1, 2, 7, 3, 4, 6]
@@ -86,6 +88,27 @@ def test_ratios_are_shares_of_all_mistakes_not_of_those_with_a_neuron_in_that_di
                                                             solver=ShiftsWithOneMoreMistake(), top_k=2, cut_ratio=0)
     by_id = {n.neuron: n for n in ranking.neurons}
     assert by_id[5].excessive_ratio == pytest.approx(2 / 5) and by_id[7].insufficient_ratio == pytest.approx(2 / 5)
+
+
+def test_ratios_are_shares_of_the_mistakes_not_of_every_sample_given():
+    # Samples the head gets right (labelled 1, which it always predicts) are not explained
+    # and do not dilute the shares: the same four mistakes as above, among six samples.
+    labels = torch.tensor([0, 1, 0, 0, 1, 0])
+    ranking = MistakeNeuronRanker(always_wrong_head()).rank(torch.rand(6, 8), labels, solver=FixedShifts(), top_k=2, cut_ratio=0)
+    by_id = {n.neuron: n for n in ranking.neurons}
+    assert ranking.num_mistakes == 4 and ranking.num_samples == 6
+    assert (by_id[0].insufficient_ratio, by_id[5].excessive_ratio) == (0.75, 0.5)
+
+
+def test_a_neuron_s_top_classes_weigh_it_most_not_most_in_size():
+    """The paper conditions on "the classes with the highest β for the neuron": a class
+    weighing it strongly negatively is one the neuron argues against, not for."""
+    head = torch.nn.Linear(8, 5)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([1.0, -5.0, 2.0, 0.5, 0.0]).unsqueeze(1).expand(5, 8) * 1e-3)
+        head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0]))  # always predicts class 4
+    ranking = MistakeNeuronRanker(head).rank(torch.rand(4, 8), torch.zeros(4, dtype=torch.long), solver=FixedShifts(), top_k=2)
+    assert {n.top_classes for n in ranking.neurons} == {(2, 0, 3)}
 
 
 class TiedShifts(FixedShifts):
