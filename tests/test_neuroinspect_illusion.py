@@ -259,6 +259,9 @@ def test_activation_masks_keep_the_high_part_of_a_map_and_all_of_a_flat_one():
     masks = activation_masks(maps, (2, 2), 0.5)
     assert masks[0].tolist() == [[False, False], [True, True]]
     assert masks[1].all()
+    # A flat map whose upsampling rounds into one that varies in its last bits (0.1 from
+    # 3x3 to 7x7) is still flat: the threshold would have split it into noise.
+    assert activation_masks(torch.full((1, 3, 3), 0.1), (7, 7), 0.5).all()
 
 
 def test_callback_streams_progress_and_cancels_at_the_next_step(illusion):
