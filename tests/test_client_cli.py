@@ -1684,7 +1684,7 @@ def test_a_command_stuck_after_sigterm_exits_143_all_the_same(monkeypatch, capsy
     assert exits == [143] and signal.getsignal(signal.SIGTERM) is before
     out, err = capsys.readouterr()
     assert json.loads(out)["error"] == {"code": "INTERRUPTED", "message": "terminated", "field": None, "option": None,
-                                        "option_defaulted": None, "precondition_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
+                                        "option_defaulted": None, "precondition_violations": [], "reason": None, "quota_violations": [], "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
     assert err.startswith("terminated\n  (the command did not end within 0.01 s of SIGTERM; a job it started may still run"), err
     # A command that ends in time is not cut short afterwards: main called in-process returns to its caller.
     with cli._terminating_like_ctrl_c(argparse.Namespace(timeout=0.01, json=True)), pytest.raises(cli._Terminated):
@@ -3502,7 +3502,7 @@ def test_operations_wait_exits_1_when_the_job_did_not_succeed(server, capsys):
     assert outcome, waited.err
     got = _json_out(capsys, ["--target", server.target, "operations", "get", job.name, "--json"])
     assert got["cancel_requested"] is True and got["error"] == {"code": "CANCELLED", "message": outcome[1], "field": None,  # the message without the code
-                                                             "precondition_violations": []}
+                                                             "precondition_violations": [], "reason": None, "quota_violations": []}
     assert main(["--target", server.target, "operations", "get", job.name]) == 0
     got = capsys.readouterr().out
     assert got.endswith(waited.err)  # get describes the operation, error included
@@ -4674,7 +4674,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     target = ["--target", server.target]
     error, err = _json_failure(capsys, [*target, "rank", "nosuch", "--class", "heart", "--json"])
     assert error == {"code": "NOT_FOUND", "message": "sample_set_id: no sample set 'nosuch'", "field": "sample_set_id",
-                     "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
+                     "precondition_violations": [], "reason": None, "quota_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
     assert err.startswith("error: NOT_FOUND: sample_set_id: no sample set 'nosuch'\n") and err.endswith(
         "  (explaind sample-set list shows what there is)\n"), err  # the words as without --json
     assert main([*target, "rank", "nosuch", "--class", "heart"]) == 1
@@ -4683,7 +4683,7 @@ def test_a_failed_command_with_json_prints_its_error_as_json_on_stdout_and_in_wo
     image = _png(tmp_path / "a.png", 0)
     error, err = _json_failure(capsys, [*target, "predict", image, "--top-k", "7", "--json"])
     assert error == {"code": "CLIENT_ERROR", "message": "--top-k: 7 is more than the served model's 6 classes", "field": None,
-                     "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
+                     "precondition_violations": [], "reason": None, "quota_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}
     assert err == "error: --top-k: 7 is more than the served model's 6 classes\n"
     # The notes stderr prints under the error, here the file the server refused.
     bad = tmp_path / "bad.png"
@@ -4708,6 +4708,8 @@ def test_a_failed_command_s_json_error_lists_the_precondition_violations(server,
     monkeypatch.setattr(Client, "_start_ranking", lambda self, *args, **kwargs: (_ for _ in ()).throw(busy))
     error, _ = _json_failure(capsys, ["--target", server.target, "rank", "two", "--class", "heart", "--json"])
     assert (error["code"], error["retry_delay_seconds"], error["operation"]) == ("RESOURCE_EXHAUSTED", 2.5, None)
+    # From a server older than the limits' reasons (no ErrorInfo, no QuotaFailure): null and empty, not missing.
+    assert (error["reason"], error["quota_violations"]) == (None, [])
 
 
 def test_a_failed_job_s_json_error_names_its_operation(server, capsys, monkeypatch):
@@ -4742,7 +4744,7 @@ def test_operations_watch_that_fails_part_way_ends_its_json_lines_with_the_error
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line.get("name") for line in lines] == [job.name, None]  # one update, then the error: one value a line
     assert lines[-1] == {"error": {"code": "UNAVAILABLE", "message": "the server is shutting down; no new jobs are accepted", "field": None,
-                                   "precondition_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}}
+                                   "precondition_violations": [], "reason": None, "quota_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}}
 
 
 def test_a_json_error_that_cannot_be_written_leaves_the_error_on_stderr(server, capsys, monkeypatch):

@@ -203,6 +203,28 @@ def test_a_callers_edits_hold_at_most_max_head_versions_per_caller_until_it_dele
         server.stop(0)
 
 
+def test_the_cli_s_json_error_at_the_head_version_limit_names_the_limit(tmp_path, classifier_dir, callers_file, capsys):
+    # `explaind edit-head ... --json` gave code and message alone: a script had to parse the
+    # message to tell the caller's head-version limit from a full job queue.
+    from explaind.client.cli import main
+
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file), max_head_versions_per_caller=1)
+    try:
+        with client(server, "tokenMON") as monitoring:
+            monitoring.create_sample_set([IMAGE] * 10, [i % 2 for i in range(10)], sample_set_id="train")
+            monitoring.edit_head("train", 1, [0], max_epochs=1).result(timeout=60)
+            class_name = monitoring.model_metadata().class_names[1]
+        assert main(["--target", f"127.0.0.1:{server.port}", "--token", "tokenMON", "edit-head", "train", "--class", class_name,
+                     "--neurons", "0", "--max-epochs", "1", "--json"]) == 1
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert (error["code"], error["message"]) == ("RESOURCE_EXHAUSTED", HEAD_VERSIONS_REFUSED.format(held=1, s=""))
+        reason, violations = HEAD_VERSIONS_LIMIT
+        assert error["reason"] == reason
+        assert error["quota_violations"] == [{"subject": subject, "description": description} for subject, description in violations]
+    finally:
+        server.stop(0)
+
+
 def test_the_served_head_version_does_not_count_against_the_caller_whose_edit_stored_it(tmp_path):
     # Its caller cannot delete a served version: counted, a caller whose one version an admin promoted at a
     # limit of 1 could never edit again, whatever the refusal's advice to delete versions.
@@ -223,9 +245,12 @@ def test_the_served_head_version_does_not_count_against_the_caller_whose_edit_st
     store.close()
 
 
-def test_edits_racing_past_the_check_at_submit_store_one_version_and_the_other_fails_resource_exhausted(tmp_path, classifier_dir, callers_file):
+def test_edits_racing_past_the_check_at_submit_store_one_version_and_the_other_fails_resource_exhausted(tmp_path, classifier_dir, callers_file,
+                                                                                                       capsys):
     # Both submitted while the caller held none, each passes the check at submit; the
     # store asks again as it inserts, so the later one stores nothing.
+    from explaind.client.cli import main
+
     server = start(tmp_path, classifier_dir, callers_file=str(callers_file), max_head_versions_per_caller=1)
     try:
         with client(server, "tokenMON") as monitoring:
@@ -243,6 +268,10 @@ def test_edits_racing_past_the_check_at_submit_store_one_version_and_the_other_f
             assert limit_details(refused.value.operation._message.error) == (
                 "HEAD_VERSIONS_PER_CALLER_EXCEEDED", {"setting": "[server].max_head_versions_per_caller", "limit": "1"}, HEAD_VERSIONS_LIMIT[1])
             assert [v.version_id for v in monitoring.head_versions()] == ["v0", stored.version_id]
+        # The CLI's JSON of the failed job names its limit as the SDK's error does.
+        assert main(["--target", f"127.0.0.1:{server.port}", "--token", "tokenMON", "operations", "get", second.name, "--json"]) == 0
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert (error["reason"], [(v["subject"], v["description"]) for v in error["quota_violations"]]) == HEAD_VERSIONS_LIMIT
     finally:
         server.stop(0)
 

@@ -359,7 +359,7 @@ def test_the_cli_keeps_going_past_failing_files_naming_them_and_exits_3(server, 
     assert [entry["image"] for entry in entries] == [good, corrupt, black] and len(entries[0]["labels"]) == 2
     assert entries[1]["error"]["code"] == "INVALID_ARGUMENT" and entries[1]["error"]["field"] == "images[1].encoded"
     assert entries[2]["error"] == {"code": "FAILED_PRECONDITION", "field": "images[2]", "message": entries[2]["error"]["message"],
-                                   "precondition_violations": [{"type": "UNUSABLE_LOGITS", "subject": "images[2]", "description": ""}]}
+                                   "precondition_violations": [{"type": "UNUSABLE_LOGITS", "subject": "images[2]", "description": ""}], "reason": None, "quota_violations": []}
     assert "labels" not in entries[1] and "labels" not in entries[2]
     assert cli_main([*target, "predict", good, good, "--keep-going"]) == 0
     # Without it, the first failing file fails the command, as ever.

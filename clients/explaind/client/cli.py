@@ -1446,10 +1446,16 @@ def _error_json(error: ExplaindError) -> dict[str, Any]:
     if none) and the request items it was refused for (``precondition_violations``: e.g.
     {"type": "UNUSABLE_FEATURES", "subject": "samples[3]", "description": ""} for a sample
     the model gives NaN features for, type "UNDECODABLE_IMAGE" for one whose stored image
-    does not decode now; empty from a server older than them)."""
+    does not decode now; empty from a server older than them), and the limit it met:
+    ``reason``, e.g. "HEAD_VERSIONS_PER_CALLER_EXCEEDED" (None where the error is no limit's,
+    or from a server older than the reasons), and ``quota_violations``, e.g.
+    {"subject": "caller:alice", "description": "head versions this caller holds"}, so that a
+    script tells the limits apart, and a full queue from them, without parsing the message."""
     return {"code": error.code.name, "message": error.details, "field": error.field,
             "precondition_violations": [{"type": kind, "subject": subject, "description": description}
-                                        for kind, subject, description in error.precondition_violations]}
+                                        for kind, subject, description in error.precondition_violations],
+            "reason": error.reason,
+            "quota_violations": [{"subject": subject, "description": description} for subject, description in error.quota_violations]}
 
 
 # The code of a failed command's --json error that no server sent (a CommandError: a file
@@ -1465,7 +1471,8 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
     """What a failed command prints on stdout with --json, as its one value (or, after
     ``operations watch``'s lines, its last): {"error": ...} as :func:`_error_json` has it,
     code :data:`CLIENT_ERROR_CODE` for a CommandError, :data:`INTERRUPTED_CODE` for Ctrl-C
-    or SIGTERM, with the notes stderr prints under
+    or SIGTERM (their ``reason`` null and ``quota_violations`` empty: no limit of the
+    server's), with the notes stderr prints under
     it (e.g. "that is file a.png", what a failed upload left behind), the command's
     ``option`` that set its ``field`` (``--class`` for ``class_name``; null where no option
     did) and ``option_defaulted``, whether that option was left out so that its default set
@@ -1482,7 +1489,7 @@ def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args:
         interrupted = isinstance(error, KeyboardInterrupt)
         # A SIGTERM's that cut short a server's error names that error's field (_as_terminated).
         value = {"code": INTERRUPTED_CODE if interrupted else CLIENT_ERROR_CODE, "message": _failure_words(error), "field": getattr(error, "field", None),
-                 "precondition_violations": []}
+                 "precondition_violations": [], "reason": None, "quota_violations": []}
     # A server error's; an interrupt's, the job its wait was on (the SDK's result(), _naming_interrupted_job).
     job: Operation[Any] | None = getattr(error, "operation", None)
     operation = None if job is None else job.name
