@@ -3277,6 +3277,33 @@ def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_
             client.delete_sample_set("discarded")
 
 
+def test_a_report_s_errors_said_in_its_own_words_keep_the_server_s_details():
+    # Rebuilt from the code, message and retry delay alone, the error of visualisations a
+    # limit stopped lost its reason and quota violation (and field and violations) in --json's error.
+    import grpc
+
+    from explaind.client import ResourceExhaustedError, UnavailableError
+    from explaind.client._errors import operation_error
+    from explaind.client.cli import _failure_json, _require_discarded, _require_whole, parse_arguments
+
+    limit = operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "job queue is full", field="neurons", reason="QUEUED_JOBS_PER_CALLER_EXCEEDED",
+                            precondition_violations=[("UNUSABLE_FEATURES", "samples[3]", "")],
+                            quota_violations=[("caller:nightly", "jobs this caller has queued")])
+    limit.retry_delay, limit.operation = 2.5, None
+    with pytest.raises(ResourceExhaustedError) as stopped:
+        _require_whole(types.SimpleNamespace(visualization_error=limit, visualizations=[]))
+    error = _failure_json(stopped.value, parse_arguments(["report", "--class", "heart"]))["error"]
+    assert error["message"] == "the visualisations stopped after 0 neurons: job queue is full"
+    assert (error["field"], error["reason"], error["quota_violations"], error["precondition_violations"], error["retry_delay_seconds"]) == (
+        "neurons", "QUEUED_JOBS_PER_CALLER_EXCEEDED", [{"subject": "caller:nightly", "description": "jobs this caller has queued"}],
+        [{"type": "UNUSABLE_FEATURES", "subject": "samples[3]", "description": ""}], 2.5)
+    gone = UnavailableError("the server is shutting down", retry_delay=1.0)
+    report = types.SimpleNamespace(edit=types.SimpleNamespace(version=types.SimpleNamespace(version_id="v3")), edit_discard_error=gone)
+    with pytest.raises(UnavailableError) as undeleted:
+        _require_discarded(report, "report.html")
+    assert undeleted.value.retry_delay == 1.0 and undeleted.value.details.endswith("so it stays stored: the server is shutting down")
+
+
 def test_a_report_whose_edit_cannot_be_discarded_writes_its_page_and_fails_naming_the_version_kept(server, capsys, world_images, tmp_path,
                                                                                                     monkeypatch):
     import grpc

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 import explaind.client
 from explaind.client import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, UnavailableError
-from explaind.client._errors import error_from_code, from_rpc_error, operation_error
+from explaind.client._errors import error_from_code, from_rpc_error, operation_error, reworded
 
 
 def _packed(detail: Message) -> any_pb2.Any:
@@ -110,6 +110,28 @@ def test_an_error_pickles_as_a_process_pool_returns_it_keeping_its_type_and_fiel
     copy = pickle.loads(pickle.dumps(refused))
     assert isinstance(copy, InvalidArgumentError) and isinstance(copy, OperationError)
     assert pickle.loads(pickle.dumps(missing)).request_offset == 3
+
+
+def test_a_reworded_error_has_its_new_message_and_keeps_all_else():
+    # The CLI said more of a report's visualisation error by rebuilding it from its code:
+    # the reason, quota and precondition violations and field a script reads were lost.
+    limit = operation_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "job queue is full", [("neurons", "too many")],
+                            precondition_violations=[("UNUSABLE_FEATURES", "samples[3]", "")], reason="QUEUED_JOBS_PER_CALLER_EXCEEDED",
+                            quota_violations=[("caller:nightly", "jobs this caller has queued")])
+    limit.retry_delay, limit.operation, limit.request_offset = 2.5, types.SimpleNamespace(name="operations/job"), 4
+    limit.add_note("that is file a.png")
+    said = reworded(limit, "the visualisations stopped: job queue is full")
+    assert type(said) is type(limit) and isinstance(said, OperationError)
+    assert (str(said), said.args) == ("RESOURCE_EXHAUSTED: the visualisations stopped: job queue is full",
+                                      ("the visualisations stopped: job queue is full",))
+    kept = ("code", "field", "field_violations", "precondition_violations", "reason", "quota_violations", "retry_delay", "operation",
+            "request_offset", "__notes__")
+    assert [getattr(said, name) for name in kept] == [getattr(limit, name) for name in kept]
+    said.add_note("said once")
+    assert limit.__notes__ == ["that is file a.png"]  # the original's notes are its own
+    named = reworded(NotFoundError("gone", field="sample_set_id"), "the set is gone")
+    assert (type(named), named.field, named.details, hasattr(named, "request_offset")) == (NotFoundError, "sample_set_id", "the set is gone", False)
+    assert not hasattr(named, "__notes__")
 
 
 def test_the_package_exports_each_public_name_it_imports():

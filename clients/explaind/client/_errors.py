@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -164,6 +164,21 @@ _OPERATION_BY_CODE = {code: type(f"Operation{cls.__name__}", (OperationError, cl
 # Module attributes under their names, where pickle looks a class up: a job's error returned
 # by a process pool's worker (pickled) was a PicklingError in its place.
 globals().update({cls.__name__: cls for cls in _OPERATION_BY_CODE.values()})
+
+
+AnError = TypeVar("AnError", bound=ExplaindError)
+
+
+def reworded(error: AnError, details: str) -> AnError:
+    """``error`` with the message ``details`` and all else kept: its type (an
+    OperationError's too), code, fields and violations, reason, retry delay, operation,
+    ``request_offset`` and notes where set. What a caller raises to say more of an error
+    than its message did: rebuilt from the code alone, a script lost the details it reads."""
+    rebuilt = type(error)(details)
+    vars(rebuilt).update(vars(error), details=details)
+    if hasattr(error, "__notes__"):
+        rebuilt.__notes__ = list(error.__notes__)  # not shared: a note added to one is not the other's
+    return rebuilt
 
 
 def error_from_code(code: grpc.StatusCode, details: str, field_violations: list[tuple[str, str]] | None = None, *,

@@ -56,7 +56,7 @@ from explaind.class_names import class_name_key
 
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, REQUESTED_AGAIN_CAPABILITY, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning,
-                      UnauthenticatedError, UnavailableError, error_from_code, listed_items)
+                      UnauthenticatedError, UnavailableError, listed_items, reworded)
 from ._images import image_folder
 from ._interrupted import followed_ranking, interrupt_being_followed, started_job
 from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
@@ -1651,13 +1651,11 @@ def _explain_worst_class(client: Client, evaluation: Evaluation, sample_set_id: 
 
 def _require_whole(report: MistakeReport) -> None:
     """The server's error when the report's visualisations stopped part way (its page is
-    written without the rest): a pipeline must not take it as done. Its code, retry delay
-    (a full job queue's) and job stay the server's, not the CLI's own CLIENT_ERROR."""
+    written without the rest): a pipeline must not take it as done. All but its message
+    stay the server's (:func:`reworded`: code, field, violations, a limit's reason, a full
+    job queue's retry delay, job), not the CLI's own CLIENT_ERROR."""
     if (error := report.visualization_error) is not None:
-        stopped = error_from_code(error.code, f"the visualisations stopped after {len(report.visualizations)} neurons: {error.details}",
-                                  retry_delay=error.retry_delay)
-        stopped.operation = error.operation
-        raise stopped
+        raise reworded(error, f"the visualisations stopped after {len(report.visualizations)} neurons: {error.details}")
 
 
 def _print_report_gaps(report: MistakeReport, file: TextIO | None = None) -> None:
@@ -1703,13 +1701,13 @@ def _report_json(report: MistakeReport, out: str, sample_set_id: str) -> dict[st
 
 def _require_discarded(report: MistakeReport, out: str) -> None:
     """The error of a --discard-edit whose deletion failed (its page written, saying so),
-    with the server's code, so that a nightly job sees it and its version is not forgotten.
+    with the server's code and details, so that a nightly job sees it and its version is not forgotten.
     Raised outside ``noting_stored_edit``, whose "(not served)" may be false here: the
     server refuses to delete the served head, so someone may have promoted it."""
     if (error := report.edit_discard_error) is not None:
         version = cast("HeadEdit", report.edit).version.version_id
-        raise error_from_code(error.code, f"{out} is written, but deleting head version {version}, the suggested edit "
-                                          f"(--discard-edit), failed, so it stays stored: {error.details}")
+        raise reworded(error, f"{out} is written, but deleting head version {version}, the suggested edit "
+                              f"(--discard-edit), failed, so it stays stored: {error.details}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
