@@ -44,7 +44,12 @@ class OperationsServiceStub:
     a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
     stored image does not decode now (type UNDECODABLE_IMAGE, of every such image the
     read met), also lists them as google.rpc.PreconditionFailure violations (subject
-    samples[i], the first ten by sample_index).
+    samples[i], the first ten by sample_index); a RESOURCE_EXHAUSTED that meets one of the
+    server's limits (an edit refused as it stores its version, HEAD_VERSIONS_PER_CALLER_EXCEEDED;
+    a result that does not fit half a message even cut, RESULT_BYTES_EXCEEDED) carries a
+    google.rpc.ErrorInfo (domain "explaind.v1") whose reason names the limit, its metadata
+    the setting ("setting") and the value in force ("limit"), and a google.rpc.QuotaFailure
+    violation whose subject is whose share it is ("caller:NAME", or "server"), as a call's does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -54,7 +59,9 @@ class OperationsServiceStub:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
-    That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
+    That refusal carries the limit's google.rpc.ErrorInfo (reason QUEUED_JOBS_EXCEEDED or
+    QUEUED_JOBS_PER_CALLER_EXCEEDED) and google.rpc.QuotaFailure (subject "server" or
+    "caller:NAME"), and a google.rpc.RetryInfo: about how soon a place frees (the median
     run time of the last 16 jobs that succeeded or ran to [jobs].max_run_seconds over
     [jobs].gpu_workers, times one more than the jobs ahead of the caller's first queued one
     for a caller at its own limit; 1 to 60 s; 10 s before any has).
@@ -130,7 +137,12 @@ class OperationsServiceServicer:
     a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
     stored image does not decode now (type UNDECODABLE_IMAGE, of every such image the
     read met), also lists them as google.rpc.PreconditionFailure violations (subject
-    samples[i], the first ten by sample_index).
+    samples[i], the first ten by sample_index); a RESOURCE_EXHAUSTED that meets one of the
+    server's limits (an edit refused as it stores its version, HEAD_VERSIONS_PER_CALLER_EXCEEDED;
+    a result that does not fit half a message even cut, RESULT_BYTES_EXCEEDED) carries a
+    google.rpc.ErrorInfo (domain "explaind.v1") whose reason names the limit, its metadata
+    the setting ("setting") and the value in force ("limit"), and a google.rpc.QuotaFailure
+    violation whose subject is whose share it is ("caller:NAME", or "server"), as a call's does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -140,7 +152,9 @@ class OperationsServiceServicer:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
-    That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
+    That refusal carries the limit's google.rpc.ErrorInfo (reason QUEUED_JOBS_EXCEEDED or
+    QUEUED_JOBS_PER_CALLER_EXCEEDED) and google.rpc.QuotaFailure (subject "server" or
+    "caller:NAME"), and a google.rpc.RetryInfo: about how soon a place frees (the median
     run time of the last 16 jobs that succeeded or ran to [jobs].max_run_seconds over
     [jobs].gpu_workers, times one more than the jobs ahead of the caller's first queued one
     for a caller at its own limit; 1 to 60 s; 10 s before any has).
@@ -292,7 +306,12 @@ class OperationsService:
     a FAILED_PRECONDITION naming samples whose logits or features are unusable, or whose
     stored image does not decode now (type UNDECODABLE_IMAGE, of every such image the
     read met), also lists them as google.rpc.PreconditionFailure violations (subject
-    samples[i], the first ten by sample_index).
+    samples[i], the first ten by sample_index); a RESOURCE_EXHAUSTED that meets one of the
+    server's limits (an edit refused as it stores its version, HEAD_VERSIONS_PER_CALLER_EXCEEDED;
+    a result that does not fit half a message even cut, RESULT_BYTES_EXCEEDED) carries a
+    google.rpc.ErrorInfo (domain "explaind.v1") whose reason names the limit, its metadata
+    the setting ("setting") and the value in force ("limit"), and a google.rpc.QuotaFailure
+    violation whose subject is whose share it is ("caller:NAME", or "server"), as a call's does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -302,7 +321,9 @@ class OperationsService:
     [server].admins. A job-starting RPC is RESOURCE_EXHAUSTED when the job queue is full
     ([jobs].max_queued), or holds as many of its named caller's jobs as
     [jobs].max_queued_per_caller allows; callers with queued jobs take turns, one job each.
-    That refusal carries a google.rpc.RetryInfo: about how soon a place frees (the median
+    That refusal carries the limit's google.rpc.ErrorInfo (reason QUEUED_JOBS_EXCEEDED or
+    QUEUED_JOBS_PER_CALLER_EXCEEDED) and google.rpc.QuotaFailure (subject "server" or
+    "caller:NAME"), and a google.rpc.RetryInfo: about how soon a place frees (the median
     run time of the last 16 jobs that succeeded or ran to [jobs].max_run_seconds over
     [jobs].gpu_workers, times one more than the jobs ahead of the caller's first queued one
     for a caller at its own limit; 1 to 60 s; 10 s before any has).
