@@ -1449,6 +1449,17 @@ def test_a_failed_operation_carries_its_code_and_the_field_it_names_as_a_bad_req
         assert convert.operation(JobSnapshot(JobRecord("j2", "edit_head", state, 1.0))).error.code == code.value[0], state
 
 
+def test_an_error_naming_no_field_and_no_limit_carries_no_subject_detail():
+    # An INVALID_ARGUMENT naming no field must carry no BadRequest: its one violation of
+    # field "" would read in the SDK as a field_violations entry of no field.
+    from explaind.errors import InvalidArgument, NotFound
+    from explaind.jobs import _subject_detail
+    from explaind.service.convert import error_status
+
+    for error in (InvalidArgument("the request does not parse"), NotFound("no such thing")):
+        assert (list(error_status(error).details), _subject_detail(error)) == ([], b""), error
+
+
 def test_errors_other_than_invalid_argument_name_their_field_in_an_error_info(server, client):
     # Only an INVALID_ARGUMENT carried its field in the details: a pipeline (and our CLI)
     # parsed "sample_set_id: ..." out of a NOT_FOUND's message.
