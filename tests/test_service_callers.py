@@ -1217,6 +1217,11 @@ def test_a_callers_predictions_and_uploads_hold_at_most_half_of_the_threads_so_a
                     "has answered, or send fewer at once")
                 assert (refused.value.reason, refused.value.quota_violations) == (
                     "CALLS_PER_CALLER_EXCEEDED", [("caller:analyst", "Predict, CreateSampleSet, AppendSamples calls in progress")])
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, pytest.raises(grpc.RpcError) as refused_call:  # what any gRPC client reads
+                channel.unary_unary("/explaind.v1.InferenceService/Predict")(b"", timeout=30, metadata=(("authorization", "Bearer tokenANA"),))
+            assert limit_details(trailing_status(refused_call.value.trailing_metadata())) == (
+                "CALLS_PER_CALLER_EXCEEDED", {"setting": "[server].max_workers", "limit": "2"},
+                [("caller:analyst", "Predict, CreateSampleSet, AppendSamples calls in progress")])
             assert len(monitoring.predict([IMAGE])) == 1  # served while the analyst's share is full
             release.set()
             assert [len(call.result(timeout=30)) for call in held] == [1, 1]
