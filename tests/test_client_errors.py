@@ -81,6 +81,24 @@ def test_a_limit_s_reason_and_quota_violations_are_read_from_explaind_s_details_
     assert (from_rpc_error(_Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many")).reason, ExplaindError("boom").quota_violations) == (None, [])
 
 
+def test_a_status_s_reason_and_each_quota_failure_s_violations_are_read_as_a_call_s_are():
+    # A google.rpc.Status the SDK reads itself (a partial_failure Predict's per-image
+    # error) carries the limit as a call's trailers do; a proxy may add a QuotaFailure of
+    # its own beside the server's, and neither is dropped.
+    from google.rpc import status_pb2
+
+    from explaind.client._errors import error_from_status
+
+    status = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="images[0]: full")
+    for detail in (error_details_pb2.ErrorInfo(reason="QUEUED_IMAGES_EXCEEDED", domain="explaind.v1"),
+                   error_details_pb2.QuotaFailure(violations=[{"subject": "server", "description": "images waiting"}]),
+                   error_details_pb2.QuotaFailure(violations=[{"subject": "project:p", "description": "requests per minute"}])):
+        status.details.add().Pack(detail)
+    error = error_from_status(status, rename=lambda text: text.replace("images[0]", "images[3]"))
+    assert (error.code, error.details, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "images[3]: full", "QUEUED_IMAGES_EXCEEDED")
+    assert error.quota_violations == [("server", "images waiting"), ("project:p", "requests per minute")]
+
+
 def test_an_rpc_error_without_a_status_is_an_unknown_error_with_its_message():
     # grpc.RpcError itself (as an interceptor or a test double raises it) has no code(),
     # details() or trailing metadata.
