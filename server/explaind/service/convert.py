@@ -224,7 +224,7 @@ def operation(snapshot: JobSnapshot, *, response: bool = True, preview: bool = T
     elif record.state in (FAILED, CANCELLED):
         code = grpc.StatusCode[record.error_code or ("CANCELLED" if record.state == CANCELLED else "UNKNOWN")]
         message.error.CopyFrom(status_pb2.Status(code=code.value[0], message=record.error_message))
-        if record.result:  # the field a refused request names (jobs.py)
+        if record.result:  # what the error is about: the field it names, the limit it met (jobs.py)
             message.error.details.add().ParseFromString(record.result)
-        message.error.details.extend(status_pb2.Status.FromString(record.error_details).details)  # the items it names
+        message.error.details.extend(status_pb2.Status.FromString(record.error_details).details)  # the limit's QuotaFailure, the items it names
     return message
