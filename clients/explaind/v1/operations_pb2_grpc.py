@@ -48,8 +48,9 @@ class OperationsServiceStub:
     server's limits (an edit refused as it stores its version, HEAD_VERSIONS_PER_CALLER_EXCEEDED;
     a result that does not fit half a message even cut, RESULT_BYTES_EXCEEDED) carries a
     google.rpc.ErrorInfo (domain "explaind.v1") whose reason names the limit, its metadata
-    the setting ("setting") and the value in force ("limit"), and a google.rpc.QuotaFailure
-    violation whose subject is whose share it is ("caller:NAME", or "server"), as a call's does.
+    the setting ("setting") and the limit's value in force ("limit": a result's is half of
+    [server].max_message_bytes), and a google.rpc.QuotaFailure violation whose subject is
+    whose share it is ("caller:NAME", or "server"), as a call's does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -141,8 +142,9 @@ class OperationsServiceServicer:
     server's limits (an edit refused as it stores its version, HEAD_VERSIONS_PER_CALLER_EXCEEDED;
     a result that does not fit half a message even cut, RESULT_BYTES_EXCEEDED) carries a
     google.rpc.ErrorInfo (domain "explaind.v1") whose reason names the limit, its metadata
-    the setting ("setting") and the value in force ("limit"), and a google.rpc.QuotaFailure
-    violation whose subject is whose share it is ("caller:NAME", or "server"), as a call's does.
+    the setting ("setting") and the limit's value in force ("limit": a result's is half of
+    [server].max_message_bytes), and a google.rpc.QuotaFailure violation whose subject is
+    whose share it is ("caller:NAME", or "server"), as a call's does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
@@ -310,8 +312,9 @@ class OperationsService:
     server's limits (an edit refused as it stores its version, HEAD_VERSIONS_PER_CALLER_EXCEEDED;
     a result that does not fit half a message even cut, RESULT_BYTES_EXCEEDED) carries a
     google.rpc.ErrorInfo (domain "explaind.v1") whose reason names the limit, its metadata
-    the setting ("setting") and the value in force ("limit"), and a google.rpc.QuotaFailure
-    violation whose subject is whose share it is ("caller:NAME", or "server"), as a call's does.
+    the setting ("setting") and the limit's value in force ("limit": a result's is half of
+    [server].max_message_bytes), and a google.rpc.QuotaFailure violation whose subject is
+    whose share it is ("caller:NAME", or "server"), as a call's does.
     Operations and their artifacts persist across restarts until DeleteOperation removes
     them, or the server's retention
     ([jobs].retention_days, 30 by default) does once they have been finished that long.
