@@ -94,6 +94,20 @@ def subject_detail(code: str, *, field: str | None = None, description: str = ""
     return error_details_pb2.ErrorInfo(reason=quota.reason if quota else code, domain=ERROR_DOMAIN, metadata=metadata)
 
 
+def status_details(code: str, *, field: str | None = None, description: str = "", quota: Quota | None = None,
+                   violations: Sequence[PreconditionViolation] = ()) -> list[Message]:
+    """The details a status of ``code`` carries about its error, in this order: what it is
+    about (:func:`subject_detail`), then :func:`limit_and_item_details`."""
+    subject = subject_detail(code, field=field, description=description, quota=quota)
+    return ([] if subject is None else [subject]) + limit_and_item_details(quota, violations)
+
+
+def limit_and_item_details(quota: Quota | None, violations: Sequence[PreconditionViolation]) -> list[Message]:
+    """The ``quota``'s :func:`quota_failure` and the ``violations``' :func:`precondition_failure`,
+    each where there is one: a failed job stores them apart from its subject detail."""
+    return ([] if quota is None else [quota_failure(quota)]) + ([precondition_failure(violations)] if violations else [])
+
+
 def quota_failure(quota: Quota) -> Message:
     """The ``google.rpc.QuotaFailure`` of the limit a refusal met, its subject (a caller's
     name) and description cut to MAX_VIOLATION_PART_BYTES: it travels in a status header."""

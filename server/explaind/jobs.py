@@ -59,7 +59,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from .errors import (DeadlineExceeded, ExplaindError, FailedPrecondition, InvalidArgument, NotFound, Quota, ResourceExhausted, Unavailable,
-                     caller_subject, precondition_failure, quota_failure, report_unexpected, subject_detail)
+                     caller_subject, limit_and_item_details, report_unexpected, subject_detail)
 from .imaging import JOB_IMAGE_COMPRESS_LEVEL, encode_png
 from .logs import FIELDS, log_fields
 from .messages import leading_items_that_fit
@@ -271,13 +271,12 @@ def _other_details(error: ExplaindError) -> bytes:
     the items it names (the samples a model gives unusable outputs for, at most ten
     violations, their parts cut short, :func:`precondition_failure`), as a serialised
     Status holding them, or nothing."""
-    if error.quota is None and not error.violations:
+    details = limit_and_item_details(error.quota, error.violations)
+    if not details:
         return b""
     status = status_pb2.Status()
-    if error.quota is not None:
-        status.details.add().Pack(quota_failure(error.quota))
-    if error.violations:
-        status.details.add().Pack(precondition_failure(error.violations))
+    for detail in details:
+        status.details.add().Pack(detail)
     return status.SerializeToString()
 
 

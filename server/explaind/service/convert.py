@@ -17,7 +17,7 @@ from explaind.v1 import common_pb2, operations_pb2, sample_sets_pb2
 
 from ..decode_memory import TENSOR_DECODE_BYTES_PER_VALUE, UPLOAD_BYTES_PER_VALUE
 from ..engine import NewSample
-from ..errors import ExplaindError, InvalidArgument, precondition_failure, quota_failure, subject_detail
+from ..errors import ExplaindError, InvalidArgument, status_details
 from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget, array_from_buffer, decode_array, decode_encoded, decode_pixels, encode_png, to_uint8_hwc
 from ..jobs import JOB_ID, RESULT_ARTIFACT, JobSnapshot
 from ..messages import timestamp
@@ -140,12 +140,8 @@ def error_status(error: ExplaindError) -> status_pb2.Status:
     message, the details naming its field, limit and items), for one image of a partial_failure
     Predict."""
     status = status_pb2.Status(code=grpc.StatusCode[error.code].value[0], message=str(error))
-    if (detail := subject_detail(error.code, field=error.field, description=error.description, quota=error.quota)) is not None:
+    for detail in status_details(error.code, field=error.field, description=error.description, quota=error.quota, violations=error.violations):
         status.details.add().Pack(detail)
-    if error.quota is not None:
-        status.details.add().Pack(quota_failure(error.quota))
-    if error.violations:
-        status.details.add().Pack(precondition_failure(error.violations))
     return status
 
 

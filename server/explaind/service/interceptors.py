@@ -35,11 +35,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
-from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import (OPERATION_RESOURCE_TYPE, ExplaindError, PreconditionViolation, Quota, caller_subject, precondition_failure, quota_failure,
-                      report_unexpected, subject_detail)
+from ..errors import OPERATION_RESOURCE_TYPE, ExplaindError, PreconditionViolation, Quota, caller_subject, report_unexpected, status_details
 from ..metrics import Metrics, exemplar
 from ..tracing import NO_TRACING, Tracing, current, trace_id
 from .audit import auditing, log_change
@@ -425,14 +423,8 @@ class _Observed:
               violations: Sequence[PreconditionViolation] = (), operation: str | None = None, quota: Quota | None = None) -> None:
         self._code = code
         status_code = grpc.StatusCode[code]
-        details: list[Message] = []
-        if (detail := subject_detail(code, field=field and _shorten(field, MAX_VIOLATION_BYTES), description=_shorten(description, MAX_VIOLATION_BYTES),
-                                     quota=quota)) is not None:
-            details.append(detail)
-        if quota is not None:
-            details.append(quota_failure(quota))
-        if violations:
-            details.append(precondition_failure(violations))
+        details = status_details(code, field=field and _shorten(field, MAX_VIOLATION_BYTES), description=_shorten(description, MAX_VIOLATION_BYTES),
+                                 quota=quota, violations=violations)
         if retry_delay_s is not None:
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(round(retry_delay_s * 1e9))
