@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 if TYPE_CHECKING:
@@ -241,11 +242,20 @@ def _status(error: grpc.RpcError) -> status_pb2.Status:
     return status_pb2.Status()
 
 
+_Detail = TypeVar("_Detail", bound=Message)
+
+
+def _details(status: status_pb2.Status, kind: type[_Detail]) -> Iterator[_Detail]:
+    """Each of a status's details that is a ``kind`` (e.g. ``google.rpc.ErrorInfo``), in order."""
+    for detail in status.details:
+        message = kind()
+        if detail.Unpack(message):
+            yield message
+
+
 def _retry_delay(status: status_pb2.Status) -> float | None:
-    retry_info = error_details_pb2.RetryInfo()
-    if any(detail.Unpack(retry_info) for detail in status.details):
-        return retry_info.retry_delay.ToNanoseconds() / 1e9
-    return None
+    retry_info = next(_details(status, error_details_pb2.RetryInfo), None)
+    return None if retry_info is None else retry_info.retry_delay.ToNanoseconds() / 1e9
 
 
 # ErrorInfo.domain of the server's own errors.
@@ -255,32 +265,21 @@ _ERROR_DOMAIN = "explaind.v1"
 def named_field(status: status_pb2.Status) -> str | None:
     """The request field a status's ``google.rpc.ErrorInfo`` from the server names (errors
     other than INVALID_ARGUMENT), None if none."""
-    info = error_details_pb2.ErrorInfo()
-    for detail in status.details:
-        if detail.Unpack(info) and info.domain == _ERROR_DOMAIN and "field" in info.metadata:
-            return info.metadata["field"]
-    return None
+    return next((info.metadata["field"] for info in _details(status, error_details_pb2.ErrorInfo)
+                 if info.domain == _ERROR_DOMAIN and "field" in info.metadata), None)
 
 
 def error_reason(status: status_pb2.Status) -> str | None:
     """The reason of a status's ``google.rpc.ErrorInfo`` from the server, None if none or
     if it is only the status code's name (what a server sends with a field alone, and all a
     server older than the reasons sends)."""
-    info = error_details_pb2.ErrorInfo()
-    for detail in status.details:
-        if detail.Unpack(info) and info.domain == _ERROR_DOMAIN and info.reason not in grpc.StatusCode.__members__:
-            return info.reason
-    return None
+    return next((info.reason for info in _details(status, error_details_pb2.ErrorInfo)
+                 if info.domain == _ERROR_DOMAIN and info.reason not in grpc.StatusCode.__members__), None)
 
 
 def quota_violations(status: status_pb2.Status) -> list[tuple[str, str]]:
     """``(subject, description)`` of each ``google.rpc.QuotaFailure`` violation in a status's details."""
-    violations = []
-    for detail in status.details:
-        failure = error_details_pb2.QuotaFailure()
-        if detail.Unpack(failure):
-            violations += [(v.subject, v.description) for v in failure.violations]
-    return violations
+    return [(v.subject, v.description) for failure in _details(status, error_details_pb2.QuotaFailure) for v in failure.violations]
 
 
 # ResourceInfo.resource_type of an operation the server's error names.
@@ -290,33 +289,20 @@ _OPERATION_RESOURCE_TYPE = "type.googleapis.com/google.longrunning.Operation"
 def named_operation(error: grpc.RpcError) -> str | None:
     """The operation (``operations/<id>``) a failed call's ``google.rpc.ResourceInfo``
     names, e.g. the one a reused request_id created; None if none."""
-    info = error_details_pb2.ResourceInfo()
-    for detail in _status(error).details:
-        if detail.Unpack(info) and info.resource_type == _OPERATION_RESOURCE_TYPE:
-            return info.resource_name
-    return None
+    return next((info.resource_name for info in _details(_status(error), error_details_pb2.ResourceInfo)
+                 if info.resource_type == _OPERATION_RESOURCE_TYPE), None)
 
 
 def field_violations(status: status_pb2.Status) -> list[tuple[str, str]]:
     """``(field, description)`` of each ``google.rpc.BadRequest`` violation in a status's
     details: a call's error, or a failed operation's."""
-    violations = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            violations += [(v.field, v.description) for v in bad_request.field_violations]
-    return violations
+    return [(v.field, v.description) for bad_request in _details(status, error_details_pb2.BadRequest) for v in bad_request.field_violations]
 
 
 def precondition_violations(status: status_pb2.Status) -> list[tuple[str, str, str]]:
     """``(type, subject, description)`` of each ``google.rpc.PreconditionFailure`` violation
     in a status's details."""
-    violations = []
-    for detail in status.details:
-        failure = error_details_pb2.PreconditionFailure()
-        if detail.Unpack(failure):
-            violations += [(v.type, v.subject, v.description) for v in failure.violations]
-    return violations
+    return [(v.type, v.subject, v.description) for failure in _details(status, error_details_pb2.PreconditionFailure) for v in failure.violations]
 
 
 _IMAGE_IN_TEXT = re.compile(r"\bimages\[\d+\]")
