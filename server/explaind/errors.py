@@ -60,7 +60,8 @@ class Quota(NamedTuple):
     ErrorInfo reason (e.g. "HEAD_VERSIONS_PER_CALLER_EXCEEDED"), ``setting`` the
     config setting that sets it ("[server].max_head_versions_per_caller") and
     ``limit`` its value, ``subject`` whose share it is (:func:`caller_subject`, or
-    "server" for a limit of all callers' or of one call), ``description`` what it
+    "server" for a limit of all callers', of the calls without a token, or of one
+    call), ``description`` what it
     counts, short. Resources that ran out (memory, disk, file descriptors) are no
     quota: their refusals carry none."""
 

@@ -574,8 +574,8 @@ class Client:
         return arguments | {"token": None, "tls": False, "root_certificates": None, "private_key": None, "certificate_chain": None}
 
     def _pickled_state(self) -> dict[str, Any]:
-        """What a pickle restores on the new client (:meth:`_restore_run`): whether this
-        one is closed, and its run."""
+        """What a pickle carries besides the arguments: whether this client is closed (the
+        new one is closed too) and its run (:meth:`_restore_run` takes it)."""
         return {"closed": self._closed, "run_id": self._run_id}
 
     def _restore_run(self, state: dict[str, Any]) -> None:
