@@ -1345,6 +1345,32 @@ def test_an_idle_client_of_the_health_port_keeps_its_connection(tmp_path, monkey
         loading.stop(0)
 
 
+def test_a_start_refused_the_health_port_frees_the_grpc_and_metrics_ports_it_had_bound(tmp_path):
+    # The health port binds last: a start it fails had bound gRPC's port and served
+    # /metrics. Both must be free again, or the operator who frees the health port and
+    # starts again (a supervisor's restart, in the same process or the next) finds gRPC's
+    # port or the metrics port taken by the server that failed.
+    import socket
+
+    from conftest import free_port
+
+    port, metrics_port = free_port(), free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        health_port = busy.getsockname()[1]
+        refused = ExplaindServer(default_config().replace("server", host="127.0.0.1", port=port, metrics_port=metrics_port,
+                                                          health_port=health_port, data_dir=str(tmp_path)))
+        try:
+            with pytest.raises(OSError, match=rf"^\[server\]\.health_port: cannot bind health 127\.0\.0\.1:{health_port}: another process"):
+                refused.start()
+        finally:
+            refused.store.close()  # all that serve() does after a refused start: the start frees what it bound
+    for freed in (port, metrics_port):
+        with socket.socket() as probe:  # no SO_REUSEADDR: a socket still bound to the port, listening or not, refuses this bind
+            probe.bind(("127.0.0.1", freed))
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("a tokenA\nb tokenA\n", "line 2: the token of 'b' is that of line 1 too"),
     ("# c\nBad tokenB\n", "line 2: the first word is no caller name (it must match"),
