@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import torch_threads
 from explaind import decode_memory
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -176,6 +177,18 @@ def _bench_module(name: str, monkeypatch):
 
     monkeypatch.syspath_prepend(str(BENCH))
     return importlib.import_module(name)
+
+
+def _refused_in_process(bench, monkeypatch, capsys, *argv: str) -> str:
+    """The usage error (exit 2) of ``bench.main()`` given ``argv``, run in this process: a
+    refusal the script makes after importing torch and open_clip costs their seconds once
+    here, not in each subprocess. Its process-wide torch threads are given back."""
+    monkeypatch.setattr(sys, "argv", [f"{bench.__name__}.py", *argv])
+    with torch_threads(), pytest.raises(SystemExit) as exited:
+        bench.main()
+    refused = capsys.readouterr().err
+    assert exited.value.code == 2, refused
+    return refused
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or decode_memory._MALLOC_TRIM is None
@@ -361,7 +374,7 @@ def test_the_excessive_conditioning_bench_summarises_its_images_both_ways_and_re
     assert refused.returncode == 2 and "argument --seeds: expected distinct seeds, got '0,0'" in refused.stderr
 
 
-def test_the_excessive_conditioning_bench_refuses_before_its_work_what_would_fail_after_it(tmp_path):
+def test_the_excessive_conditioning_bench_refuses_before_its_work_what_would_fail_after_it(tmp_path, monkeypatch, capsys):
     # Each of these ended in a traceback (exit 1) after the ranking and the probe scenes' features.
     script = str(BENCH / "excessive_conditioning.py")
     refused = _run(script, "--epsilon", "nan")  # float() takes it; CLIP-Illusion refuses it at the first image
@@ -373,30 +386,31 @@ def test_the_excessive_conditioning_bench_refuses_before_its_work_what_would_fai
     # One scene shows each value everywhere or nowhere: no AUC of a value against the rest.
     from explaind.world.render import ATTRIBUTE_VALUES
 
-    refused = _run(script, "--probe-size", "1")
+    bench = _bench_module("excessive_conditioning", monkeypatch)
     every_shape = ", ".join(f"shape {shape}" for shape in ATTRIBUTE_VALUES["shape"])
-    assert refused.returncode == 2, refused.stderr
-    assert f"argument --probe-size: 1 probe scenes leave no scene with, or none without, {every_shape}, background " in refused.stderr
+    refused = _refused_in_process(bench, monkeypatch, capsys, "--probe-size", "1")
+    assert f"argument --probe-size: 1 probe scenes leave no scene with, or none without, {every_shape}, background " in refused
     (tmp_path / "classifiers").symlink_to(classifier_dir("spurious_background").parent)
-    refused = _run(script, "--assets", str(tmp_path))
-    assert refused.returncode == 2 and f"argument --assets: no world CLIP under {tmp_path / 'clip'} " in refused.stderr
+    refused = _refused_in_process(bench, monkeypatch, capsys, "--assets", str(tmp_path))
+    assert f"argument --assets: no world CLIP under {tmp_path / 'clip'} " in refused
 
 
-def test_the_illusion_bench_refuses_before_its_work_what_would_fail_after_it(tmp_path):
+def test_the_illusion_bench_refuses_before_its_work_what_would_fail_after_it(tmp_path, monkeypatch, capsys):
     # Each ended in a traceback (exit 1), most after a classifier's minutes of work.
-    script = str(BENCH / "illusion_eval.py")
-    for option in ("--epsilon", "--min-auc"):
-        refused = _run(script, option, "nan")
-        assert refused.returncode == 2 and f"argument {option}: expected " in refused.stderr and "'nan'" in refused.stderr, refused.stderr
+    refused = _run(str(BENCH / "illusion_eval.py"), "--epsilon", "nan")
+    assert refused.returncode == 2 and "argument --epsilon: expected " in refused.stderr and "'nan'" in refused.stderr, refused.stderr
+    illusion = _bench_module("illusion_eval", monkeypatch)
+    refused = _refused_in_process(illusion, monkeypatch, capsys, "--min-auc", "nan")
+    assert "argument --min-auc: expected " in refused and "'nan'" in refused, refused
     from explaind.world.assets import clip_dir
     from explaind.world.clip import CHECKPOINT_NAME
 
     if not (clip_dir() / CHECKPOINT_NAME).is_file():
         pytest.skip("world CLIP not built yet")
-    refused = _run(script, "--probe-size", "1")
-    assert refused.returncode == 2 and "argument --probe-size: 1 probe scenes leave no scene with, or none without, shape " in refused.stderr
-    refused = _run(script, "--assets", str(tmp_path))
-    assert refused.returncode == 2 and f"argument --assets: no world CLIP under {tmp_path / 'clip'} " in refused.stderr
+    refused = _refused_in_process(illusion, monkeypatch, capsys, "--probe-size", "1")
+    assert "argument --probe-size: 1 probe scenes leave no scene with, or none without, shape " in refused
+    refused = _refused_in_process(illusion, monkeypatch, capsys, "--assets", str(tmp_path))
+    assert f"argument --assets: no world CLIP under {tmp_path / 'clip'} " in refused
 
 
 def test_the_illusion_bench_tells_core_relevance_of_own_shape_neurons_from_context_neurons_by_roc_auc(monkeypatch):
