@@ -333,7 +333,7 @@ def test_the_illusion_bench_holds_when_ours_beats_fv_on_average_and_every_neuron
     assert summary(own, missed) == (["2", "1"], [0.3, 0.15], ["2/2", "1/2", "fails"])
 
 
-def test_the_excessive_conditioning_bench_summarises_its_images_both_ways_and_refuses_a_class_the_classifier_lacks():
+def test_the_excessive_conditioning_bench_summarises_its_images_both_ways_and_refuses_a_class_the_classifier_lacks(monkeypatch, capsys):
     from explaind.world.assets import classifier_dir, clip_dir
     from explaind.world.clip import CHECKPOINT_NAME
 
@@ -368,8 +368,8 @@ def test_the_excessive_conditioning_bench_summarises_its_images_both_ways_and_re
             assert (sum(row[column] > top_percent[row[1]] + 0.01 for row in mine) <= count
                     <= sum(row[column] >= top_percent[row[1]] - 0.01 for row in mine)), run.stdout
 
-    refused = _run(script, "--class", "dragon")
-    assert refused.returncode == 2 and "argument --class: 'dragon' is not a class of spurious_background" in refused.stderr
+    refused = _refused_in_process(_bench_module("excessive_conditioning", monkeypatch), monkeypatch, capsys, "--class", "dragon")
+    assert "argument --class: 'dragon' is not a class of spurious_background" in refused
     refused = _run(script, "--seeds", "0,0")
     assert refused.returncode == 2 and "argument --seeds: expected distinct seeds, got '0,0'" in refused.stderr
 
