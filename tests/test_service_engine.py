@@ -64,6 +64,21 @@ def _engine(tmp_path: Path, classifier_dir: Path, *, load: bool = True, **runtim
     return engine
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _open_clip_tokenizers_built_once() -> Iterator[None]:
+    """open_clip builds a tokenizer from its gzipped BPE vocabulary at each call, some 40 % of
+    loading an Engine, and this module loads hundreds with the world CLIP's: each tokenizer
+    is built once per name and arguments. It is pure (its one state a memo of BPE results),
+    so a shared one encodes as a fresh one would."""
+    import functools
+
+    import open_clip
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(open_clip, "get_tokenizer", functools.cache(open_clip.get_tokenizer))
+        yield
+
+
 @pytest.fixture
 def engine(tmp_path, classifier_dir):
     engine = _engine(tmp_path, classifier_dir)
