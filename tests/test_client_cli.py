@@ -2896,6 +2896,34 @@ def test_an_upload_that_fails_after_its_first_request_says_under_its_error_what_
         assert "partial" not in [s.sample_set_id for s in client.sample_sets()]
 
 
+@pytest.mark.parametrize("request_id", [None, "00000000-0000-4000-8000-00000000c11a"])
+def test_an_append_interrupted_after_its_first_request_says_how_to_go_on_in_the_cli_s_words_too(server, capsys, tmp_path, monkeypatch,
+                                                                                               request_id):
+    # Its note told a CLI user only of the SDK: "sample_set('cut').sample_count tells which",
+    # "run this append_samples again under request_id ..." (no --request-id, no command).
+    images = [_png(tmp_path / "a.png", 0)] * 513  # two requests of at most 512
+    set_id = f"cut-{bool(request_id)}".lower()
+    with Client(server.target, timeout=30) as client:
+        client.create_sample_set(images[:1], [0], sample_set_id=set_id)
+    call = Client._call
+
+    def interrupted_at_the_second_append(self, service, method, request, **kwargs):
+        if method == "AppendSamples" and len(request.samples) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the second request is on its way
+        return call(self, service, method, request, **kwargs)
+
+    monkeypatch.setattr(Client, "_call", interrupted_at_the_second_append)
+    given = ["--request-id", request_id] if request_id else []
+    assert main(["--target", server.target, "sample-set", "append", set_id, "--images", *images, "--labels", *["0"] * 513, *given]) == 130
+    err = capsys.readouterr().err
+    how = (f"run this append_samples again under request_id {request_id} (the CLI's --request-id; the same images and chunk_size) "
+           "to append the rest" if request_id else
+           f"sample_set('{set_id}').sample_count (explaind sample-set show {set_id}) tells which; then append the rest "
+           "(an append given a request_id, the CLI's --request-id, can be run again as it is instead)")
+    assert f"  the first 512 of 513 samples were appended to '{set_id}', and samples 512 to 512 may have been too " \
+           f"(their request got no answer): {how}" in err, err
+
+
 def test_a_folder_that_cannot_be_listed_is_an_error_line_not_a_traceback(capsys, tmp_path, monkeypatch):
     # A folder without read permission (not so for root, hence faked) raised its
     # PermissionError through main.

@@ -3494,7 +3494,7 @@ def test_an_append_cut_off_by_a_server_killed_mid_way_says_what_was_stored_and_i
     assert cut.value.__notes__[0].startswith(f"the call was tried once, the server at {server.target} unavailable then and for the ")
     assert cut.value.__notes__[-1] == (
         "the first 4 of 8 samples were appended to 'cut', and samples 4 to 5 may have been too (their request got no answer): "
-        f"run this append_samples again under request_id {upload} (the same images and chunk_size) to append the rest: "
+        f"run this append_samples again under request_id {upload} (the CLI's --request-id; the same images and chunk_size) to append the rest: "
         "the requests the server applied are answered without appending again")
     server.start(same_ports=True)
     with Client(server.target, timeout=30) as client:
@@ -3523,7 +3523,8 @@ def test_an_append_whose_answer_was_lost_says_how_to_tell_what_was_appended():
         server.stop(0)
     assert lost.value.__notes__[-1] == (
         "the first 2 of 6 samples were appended to 'lost', and samples 2 to 3 may have been too (their request got no answer): "
-        "sample_set('lost').sample_count tells which; then append the rest (an append given a request_id can be run again as it is instead)")
+        "sample_set('lost').sample_count (explaind sample-set show lost) tells which; then append the rest "
+        "(an append given a request_id, the CLI's --request-id, can be run again as it is instead)")
     assert len(servicer.labels["lost"]) == 1 + 4  # the lost answer's samples were appended
 
 

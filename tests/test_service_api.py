@@ -1781,7 +1781,7 @@ def test_uploads_are_split_to_fit_the_message_limit_and_all_or_nothing(small_mes
             client.append_samples("split-upload", broken, [0] * 4, request_id=upload)
         assert raised.value.__notes__[-1] == (
             f"the first 2 of 4 samples were appended to 'split-upload': once what the error names is put right, run this append_samples "
-            f"again under request_id {upload} (the same chunk_size and, before the failed request, the same images) to append the rest: "
+            f"again under request_id {upload} (the CLI's --request-id; the same chunk_size and, before the failed request, the same images) to append the rest: "
             "the requests the server applied are answered without appending again")
         assert client.append_samples("split-upload", images[:3] + images[4:5], [0] * 4, request_id=upload).sample_count == 14 + 2 + 4
         with pytest.raises(ValueError, match="chunk_size must be at least 1"):

@@ -1672,7 +1672,8 @@ def _note_appended(error: BaseException, sample_set_id: str, appended: int, unan
     """Say on a failed ``append_samples``'s error what it stored and how to go on: the
     first ``appended`` of the caller's ``total`` samples for certain, and maybe the
     ``unanswered`` after them (their request got no answer). Nothing when it stored none.
-    A refusal (a bad image, a quota) or an unreadable file comes again unless mended first."""
+    A refusal (a bad image, a quota) or an unreadable file comes again unless mended first.
+    The CLI shows this note too (``sample-set append``), so each SDK step names its command."""
     if not (appended or unanswered):
         return
     stored = f"the first {appended} of {total} samples were appended to {sample_set_id!r}"
@@ -1682,11 +1683,11 @@ def _note_appended(error: BaseException, sample_set_id: str, appended: int, unan
     mend = "once what the error names is put right, " if refused else ""
     if upload_id is not None:
         same = "the same chunk_size and, before the failed request, the same images" if refused else "the same images and chunk_size"
-        rest = (f"{mend}run this append_samples again under request_id {_request_id(upload_id)} ({same}) "
+        rest = (f"{mend}run this append_samples again under request_id {_request_id(upload_id)} (the CLI's --request-id; {same}) "
                 "to append the rest: the requests the server applied are answered without appending again")
     elif unanswered:
-        rest = (f"sample_set({sample_set_id!r}).sample_count tells which; then append the rest "
-                "(an append given a request_id can be run again as it is instead)")
+        rest = (f"sample_set({sample_set_id!r}).sample_count (explaind sample-set show {sample_set_id}) tells which; then append the rest "
+                "(an append given a request_id, the CLI's --request-id, can be run again as it is instead)")
     else:
         rest = f"{mend}append the rest (samples {appended} on)"
     error.add_note(f"{stored}: {rest}")
