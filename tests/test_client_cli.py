@@ -3265,6 +3265,20 @@ def test_a_report_with_discard_edit_shows_the_command_that_stores_it_again_as_a_
     assert json.loads(capsys.readouterr().out)["edit_command"] == command  # shlex.split reads it back, as scripts do
 
 
+def test_a_report_s_summary_line_counts_one_mistake_and_one_neuron_in_the_singular(capsys, monkeypatch, tmp_path):
+    # It said "wrote report.html: 1 mistakes, 1 ranked neurons, 1 visualised".
+    import explaind.client.report as report_module
+
+    ranking = types.SimpleNamespace(mistake_count=1, neurons=[7], class_name="heart")
+    report = types.SimpleNamespace(edit=None, edit_kept=None, edit_command=None, edit_discard_error=None, ranking=ranking, visualizations=[object()],
+                                   no_edit_reason="", edit_at_head_version_limit=False, no_visualization_reason="", visualization_error=None)
+    monkeypatch.setattr(report_module, "build_report", lambda *args, **kwargs: report)
+    monkeypatch.setattr(report_module, "render_report", lambda report: "<html>")
+    page = tmp_path / "r.html"
+    assert main(["--target", "127.0.0.1:1", "report", "--class", "x", "--sample-set", "s", "--out", str(page)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {page}: 1 mistake, 1 ranked neuron, 1 visualised\n")
+
+
 def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_it_again(server, capsys, world_images, tmp_path, monkeypatch):
     # A nightly report piled up one head version per night unless the pipeline deleted each itself.
     import explaind.client.cli as cli

@@ -1730,7 +1730,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with noting_stored_edit(report.edit, kept=report.edit_kept, command=report.edit_command, discard_error=report.edit_discard_error):
         _write(args.out, render_report(report).encode("utf-8"))
-        print(f"wrote {args.out}: {report.ranking.mistake_count} mistakes, {len(report.ranking.neurons)} ranked neurons, "
+        print(f"wrote {args.out}: {_counted(report.ranking.mistake_count, 'mistake')}, {_counted(len(report.ranking.neurons), 'ranked neuron')}, "
               f"{len(report.visualizations)} visualised", file=notes)
         if report.edit is not None:
             print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}", file=notes)
