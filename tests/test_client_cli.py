@@ -220,6 +220,27 @@ def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv
     assert message in _usage_error(capsys, argv)
 
 
+@pytest.mark.parametrize("argv, given", [
+    (["operations", "get", "--json", "operations/0123456789abcdef"], {"name": "operations/0123456789abcdef"}),
+    (["operations", "artifact", "--json", "0123456789abcdef", "mistakes.png"], {"name": "0123456789abcdef", "artifact": "mistakes.png"}),
+    (["operations", "artifact", "0123456789abcdef", "-o", "grid.png", "mistakes.png"], {"name": "0123456789abcdef", "artifact": "mistakes.png"}),
+    (["head-versions", "show", "--json", "v1"], {"version": "v1"}),
+    (["sample-set", "create", "--world", "balanced", "hearts"], {"id": "hearts", "world": ("balanced", "test", 64)}),
+])
+def test_a_positional_argument_after_an_option_is_taken_on_every_python(argv, given):
+    # Python 3.11's argparse (before CPython gh-59317, fixed in 3.12.7) left NAME in
+    # `operations get --json NAME` unrecognized: a usage error there, parsed on later Pythons.
+    from explaind.client.cli import parse_arguments
+
+    parsed = parse_arguments(argv)
+    assert {dest: getattr(parsed, dest) for dest in given} == given
+
+
+def test_a_word_past_a_command_s_positional_arguments_is_still_a_usage_error(capsys):
+    assert "unrecognized arguments: extra" in _usage_error(capsys, ["head-versions", "show", "--json", "v1", "extra"])
+    assert "unrecognized arguments: --bogus" in _usage_error(capsys, ["head-versions", "show", "--bogus", "v1"])
+
+
 def test_integers_at_the_ends_of_their_fields_range_and_the_world_spec_s_defaults_are_taken():
     from explaind.client.cli import parse_arguments
 

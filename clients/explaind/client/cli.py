@@ -2066,6 +2066,19 @@ _SERVER_COMMANDS = ("serve", "demo")
 _CLIENT_OPTIONS = ("--target", "--token", "--timeout", "--tls", "--ca-file", "--cert-file", "--key-file")
 
 
+def _give_late_positionals(args: argparse.Namespace, actions: list[argparse.Action], unrecognized: list[str]) -> list[str]:
+    """Give the words argparse left unrecognized to the command's optional positionals it
+    left empty, in order, and return the rest. Python's argparse before 3.12.7 (CPython
+    gh-59317) fills an optional positional only beside the one before it, so the NAME of
+    `operations get --json NAME`, the ID of `sample-set create --world W ID`, came back
+    unrecognized there (a usage error) and parsed on later Pythons."""
+    empty = [action for action in actions if not action.option_strings and action.nargs == "?" and getattr(args, action.dest) is None]
+    words = list(unrecognized)
+    while empty and words and not words[0].startswith("-"):
+        setattr(args, empty.pop(0).dest, words.pop(0))
+    return words
+
+
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """The command line as main() runs it: parsed, and refused (a usage error, SystemExit 2)
     where argparse alone would let a mistake through."""
@@ -2077,6 +2090,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     args.option_names = {action.dest: max(action.option_strings, key=len) for action in command_actions if action.option_strings}
     args.argument_names = {action.dest: action.metavar or action.dest for action in command_actions if not action.option_strings}
     args.options_given = _options_given(command_actions, argv)
+    unrecognized = _give_late_positionals(args, command_actions, unrecognized)
     if args.command in _SERVER_COMMANDS:
         # Silently ignored, `explaind --token T serve` would start a server without auth.
         given = [flag for flag in _CLIENT_OPTIONS if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
