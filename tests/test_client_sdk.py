@@ -4070,6 +4070,20 @@ def test_a_client_unpickled_is_of_the_same_run():
     async_client._close()
 
 
+def test_a_client_s_repr_names_its_server_and_state_never_its_token():
+    # It was <explaind.client._client.Client object at 0x...>: a log naming no server.
+    client = Client("127.0.0.1:1", timeout=5, token="s3cret")
+    assert repr(client) == "Client('127.0.0.1:1', timeout=5)"
+    client.close()
+    assert repr(client) == repr(pickle.loads(pickle.dumps(client))) == "Client('127.0.0.1:1', timeout=5, closed=True)"
+    with Client("127.0.0.1:1", tls=True) as secure:
+        assert repr(secure) == "Client('127.0.0.1:1', timeout=30.0, tls=True)"
+    async_client = AsyncClient("127.0.0.1:1", token="s3cret", max_workers=2)
+    assert repr(async_client) == "AsyncClient('127.0.0.1:1', timeout=30.0, max_workers=2)"
+    async_client._close()
+    assert "closed=True" in repr(async_client) and "s3cret" not in repr(async_client)
+
+
 def test_a_rankings_fields_are_the_servers_each_in_its_place():
     from explaind.client import MistakeSummary, RankedNeuron
     from explaind.client._neuroinspect import ranking

@@ -557,6 +557,16 @@ class Client:
         require_seconds("timeout", seconds)  # a string failed at the next call as a TypeError naming nothing
         self._timeout = seconds
 
+    def __repr__(self) -> str:
+        """Which server it calls and how, never its token (it was the default
+        ``<explaind.client._client.Client object at 0x...>``, naming no server in a log)."""
+        return f"{type(self).__name__}({self._described_arguments()})"
+
+    def _described_arguments(self) -> str:
+        """The target and the arguments a repr shows: the timeout, TLS, and closed where it is."""
+        secure = any(self._arguments[name] for name in ("tls", "root_certificates", "private_key", "certificate_chain"))
+        return f"{self.target!r}, timeout={self.timeout}" + (", tls=True" if secure else "") + (", closed=True" if self._closed else "")
+
     def __reduce__(self) -> tuple[Callable[[], Client], tuple[()], dict[str, Any]]:
         """Pickled as its arguments (see the class): unpickled, a new client that connects
         at its first call, or a closed one for a closed client (an error a worker raises
