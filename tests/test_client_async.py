@@ -573,19 +573,38 @@ def test_a_call_cancelled_while_waiting_its_turn_never_runs(served):
     assert asyncio.run(cancel_a_queued_call()) == [2]
 
 
+# A closed client's error, {0} the class its user holds.
+CLOSED = r"^this {0} of .* is closed \(close\(\), or the end of its with-block\); make a new {0}$"
+
+
 def test_the_end_of_async_with_closes_the_connection(served):
     target, _ = served
 
     async def use_and_leave() -> AsyncClient:
         async with AsyncClient(target) as client:
             assert await client.health() == "SERVING"
-        with pytest.raises(ValueError, match="is closed"):
+        with pytest.raises(ValueError, match=CLOSED.format("AsyncClient")):  # it said "make a new Client"
             await client.health()
         return client
 
     client = asyncio.run(use_and_leave())
-    with pytest.raises(ValueError, match="is closed"):  # the Client it wraps, too
+    with pytest.raises(ValueError, match=CLOSED.format("AsyncClient")):  # the Client it wraps, too: its user holds the AsyncClient
         client.client.health()
+
+
+@pytest.mark.parametrize("waiting", ["result", "watch"])
+def test_an_async_wait_given_an_operation_s_name_says_how_to_get_the_operation(waiting):
+    # It raised AttributeError: 'str' object has no attribute 'done' (or 'refresh').
+    async def wait_on_a_name() -> None:
+        async with AsyncClient("127.0.0.1:1") as client:
+            if waiting == "result":
+                await client.result("operations/0123456789abcdef")  # type: ignore[arg-type]
+            async for _ in client.watch("operations/0123456789abcdef"):  # type: ignore[arg-type]
+                pass
+
+    with pytest.raises(TypeError, match=r"^operation must be an Operation \(await client.operation\(name\) gets one by its name\), "
+                                        r"got 'operations/0123456789abcdef'$"):
+        asyncio.run(wait_on_a_name())
 
 
 def _public_methods(cls: type) -> dict[str, inspect.Signature]:
@@ -637,9 +656,6 @@ def test_an_awaited_results_or_watchs_timeout_is_checked_as_the_operations(wait,
     asyncio.run(main())
 
 
-CLOSED = r"^this Client of .* is closed \(close\(\), or the end of its with-block\); make a new Client$"
-
-
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["Client", "AsyncClient"])
 def test_a_call_retrying_as_its_client_is_closed_says_the_client_is_closed(loading, monkeypatch, asynchronous):
     # Its next attempt met gRPC's own "Cannot invoke RPC on closed channel!", naming no client.
@@ -662,7 +678,7 @@ def test_a_call_retrying_as_its_client_is_closed_says_the_client_is_closed(loadi
         closed.set()
         await asking
 
-    with pytest.raises(ValueError, match=CLOSED):
+    with pytest.raises(ValueError, match=CLOSED.format("AsyncClient" if asynchronous else "Client")):
         if asynchronous:
             asyncio.run(leave_the_block_while_it_retries())
         else:

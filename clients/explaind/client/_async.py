@@ -56,6 +56,13 @@ def _awaitable(method: Callable[Concatenate[Client, P], R]) -> Callable[Concaten
     return call
 
 
+def _require_operation(operation: object) -> None:
+    """Refuse what is no Operation, such as its name, naming the argument and how to get
+    one: a name failed as AttributeError "'str' object has no attribute 'done'"."""
+    if not isinstance(operation, Operation):
+        raise TypeError(f"operation must be an Operation (await client.operation(name) gets one by its name), got {operation!r}")
+
+
 class AsyncClient:
     """A :class:`Client` for asyncio: each of its methods, awaitable, with the same
     arguments, results and typed errors; the arguments here are the Client's, and
@@ -96,6 +103,7 @@ class AsyncClient:
         # Its PlaintextTokenWarning points past this line, at the caller's.
         self.client = Client(target, timeout=timeout, token=token, max_message_bytes=max_message_bytes, retry=retry, tls=tls,
                              root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain)
+        self.client._shown_as = type(self).__name__  # closed, it told an AsyncClient's user to make a new Client
         self._max_workers = max_workers
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="explaind-async")
         self._executor_pid = os.getpid()
@@ -173,6 +181,7 @@ class AsyncClient:
         await frees its thread soon; the job runs on (``await
         client.to_thread(operation.cancel)`` stops it; unlike Operation.result's Ctrl-C, a
         cancelled await does not)."""
+        _require_operation(operation)
         timeout = checked_timeout(timeout)  # as Operation.result: a string failed mid-wait, naming no argument
         started = time.monotonic()
         with ProgressDisplay.of_job(operation) if progress else contextlib.nullcontext() as display:
@@ -190,6 +199,7 @@ class AsyncClient:
         Operation.watch (which streams; this polls, so a cancelled loop frees its thread
         within a step). After ``timeout`` seconds (None: no limit) it ends, though the job
         may still run: see ``operation.done``."""
+        _require_operation(operation)
         timeout = checked_timeout(timeout)  # as Operation.watch, and None for no limit
         seen = None
         async for _ in self._waits(operation, timeout, PROGRESS_STEP_S, first_look=True):

@@ -528,6 +528,8 @@ class Client:
         # worth waiting for, rather than a wrong address, worth saying at once.
         self._reached = False
         self._closed = False
+        # The class its user holds, as its closed error names it: an AsyncClient's Client says "AsyncClient".
+        self._shown_as = type(self).__name__
         # This client's run, sent with each start (run_id): a repeat's answer then says whether another run (another
         # client, a second CLI command under the same --request-id) asked for the operation too (requested_by_another_run).
         self._run_id = str(uuid.uuid4())
@@ -607,7 +609,8 @@ class Client:
 
     def _require_open(self) -> None:
         if self._closed:  # gRPC's own "Cannot invoke RPC on closed channel!" named no client
-            raise ValueError(f"this Client of {self.target} is closed (close(), or the end of its with-block); make a new Client")
+            raise ValueError(f"this {self._shown_as} of {self.target} is closed (close(), or the end of its with-block); "
+                             f"make a new {self._shown_as}")
 
     def __enter__(self) -> Client:
         return self
