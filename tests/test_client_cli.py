@@ -1360,6 +1360,22 @@ def test_predictions_line_up_after_file_names_of_wide_characters_and_combining_a
     assert capsys.readouterr().out.splitlines() == ["\u732b\u732b.png  dog 0.75", "abcd.png  dog 0.75", "cafe\u0301.png  dog 0.75", "x.png     dog 0.75"]
 
 
+def test_predict_escapes_control_characters_of_file_names_on_the_terminal(server, capsys, tmp_path):
+    # A downloaded data set's file named with a line break split its prediction's line in
+    # two, and one with an escape sequence (ESC [2J) cleared the terminal it was printed on.
+    image = np.full((8, 8, 3), 40, np.uint8)
+    split, clearing, empty = tmp_path / "a\nb.png", tmp_path / "c\x1b[2J.png", tmp_path / "d\x1b[31m.png"
+    Image.fromarray(image).save(split)
+    Image.fromarray(image).save(clearing)
+    empty.write_bytes(b"")
+    assert main(["--target", server.target, "predict", str(split), str(clearing), str(empty), "--keep-going"]) == 3
+    printed = capsys.readouterr()
+    assert [line.split("  ")[0] for line in printed.out.splitlines()] == [f"{tmp_path}/a\\nb.png", f"{tmp_path}/c\\x1b[2J.png"]
+    assert printed.err.startswith(f"error: {tmp_path}/d\\x1b[31m.png: INVALID_ARGUMENT: ")
+    assert main(["--target", server.target, "predict", str(empty)]) == 1  # the note naming the file that failed the call
+    assert f"  that is file {tmp_path}/d\\x1b[31m.png\n" in capsys.readouterr().err
+
+
 def _require_utf8(value):
     """``value``, parsed JSON, as a strict parser would take it: UTF-8 throughout, escapes
     included (a "\\udcff" escape, a lone surrogate, is none: Go's and Rust's parsers refuse it)."""

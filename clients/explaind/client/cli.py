@@ -279,6 +279,13 @@ def _shown_text(text: str) -> str:
     return text.encode("utf-8", _SHOWN).decode("utf-8")
 
 
+def _shown_file_name(name: str | Path) -> str:
+    """A file name as a terminal line shows it: its control characters escaped as Python
+    writes them (``\\n``, ``\\x1b``), as a stored set's name is. A name from a downloaded data
+    set (``*.png``) broke its prediction's line in two, or cleared the screen (``\\x1b[2J``)."""
+    return escape_controls(_shown_text(str(name)))
+
+
 # A byte that did not decode, as repr() writes its lone surrogate: "\\udce9" after an even
 # number of backslashes (an odd one is an escaped backslash followed by the letters).
 _REPR_OF_UNDECODED_BYTE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
@@ -306,8 +313,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
     """One line an image, its name padded to the widest name's columns (not characters:
-    a file named in CJK shifted its predictions)."""
-    names = [_shown_text(n) for n in names]
+    a file named in CJK shifted its predictions), and escaped (:func:`_shown_file_name`)."""
+    names = [_shown_file_name(n) for n in names]
     width = max((_display_width(n) for n in names), default=8)
     for name, prediction in zip(names, predictions, strict=True):
         ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
@@ -522,7 +529,7 @@ def _naming_failing_file(files: list[str] | list[Path] | None) -> Iterator[None]
         item = re.compile(r"(?:images|samples)\[(\d+)\]")
         items = [error.field] if error.field and item.match(error.field) else listed_items(error)
         indices = [getattr(error, "request_offset", 0) + int(match.group(1)) for name in items if (match := item.match(name))]
-        named = [str(files[index]) for index in indices if files and index < len(files)]
+        named = [_shown_file_name(files[index]) for index in indices if files and index < len(files)]
         if len(named) == 1:
             error.add_note(f"that is file {named[0]}")
         elif named:
@@ -791,7 +798,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # --keep-going: each file the server could not answer is named on stderr, the others printed.
     failed = [(name, p.error) for name, p in zip(args.images, predictions, strict=True) if p.error is not None]
     for name, refusal in failed:
-        print(f"error: {name}: {refusal}", file=sys.stderr)
+        print(f"error: {_shown_file_name(name)}: {refusal}", file=sys.stderr)
     if args.json:
         _print_json([{"image": i, "error": _error_json(p.error)} if p.error is not None
                      else {"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
