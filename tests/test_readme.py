@@ -114,6 +114,15 @@ def test_the_session_by_hand_is_commands_the_cli_takes(tmp_path, monkeypatch):
                                               "head-versions", "head-versions", "report", "operations"]
 
 
+def test_the_session_by_hand_says_how_large_an_image_predict_takes():
+    # It said "any PNG, JPEG, ... of any size": the server refuses a side over MAX_IMAGE_SIDE.
+    from explaind.imaging import MAX_IMAGE_SIDE
+
+    (block,) = re.findall(r"```bash\n(.*?)```", _section("## A session by hand"), flags=re.S)
+    (line,) = [line for line in block.splitlines() if line.startswith("explaind predict ")]
+    assert f"# any PNG, JPEG, ... up to {MAX_IMAGE_SIDE} px a side;" in line
+
+
 def test_the_session_by_hand_names_the_address_serve_and_the_client_default_to():
     # A reader whose 50051 is taken learns there which flag moves the server and which the client.
     from explaind.client._client import DEFAULT_TARGET
