@@ -3183,7 +3183,7 @@ def test_a_report_whose_page_is_not_written_names_the_edit_it_stored(server, cap
                 (stored,) = {v.version_id for v in client.head_versions()} - before
                 client.delete_head_version(stored)
             assert capsys.readouterr().err.endswith(
-                f"{message}\n  head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted\n")
+                f"{message}\n  head version {stored}, the suggested edit, stays stored (not served); explaind head-versions delete {stored} if it is not wanted\n")
             assert not out.exists()
     finally:
         with Client(server.target, timeout=30) as client:
@@ -3222,7 +3222,8 @@ def test_a_report_whose_visualisations_fail_on_the_server_is_written_without_the
                      "--json"]) == 1
         printed = capsys.readouterr()
         assert re.search(r"error: RESOURCE_EXHAUSTED: the visualisations stopped after 0 neurons: the GPU ran out of memory <while optimising>\n"
-                         r"  head version v\d+, the suggested edit, stays stored \(not served\); delete it if it is not wanted\n\Z", printed.err)
+                         r"  head version (v\d+), the suggested edit, stays stored \(not served\); explaind head-versions delete \1 if it is not wanted\n\Z",
+                         printed.err)
         assert json.loads(printed.out)["error"]["operation"] == failed_jobs[0]
         # The server's error, not the CLI's own (CLIENT_ERROR): a full queue's --json error says when to retry.
         monkeypatch.setattr(Client, "visualize_neurons", queue_full)

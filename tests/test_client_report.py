@@ -154,8 +154,8 @@ def test_a_report_interrupted_in_its_visualisations_names_the_edit_it_stored(cli
     finally:
         monkeypatch.undo()
         client.delete_sample_set("interrupted-report")
-    assert raised.value.__notes__ == [f"head version {stored}, the suggested edit, stays stored (not served); delete it if it is not wanted"]
-    assert evaluated.value.__notes__ == [f"head version {stored_then}, the suggested edit, stays stored (not served); delete it if it is not wanted"]
+    assert raised.value.__notes__ == [f"head version {stored}, the suggested edit, stays stored (not served); explaind head-versions delete {stored} if it is not wanted"]
+    assert evaluated.value.__notes__ == [f"head version {stored_then}, the suggested edit, stays stored (not served); explaind head-versions delete {stored_then} if it is not wanted"]
     assert {v.version_id for v in client.head_versions()} == before
     (note,) = discarded.value.__notes__
     assert re.fullmatch(r"head version v\d+, the suggested edit, was not kept; explaind edit-head interrupted-report --class heart "
@@ -565,7 +565,7 @@ def test_a_report_interrupted_as_its_edit_succeeded_names_the_version_and_delete
         build_report(client, "heart", "s", steps=2, keep_edit=deleting == "kept")
     assert cancels == [] and deleted == ([] if deleting == "kept" else ["v7"])
     assert raised.value.__notes__ == ["operations/0123456789abcdef had already finished (succeeded); nothing to cancel", {
-        "kept": "head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted",
+        "kept": "head version v7, the suggested edit, stays stored (not served); explaind head-versions delete v7 if it is not wanted",
         "deleted": f"head version v7, the suggested edit, was not kept; {_EDIT_COMMAND} stores it again",
         "refused": f"head version v7, the suggested edit, stays stored: deleting it failed ({refused}); explaind head-versions delete v7 "
                    "once it can be",
@@ -626,7 +626,7 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
     assert notes_while_waiting == ([] if ending == "cancel cut short" else [
         f"operations/0123456789abcdef may still store the suggested edit as a head version (waiting for it to end was cut short): {find}"])
     assert raised.value.__notes__[1:] == {
-        "succeeded": ["head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted"],
+        "succeeded": ["head version v7, the suggested edit, stays stored (not served); explaind head-versions delete v7 if it is not wanted"],
         "succeeded, not kept": [f"head version v7, the suggested edit, was not kept; {_EDIT_COMMAND} stores it again"],
         "cancelled": [],  # it stored none
         "still running": [f"operations/0123456789abcdef may still store the suggested edit as a head version (it had not ended after 5 s of "
@@ -695,8 +695,8 @@ def test_a_report_interrupted_as_its_edit_succeeded_whose_result_cannot_be_read_
     with pytest.raises(KeyboardInterrupt) as raised:
         build_report(client, "heart", "s", steps=2, keep_edit=False)
     assert raised.value.__notes__ == [f"the suggested edit stays stored as a head version (not served), which reading its result failed to "
-                                      f"name ({unread}): explaind operations get operations/0123456789abcdef names it; delete it if it is "
-                                      "not wanted"]
+                                      f"name ({unread}): explaind operations get operations/0123456789abcdef names it, and explaind "
+                                      "head-versions delete VERSION deletes it if it is not wanted"]
 
 
 def test_a_report_whose_edit_succeeded_and_then_failed_to_say_what_evaluated_it_says_the_version_stays_stored():
@@ -710,7 +710,7 @@ def test_a_report_whose_edit_succeeded_and_then_failed_to_say_what_evaluated_it_
     client.sample_set = lambda sample_set_id: (_ for _ in ()).throw(gone)
     with pytest.raises(NotFoundError) as raised:
         build_report(client, "heart", "s", steps=2)
-    assert raised.value.__notes__ == ["head version v7, the suggested edit, stays stored (not served); delete it if it is not wanted"]
+    assert raised.value.__notes__ == ["head version v7, the suggested edit, stays stored (not served); explaind head-versions delete v7 if it is not wanted"]
 
 
 def test_a_report_interrupted_inside_a_start_whose_job_cannot_be_found_sends_to_the_list_not_to_an_option_it_lacks():

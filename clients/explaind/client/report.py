@@ -240,7 +240,7 @@ def _settle_interrupted_edit(client: Client, interrupt: KeyboardInterrupt, keep_
         edit = operation.result(download=False)  # the result the cancel's answer holds: its version
     except ExplaindError as error:
         interrupt.add_note(f"the suggested edit stays stored as a head version (not served), which reading its result failed to name ({error}): "
-                           f"explaind operations get {operation.name} names it; delete it if it is not wanted")
+                           f"explaind operations get {operation.name} names it, and explaind head-versions delete VERSION deletes it if it is not wanted")
         return
     try:
         discard_error = None if keep_edit else _discard_edit(client, edit)
@@ -315,7 +315,7 @@ def _stored_edit_note(edit: HeadEdit, *, kept: bool, command: str, discard_error
     if discard_error is not None:
         return (f"head version {version}, the suggested edit, stays stored: deleting it failed ({discard_error}); "
                 f"explaind head-versions delete {version} once it can be")
-    return f"head version {version}, the suggested edit, stays stored (not served); delete it if it is not wanted"
+    return f"head version {version}, the suggested edit, stays stored (not served); explaind head-versions delete {version} if it is not wanted"
 
 
 @dataclass(frozen=True)
