@@ -226,6 +226,11 @@ def test_values_and_arguments_a_command_cannot_use_are_usage_errors(capsys, argv
     (["operations", "artifact", "0123456789abcdef", "-o", "grid.png", "mistakes.png"], {"name": "0123456789abcdef", "artifact": "mistakes.png"}),
     (["head-versions", "show", "--json", "v1"], {"version": "v1"}),
     (["sample-set", "create", "--world", "balanced", "hearts"], {"id": "hearts", "world": ("balanced", "test", 64)}),
+    # "--", the separator: dropped, and what follows it positional, as later Pythons read it.
+    (["head-versions", "show", "--json", "--", "v1"], {"version": "v1"}),
+    (["sample-set", "create", "--world", "balanced", "--", "hearts"], {"id": "hearts"}),
+    (["operations", "artifact", "--json", "0123456789abcdef", "--", "mistakes.png"], {"name": "0123456789abcdef", "artifact": "mistakes.png"}),
+    (["operations", "get", "--json", "0123456789abcdef", "--"], {"name": "0123456789abcdef", "artifact": None}),
 ])
 def test_a_positional_argument_after_an_option_is_taken_on_every_python(argv, given):
     # Python 3.11's argparse (before CPython gh-59317, fixed in 3.12.7) left NAME in
@@ -236,9 +241,22 @@ def test_a_positional_argument_after_an_option_is_taken_on_every_python(argv, gi
     assert {dest: getattr(parsed, dest) for dest in given} == given
 
 
+def test_a_set_s_id_after_images_ended_by_the_separator_is_its_id(tmp_path):
+    # `--images *.png -- ID`: "--" ends the list of a variable-length option, which would take the ID as an image.
+    from explaind.client.cli import parse_arguments
+
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image in images:
+        image.write_bytes(b"")
+    parsed = parse_arguments(["sample-set", "create", "--labels", "circle", "heart", "--images", *map(str, images), "--", "hearts"])
+    assert (parsed.id, parsed.images, parsed.labels) == ("hearts", [str(image) for image in images], ["circle", "heart"])
+
+
 def test_a_word_past_a_command_s_positional_arguments_is_still_a_usage_error(capsys):
     assert "unrecognized arguments: extra" in _usage_error(capsys, ["head-versions", "show", "--json", "v1", "extra"])
     assert "unrecognized arguments: --bogus" in _usage_error(capsys, ["head-versions", "show", "--bogus", "v1"])
+    # The separator left over is no option mistyped: sample-set's offered --id for it.
+    assert _usage_error(capsys, ["sample-set", "show", "hearts", "--json", "--", "extra"]).endswith("unrecognized arguments: -- extra\n")
 
 
 def test_integers_at_the_ends_of_their_fields_range_and_the_world_spec_s_defaults_are_taken():

@@ -2059,7 +2059,7 @@ def _option_guesses(unrecognized: list[str], actions: list[argparse.Action], com
     own came before it (``explaind --json report``), where only the options all commands
     share are read: it is told to move, not offered itself."""
     options = [flag for action in actions for flag in action.option_strings if flag.startswith("--")]
-    flags = [arg.partition("=")[0] for arg in unrecognized if arg.startswith("--")]
+    flags = [arg.partition("=")[0] for arg in unrecognized if arg.startswith("--") and arg != "--"]  # "--" is no option's typo
     if misplaced := [flag for flag in flags if flag in options]:
         return f"; {', '.join(misplaced)} {'is an option' if len(misplaced) == 1 else 'are options'} of {command}: give {'it' if len(misplaced) == 1 else 'them'} after {command}"
     guesses = [(flag, close[0]) for flag in flags if (close := difflib.get_close_matches(flag, options, n=1))]
@@ -2078,11 +2078,18 @@ def _give_late_positionals(args: argparse.Namespace, actions: list[argparse.Acti
     left empty, in order, and return the rest. Python's argparse before 3.12.7 (CPython
     gh-59317) fills an optional positional only beside the one before it, so the NAME of
     `operations get --json NAME`, the ID of `sample-set create --world W ID`, came back
-    unrecognized there (a usage error) and parsed on later Pythons."""
+    unrecognized there (a usage error) and parsed on later Pythons. A first ``--`` is the
+    separator later Pythons read it as: dropped, the words after it positional even where
+    they start with "-" (`sample-set create --images a.png b.png -- ID` ends --images' list)."""
     empty = [action for action in actions if not action.option_strings and action.nargs == "?" and getattr(args, action.dest) is None]
     words = list(unrecognized)
-    while empty and words and not words[0].startswith("-"):
-        setattr(args, empty.pop(0).dest, words.pop(0))
+    separated = False
+    while empty and words and (separated or words[0] == "--" or not words[0].startswith("-")):
+        word = words.pop(0)
+        if word == "--" and not separated:
+            separated = True
+        else:
+            setattr(args, empty.pop(0).dest, word)
     return words
 
 
