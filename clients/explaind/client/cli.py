@@ -2078,19 +2078,21 @@ def _give_late_positionals(args: argparse.Namespace, actions: list[argparse.Acti
     left empty, in order, and return the rest. Python's argparse before 3.12.7 (CPython
     gh-59317) fills an optional positional only beside the one before it, so the NAME of
     `operations get --json NAME`, the ID of `sample-set create --world W ID`, came back
-    unrecognized there (a usage error) and parsed on later Pythons. A first ``--`` is the
-    separator later Pythons read it as: dropped, the words after it positional even where
-    they start with "-" (`sample-set create --images a.png b.png -- ID` ends --images' list)."""
+    unrecognized there (a usage error) and parsed on later Pythons. As they read them, an
+    option unknown is left out (`--wrld balanced ID`: "unrecognized arguments: --wrld", not
+    "--wrld balanced"), and a first ``--`` is the separator: dropped, the words after it
+    positional (`sample-set create --images a.png b.png -- ID` ends --images' list)."""
     empty = [action for action in actions if not action.option_strings and action.nargs == "?" and getattr(args, action.dest) is None]
-    words = list(unrecognized)
+    left: list[str] = []
     separated = False
-    while empty and words and (separated or words[0] == "--" or not words[0].startswith("-")):
-        word = words.pop(0)
-        if word == "--" and not separated:
+    for word in unrecognized:
+        if word == "--" and empty and not separated:
             separated = True
-        else:
+        elif empty and (separated or not word.startswith("-")):
             setattr(args, empty.pop(0).dest, word)
-    return words
+        else:
+            left.append(word)
+    return left
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
