@@ -1383,6 +1383,17 @@ def test_predictions_line_up_after_file_names_of_wide_characters_and_combining_a
     assert capsys.readouterr().out.splitlines() == ["\u732b\u732b.png  dog 0.75", "abcd.png  dog 0.75", "cafe\u0301.png  dog 0.75", "x.png     dog 0.75"]
 
 
+def test_a_file_name_refused_before_any_call_is_escaped_too(capsys, tmp_path):
+    # `explaind predict *.png` where a directory matched, named with ESC [2J: the usage error
+    # cleared the terminal it was printed on.
+    (tmp_path / "c\x1b[2J.png").mkdir()
+    assert _usage_error(capsys, ["predict", str(tmp_path / "c\x1b[2J.png")]).endswith(
+        f"argument images: {tmp_path}/c\\x1b[2J.png is a directory, not a file\n")
+    assert _usage_error(capsys, ["predict", str(tmp_path / "a\nb.png")]).endswith(f"argument images: no such file: {tmp_path}/a\\nb.png\n")
+    assert _usage_error(capsys, ["sample-set", "create", "--folder", str(tmp_path / "d\x1b[31m")]).endswith(
+        f"argument --folder: no such directory: {tmp_path}/d\\x1b[31m\n")
+
+
 def test_predict_escapes_control_characters_of_file_names_on_the_terminal(server, capsys, tmp_path):
     # A downloaded data set's file named with a line break split its prediction's line in
     # two, and one with an escape sequence (ESC [2J) cleared the terminal it was printed on.

@@ -322,25 +322,27 @@ def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
 
 
 def _file_problem(path: str) -> str | None:
-    """Why ``path`` is no file to read, or None (a usage error, not a traceback later)."""
+    """Why ``path`` is no file to read, or None (a usage error, not a traceback later), the
+    path escaped as predict's lines show it (a directory a glob matched, named with ESC [2J)."""
     if not path:  # Path("") is the current directory
         return _EMPTY_PATH
     if Path(path).is_file():
         return None
+    shown = _shown_file_name(path)
     if Path(path).is_dir():
-        return f"{path} is a directory, not a file"
+        return f"{shown} is a directory, not a file"
     try:
         os.stat(path)
     except OSError as error:  # missing, a link to nothing, a loop of links
-        return f"no such file: {path}" if error.errno == errno.ENOENT else f"cannot read {path}: {error.strerror}"
-    return f"{path} is not a regular file but a pipe or a device"  # which was called "no such file"
+        return f"no such file: {shown}" if error.errno == errno.ENOENT else f"cannot read {shown}: {error.strerror}"
+    return f"{shown} is not a regular file but a pipe or a device"  # which was called "no such file"
 
 
 def _directory_problem(path: str) -> str | None:
     """Why ``path`` is no directory to read, or None (a usage error, as a missing --images file is)."""
     if Path(path).is_dir():
         return None
-    return f"not a directory: {path}" if Path(path).exists() else f"no such directory: {path}"
+    return f"not a directory: {_shown_file_name(path)}" if Path(path).exists() else f"no such directory: {_shown_file_name(path)}"
 
 
 _EMPTY_PATH = "expected a path, got ''"
