@@ -3049,6 +3049,19 @@ def test_a_class_folder_whose_name_macos_decomposed_is_its_class(tmp_path):
     assert cli._folder_samples(served, str(tmp_path)) == ([Path(image)], ["cafe\u0301"])
 
 
+def test_a_class_folder_refused_is_named_with_its_control_characters_escaped(tmp_path):
+    # A downloaded tree's folder named with ESC [2J cleared the terminal its refusal was printed on.
+    from types import SimpleNamespace
+
+    from explaind.client import cli
+
+    (tmp_path / "c\x1b[2J").mkdir()
+    _png(tmp_path / "c\x1b[2J" / "0.png", 0)
+    served = SimpleNamespace(model_metadata=lambda: SimpleNamespace(class_names=["dog"]))
+    with pytest.raises(cli.CommandError, match=r"^--folder: (.*)/c\\x1b\[2J: a folder's name must be a class of the served model \(dog\)$"):
+        cli._folder_samples(served, str(tmp_path))
+
+
 class _DigitNamedClasses(inference_pb2_grpc.InferenceServiceServicer, neuroinspect_pb2_grpc.NeuroInspectServiceServicer,
                          sample_sets_pb2_grpc.SampleSetServiceServicer):
     """A server of classes named "1" to "3" at indices 0 to 2, "-1", "4" and "7" at 3 to 5,

@@ -614,7 +614,7 @@ def _folder_samples(client: Client, folder: str) -> tuple[list[Path], list[str]]
     names = _served_class_names(client)
     known = {class_name_key(name) for name in names}  # a macOS folder "café" is "e" and a combining accent
     if names and (unknown := sorted(label for label in set(labels) if class_name_key(label) not in known)):  # an ImageNet tree of synset ids: 1000, named 3
-        folders = ", ".join(str(Path(folder) / name) for name in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        folders = ", ".join(_shown_file_name(Path(folder) / name) for name in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise CommandError(f"--folder: {folders}: a folder's name must be a class of the served model "
                            f"({_first_classes(names, ' classes: explaind info --json lists them')})")
     return images, labels
