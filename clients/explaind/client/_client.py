@@ -64,7 +64,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # RETRY_MIN_BACKOFF_S) or with backoff from RETRY_MIN_BACKOFF_S doubling to at most
 # RETRY_MAX_BACKOFF_S. A call that creates or changes something is retried only on the
 # server's own UNAVAILABLE (its RetryInfo says it did nothing with the call): after a
-# dropped connection its first attempt may have taken effect. Except those below.
+# dropped connection its first attempt may have taken effect. Except those below. Every
+# call is retried alike on a RESOURCE_EXHAUSTED with a RetryInfo (_waits_for_room).
 READ_ONLY_METHODS = {
     "explaind.v1.InferenceService": ("Predict", "GetModelMetadata"),
     "explaind.v1.SampleSetService": ("GetSampleSet", "ListSampleSets", "ListSamples"),
@@ -333,6 +334,15 @@ def _note_chunk(error: ExplaindError, start: int, total: int | None) -> None:
         error.add_note(f"the failing request began at item {start}{of}: [i] there is item {start} + i here")
 
 
+def _waits_for_room(error: ExplaindError) -> bool:
+    """Whether ``error`` is the server refusing a call it did nothing with for want of room
+    it expects soon (a RESOURCE_EXHAUSTED with a RetryInfo: a full job queue, an image
+    decoder out of memory), which the same call may pass after the delay it asks for, as
+    OTLP's throttling and Google's clients retry it. A limit's refusal without one (a
+    caller's share, its samples or head versions, a response's size) meets it again."""
+    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay is not None
+
+
 def _fails_for_an_image(error: ExplaindError) -> bool:
     """Whether a Predict failed whole for images of its own (``images[i]`` its field or
     among the items it lists), which a server honouring partial_failure answers each with
@@ -442,7 +452,12 @@ class Client:
     of failing them, and a wrong address still fails at once. So are the calls that start
     an operation and an upload's requests, sent with a request_id, on a server that
     honours it (see IDENTIFIED_METHODS): a repeat gets the operation the first attempt
-    started, or the set it created or appended to, appending nothing again.
+    started, or the set it created or appended to, appending nothing again. Every call is
+    retried, until its deadline, on a RESOURCE_EXHAUSTED that asks to wait (its
+    ``retry_delay``: a full job queue, an image decoder out of memory), after that delay:
+    the server did nothing with it. Out of time, the last refusal is raised, noting the
+    tries. A limit's refusal without a delay (a caller's share, say) is raised at once.
+    ``retry=False`` retries nothing.
 
     ``token`` is the server's bearer token, or on a server with named callers
     ([server].callers_file) a caller's own: it names the caller, which owns the sets,
@@ -637,7 +652,8 @@ class Client:
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None, retry_until: float | None = None,
               cancellation: _Cancellation | None = None, unanswered: list[int] | None = None) -> Any:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
-        read-only one is retried on UNAVAILABLE (see the class), the last attempt just
+        read-only one is retried on UNAVAILABLE, any on a RESOURCE_EXHAUSTED asking to
+        wait (see the class; that refusal is the server's answer, ``_reached``), the last attempt just
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first.
         ``cancellation`` (a pipelined call's, from another thread) ends it early, attempt
         or pause, as grpc.FutureCancelledError. ``unanswered``: given, the number of attempts
@@ -646,7 +662,7 @@ class Client:
         deadline = time.monotonic() + min(self.timeout if timeout is None else timeout, MAX_CALL_SECONDS)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
-        started, attempts, maybe_taken_effect = time.monotonic(), 0, 0
+        started, attempts, maybe_taken_effect, refusals = time.monotonic(), 0, 0, 0
         while True:
             self._require_open()  # each attempt: one retrying as the client was closed met gRPC's nameless error
             _require_usable_grpc()
@@ -661,7 +677,9 @@ class Client:
                                                                            metadata=self._call_metadata()))
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
-                unavailable = error.code == grpc.StatusCode.UNAVAILABLE
+                waits_for_room = _waits_for_room(error)
+                refusals += waits_for_room
+                retryable = error.code == grpc.StatusCode.UNAVAILABLE or waits_for_room
                 self._note_if_answered(error)
                 wanted = backoff if error.retry_delay is None else max(error.retry_delay, RETRY_MIN_BACKOFF_S)  # 0 s would spin
                 pause = min(wanted, retry_end - time.monotonic() - LAST_ATTEMPT_S)
@@ -669,11 +687,11 @@ class Client:
                 repeatable = method in _READ_ONLY or error.retry_delay is not None
                 maybe_taken_effect += error.retry_delay is None
                 identified = not repeatable and method in _IDENTIFIED and bool(request.request_id)
-                if not (self._retry and unavailable and pause >= 0 and ((repeatable and self._reached) or identified)):
+                if not (self._retry and retryable and pause >= 0 and ((repeatable and self._reached) or identified)):
                     # Retried until out of time: not a last attempt that the server answered
                     # with another error (NOT_FOUND, say) just before the deadline.
-                    if attempts > 1 and ((unavailable and pause < 0) or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):
-                        self._note_retries(error, attempts, started)
+                    if attempts > 1 and ((retryable and pause < 0) or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):
+                        self._note_retries(error, attempts, started, refusals)
                     if (name := named_operation(rpc_error)) is not None:
                         error.operation = self._operation_if_kept(name, deadline)
                     raise error from None
@@ -693,7 +711,7 @@ class Client:
             if identified and not (self._honours_request_id(retry_end, _IDENTIFIED[method]) and self._reached
                                    and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0):
                 if retry_end - time.monotonic() - LAST_ATTEMPT_S < 0:  # out of time, not a server that would start it twice
-                    self._note_retries(error, attempts, started)
+                    self._note_retries(error, attempts, started, refusals)
                 raise error from None
 
     def _note_if_answered(self, error: ExplaindError) -> None:
@@ -712,17 +730,24 @@ class Client:
         without a timeout)."""
         return self._retry and self._reached
 
-    def _note_retries(self, error: ExplaindError, attempts: int, started: float) -> None:
+    def _note_retries(self, error: ExplaindError, attempts: int, started: float, refusals: int) -> None:
         """Say on ``error`` that the call was retried until its time ran out: without it, a
         server restarting for longer than the timeout read as one DEADLINE_EXCEEDED (or
-        UNAVAILABLE), as if the SDK had tried once."""
+        UNAVAILABLE), as if the SDK had tried once, and a queue full for longer as one
+        refusal. ``refusals``: the attempts the server refused for want of room (see
+        :func:`_waits_for_room`)."""
         waited = time.monotonic() - started
+        why, awaited = "restarting, or loading its models", "it"
         if attempts == 1:  # a call that may have taken effect, sent again only once the server answers again
             tried = f"the call was tried once, the server at {self.target} unavailable then and for the {waited:.1f}s waited for it"
+        elif refusals:
+            others = "each time" if refusals == attempts else f"{refusals} times, unavailable or out of time the other {attempts - refusals}"
+            tried = f"the call was tried {attempts} times over {waited:.1f}s, the server at {self.target} without room for it {others}"
+            why, awaited = "RESOURCE_EXHAUSTED with a retry delay: it did nothing with the call", "room"
         else:
             when = "each time" if error.code == grpc.StatusCode.UNAVAILABLE else f"the first {attempts - 1}, the last running out of time"
             tried = f"the call was tried {attempts} times over {waited:.1f}s, the server at {self.target} unavailable {when}"
-        error.add_note(f"{tried} (restarting, or loading its models); a larger timeout waits longer for it "
+        error.add_note(f"{tried} ({why}); a larger timeout waits longer for {awaited} "
                        "(timeout= of the Client or of the call; --timeout in the CLI)")
 
     def _honours_request_id(self, until: float, capability: str) -> bool:

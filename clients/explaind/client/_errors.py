@@ -39,7 +39,8 @@ class ExplaindError(Exception):
     if none. ``retry_delay`` is the seconds the server asked to wait before the same call may
     succeed (``google.rpc.RetryInfo``, e.g. while it loads its models, for a full job
     queue, or 1 s after an image decoder ran out of memory; no operation's error has one),
-    None if it did not say. ``operation`` is the job a
+    None if it did not say: a Client with ``retry`` waits it out and sends the call again
+    until the call's deadline, so one raised is the last refusal, noting the tries. ``operation`` is the job a
     DeadlineExceededError gave up waiting for (``result(timeout=...)``,
     ``rank_mistake_neurons``), still running: wait on it later; or the job an
     OperationError ended; or the one an earlier request under a reused ``request_id``
