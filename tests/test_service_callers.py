@@ -122,6 +122,10 @@ def test_a_callers_sets_hold_at_most_max_samples_per_caller_counted_against_each
                 assert (refused.value.field, refused.value.reason, refused.value.quota_violations) == (
                     "samples", "SAMPLES_PER_CALLER_EXCEEDED", [("caller:monitoring", "samples in this caller's sets")])
             assert [s.sample_count for s in monitoring.sample_sets()] == [8, 2]  # nothing of a refused call is kept
+            # A limit's refusal asks for no retry (no RetryInfo): the SDK sent each call once, not until its deadline.
+            refused = {method: server.metrics.registry.get_sample_value("explaind_rpc_duration_seconds_count", {
+                "service": "explaind.v1.SampleSetService", "method": method, "code": "RESOURCE_EXHAUSTED"}) for method in ("AppendSamples", "CreateSampleSet")}
+            assert refused == {"AppendSamples": 2, "CreateSampleSet": 1}
             # Another caller has a limit of its own, and an admin's own sets count against it.
             analyst.create_sample_set([IMAGE] * 10, [0] * 10, sample_set_id="other")
             root.create_sample_set([IMAGE] * 10, [0] * 10, sample_set_id="admins")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
 from typing import Any
 
@@ -378,9 +380,15 @@ def test_waiting_for_a_job_no_worker_takes_fails_naming_it_and_its_state():
         until_running(StuckQueued(), limit_s=0)
 
 
-def test_a_full_job_queue_s_refusal_says_when_to_retry(server_factory):
+def _refused_starts(server) -> float:
+    """The EvaluateSampleSet calls ``server`` refused RESOURCE_EXHAUSTED: each attempt of the SDK's counts."""
+    return _metric(server, "explaind_rpc_duration_seconds_count", method="EvaluateSampleSet", code="RESOURCE_EXHAUSTED")
+
+
+def test_a_full_job_queue_s_refusal_says_when_to_retry_and_the_sdk_waits_that_long_until_the_deadline(server_factory):
     # A pipeline refused for a full queue got RESOURCE_EXHAUSTED "retry later" and no
-    # RetryInfo: the SDK's retry_delay (the CLI's retry_delay_seconds) was None.
+    # RetryInfo: the SDK's retry_delay (the CLI's retry_delay_seconds) was None. Then the
+    # SDK retried no RESOURCE_EXHAUSTED, a RetryInfo's neither: the start failed at once.
     from google.rpc import error_details_pb2, status_pb2
 
     from explaind.client import ResourceExhaustedError
@@ -392,9 +400,22 @@ def test_a_full_job_queue_s_refusal_says_when_to_retry(server_factory):
         until_running(running)  # not yet taken, it would fill the queue itself
         queued = client.evaluate_sample_set("full-queue")
         try:
-            with pytest.raises(ResourceExhaustedError, match=r"job queue is full \(1 queued, limit 1\)") as caught:
-                client.evaluate_sample_set("full-queue")
+            with Client(server.target, retry=False) as unretried:
+                with pytest.raises(ResourceExhaustedError, match=r"job queue is full \(1 queued, limit 1\)") as caught:
+                    unretried.evaluate_sample_set("full-queue")
             assert caught.value.retry_delay == 10.0  # no job has ended yet: the documented guess
+            assert _refused_starts(server) == 1 and not getattr(caught.value, "__notes__", None)  # tried once
+            # Retried, after the 10 s asked for (not the backoff's 0.1 s doubling, 5 tries in 2 s),
+            # cut to a last try just before the deadline: the server's own refusal, saying so.
+            with Client(server.target, timeout=2) as brief, pytest.raises(ResourceExhaustedError) as waited:
+                brief.evaluate_sample_set("full-queue")
+            assert _refused_starts(server) == 1 + 2
+            assert (waited.value.reason, waited.value.quota_violations, waited.value.retry_delay) == (
+                "QUEUED_JOBS_EXCEEDED", [("server", "jobs queued")], 10.0)
+            assert re.fullmatch(rf"the call was tried 2 times over [12]\.\ds, the server at {re.escape(server.target)} without room for it each "
+                                r"time \(RESOURCE_EXHAUSTED with a retry delay: it did nothing with the call\); a larger timeout waits "
+                                r"longer for room \(timeout= of the Client or of the call; --timeout in the CLI\)", waited.value.__notes__[-1])
+            assert {operation.name for operation in client.operations(limit=1000)} == {queued.name, running.name}  # none refused started one
             with pytest.raises(grpc.RpcError) as refused:  # what any gRPC client reads
                 _send(server.target, "EvaluateSampleSet", inference_pb2.EvaluateSampleSetRequest(sample_set_id="full-queue"))
             status = status_pb2.Status.FromString(dict(refused.value.trailing_metadata())["grpc-status-details-bin"])
@@ -406,6 +427,38 @@ def test_a_full_job_queue_s_refusal_says_when_to_retry(server_factory):
         finally:
             for operation in (queued, running):
                 operation.cancel()
+
+
+def test_a_start_a_full_queue_refused_is_sent_again_after_its_delay_and_starts_one_job_once_a_place_frees(server_factory):
+    # The SDK retried no RESOURCE_EXHAUSTED: a start refused for a full queue failed at
+    # once, though its RetryInfo said the server did nothing with it and a place would free.
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = server_factory(jobs={"max_queued": 1})
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(_distinct_images(4, 41), [0, 1, 2, 3], sample_set_id="draining")
+        client.evaluate_sample_set("draining").result(timeout=60)  # a job ended: the delay is its run time, 1 s at least, not 10 s
+        running = client.visualize_neurons([3], method="no_clip", steps=10_000)
+        until_running(running)
+        queued = client.evaluate_sample_set("draining")
+        before = {operation.name for operation in client.operations(limit=1000)}
+        started = None
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                start = pool.submit(client.evaluate_sample_set, "draining")
+                deadline = time.monotonic() + 30
+                while _refused_starts(server) == 0:  # refused once, waiting out the delay
+                    assert time.monotonic() < deadline and not start.done(), start
+                    time.sleep(0.05)
+                queued.cancel()  # a place frees
+                started = start.result(timeout=60)
+            assert {operation.name for operation in client.operations(limit=1000)} - before == {started.name}  # one job, no duplicate
+            assert started.name not in before and not started.requested_again  # the refused attempt did nothing
+            assert _refused_starts(server) == 1
+        finally:
+            for operation in (queued, running, started):
+                if operation is not None:
+                    operation.cancel()
 
 
 def test_a_full_queue_gives_a_repeated_request_id_its_job_and_refuses_another_request_under_it_naming_that_job(server_factory, capsys):

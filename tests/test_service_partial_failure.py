@@ -666,16 +666,31 @@ def test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_the
     def out_of_memory(image, orientation):
         raise MemoryError()
 
-    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+    # retry=False: the SDK would send the Predict again after its retry delay until the deadline (below).
+    with Client(f"127.0.0.1:{server.port}", timeout=30, retry=False) as client:
         client.create_sample_set([GOOD, GOOD], [0, 1], sample_set_id="decodes-later")
-        monkeypatch.setattr(imaging, "_as_viewed", out_of_memory)
-        errors = []
-        for call in (lambda: client.predict([GOOD, GOOD], partial_failure=True), lambda: client.evaluate_sample_set("decodes-later").result(timeout=60)):
-            with pytest.raises(ResourceExhaustedError) as raised:
-                call()
-            errors.append(raised.value)
+        with monkeypatch.context() as patched:
+            patched.setattr(imaging, "_as_viewed", out_of_memory)
+            errors = []
+            for call in (lambda: client.predict([GOOD, GOOD], partial_failure=True), lambda: client.evaluate_sample_set("decodes-later").result(timeout=60)):
+                with pytest.raises(ResourceExhaustedError) as raised:
+                    call()
+                errors.append(raised.value)
     assert all("ran out of memory decoding the image; retry later" in error.details and not error.precondition_violations for error in errors)
     assert errors[0].retry_delay == 1.0 and errors[1].retry_delay is None  # an operation's error carries none, as the docs say
+    # The SDK retried no RESOURCE_EXHAUSTED: a Predict whose decoder ran out of memory once
+    # failed, though the server did nothing with it and asked for it again in 1 s.
+    as_viewed, refusals = imaging._as_viewed, []
+
+    def out_of_memory_once(image, orientation):
+        if not refusals:
+            refusals.append(image)
+            raise MemoryError()
+        return as_viewed(image, orientation)
+
+    monkeypatch.setattr(imaging, "_as_viewed", out_of_memory_once)
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        assert len(client.predict([GOOD, GOOD])) == 2 and len(refusals) == 1
 
 
 def test_out_of_memory_preparing_images_for_the_model_is_resource_exhausted_as_the_decoders_not_internal(server, monkeypatch):
@@ -689,7 +704,9 @@ def test_out_of_memory_preparing_images_for_the_model_is_resource_exhausted_as_t
     allocator = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                              "1073741824 bytes. Error code 12 (Cannot allocate memory)")
     wide = _png(90, 32)  # resized to the model's 16 px
-    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+    # retry=False: the SDK sends a Predict again after its retry delay until the deadline
+    # (test_a_decoder_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_the_images_fault).
+    with Client(f"127.0.0.1:{server.port}", timeout=30, retry=False) as client:
         client.create_sample_set([wide, wide], [0, 1], sample_set_id="prepared-later")
         for owner, name, error in ((imaging.InputGeometry, "fit", allocator), (imaging, "uint8_hwc_to_float_chw", MemoryError()), (torch, "stack", allocator)):
             def out_of_memory(*args, error=error, **kwargs):
