@@ -493,13 +493,16 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
     a server does while it loads its models (or shuts down), and counts the attempts.
     With ``retry_delay_s`` the UNAVAILABLE carries a RetryInfo, as explaind's does; without,
     it looks like one gRPC makes for a connection that failed. Timed on ``clock`` (a
-    :class:`_SkippingClock`, the SDK's, for a load its retry pauses pass at once)."""
+    :class:`_SkippingClock`, the SDK's, for a load its retry pauses pass at once).
+    ``code``: the refusal's, RESOURCE_EXHAUSTED for a server without room (a full job queue)."""
 
-    def __init__(self, loading_s: float, *, retry_delay_s: float | None = None, clock: Any = time) -> None:
+    def __init__(self, loading_s: float, *, retry_delay_s: float | None = None, clock: Any = time,
+                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         super().__init__()
         self.clock = clock
         self.ready_at = clock.monotonic() + loading_s
         self.retry_delay_s = retry_delay_s
+        self.code = code
         self.attempts: dict[str, int] = {}
 
     def _attempt(self, method: str, context) -> None:
@@ -511,10 +514,10 @@ class _LoadingSampleSets(sample_sets_pb2_grpc.SampleSetServiceServicer):
             if self.retry_delay_s is not None:
                 delay = duration_pb2.Duration()
                 delay.FromNanoseconds(round(self.retry_delay_s * 1e9))
-                status = status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message="models are still loading")
+                status = status_pb2.Status(code=self.code.value[0], message="models are still loading")
                 status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
                 context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
-            context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
+            context.abort(self.code, "models are still loading")
 
     def GetSampleSet(self, request, context):
         from explaind.v1 import sample_sets_pb2
@@ -704,10 +707,11 @@ def test_a_call_that_ran_out_of_time_retrying_says_it_was_retried_and_how_to_wai
 
 
 class _MuteAfterRestart(_LoadingSampleSets):
-    """Unavailable for its first ``unavailable`` attempts, then answers none until ``answer`` is set."""
+    """Unavailable (``refusal``: _LoadingSampleSets's code and retry_delay_s) for its first ``unavailable``
+    attempts, then answers none until ``answer`` is set."""
 
-    def __init__(self, unavailable: int) -> None:
-        super().__init__(loading_s=0)
+    def __init__(self, unavailable: int, **refusal: Any) -> None:
+        super().__init__(loading_s=0, **refusal)
         self.unavailable, self.answer = unavailable, threading.Event()
 
     def GetSampleSet(self, request, context):
@@ -734,6 +738,24 @@ def test_a_retried_call_whose_last_attempt_timed_out_says_so(monkeypatch):
         assert re.fullmatch(rf"the call was tried 3 times over (0\.[5-9]|1\.\d)s, the server at {re.escape(target)} unavailable the first 2, "
                             r"the last running out of time \(restarting, or loading its models\); a larger timeout waits longer .*",
                             late.value.__notes__[0])
+    finally:
+        servicer.answer.set()
+        server.stop(0)
+
+
+def test_a_call_refused_for_want_of_room_whose_retry_timed_out_says_so_not_that_the_server_did_nothing(monkeypatch):
+    # A full queue's refusal, then a last try that went unanswered: the note said "without
+    # room for it 1 times, unavailable or out of time the other 1 (...: it did nothing with
+    # the call)", though that last try may have done something.
+    _skipping_sdk_clock(monkeypatch)
+    servicer = _MuteAfterRestart(unavailable=1, code=grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay_s=0.1)
+    server, target = _serve(servicer)
+    try:
+        with Client(target, timeout=1) as client, pytest.raises(DeadlineExceededError) as late:
+            client.sample_set("s")
+        assert re.fullmatch(rf"the call was tried 2 times over (0\.[5-9]|1\.\d)s, the server at {re.escape(target)} without room for it "
+                            r"once, unavailable or out of time the other 1 \(each refusal a RESOURCE_EXHAUSTED with a retry delay, "
+                            r"which it did nothing with\); a larger timeout waits longer for room .*", late.value.__notes__[0])
     finally:
         servicer.answer.set()
         server.stop(0)

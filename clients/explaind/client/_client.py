@@ -740,10 +740,14 @@ class Client:
         why, awaited = "restarting, or loading its models", "it"
         if attempts == 1:  # a call that may have taken effect, sent again only once the server answers again
             tried = f"the call was tried once, the server at {self.target} unavailable then and for the {waited:.1f}s waited for it"
-        elif refusals:
-            others = "each time" if refusals == attempts else f"{refusals} times, unavailable or out of time the other {attempts - refusals}"
-            tried = f"the call was tried {attempts} times over {waited:.1f}s, the server at {self.target} without room for it {others}"
+        elif refusals == attempts:
+            tried = f"the call was tried {attempts} times over {waited:.1f}s, the server at {self.target} without room for it each time"
             why, awaited = "RESOURCE_EXHAUSTED with a retry delay: it did nothing with the call", "room"
+        elif refusals:  # not "did nothing": an attempt that went unanswered may have done something
+            times = "once" if refusals == 1 else f"{refusals} times"
+            tried = (f"the call was tried {attempts} times over {waited:.1f}s, the server at {self.target} without room for it {times}, "
+                     f"unavailable or out of time the other {attempts - refusals}")
+            why, awaited = "each refusal a RESOURCE_EXHAUSTED with a retry delay, which it did nothing with", "room"
         else:
             when = "each time" if error.code == grpc.StatusCode.UNAVAILABLE else f"the first {attempts - 1}, the last running out of time"
             tried = f"the call was tried {attempts} times over {waited:.1f}s, the server at {self.target} unavailable {when}"
