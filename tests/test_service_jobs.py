@@ -437,7 +437,9 @@ def test_a_start_a_full_queue_refused_is_sent_again_after_its_delay_and_starts_o
     server = server_factory(jobs={"max_queued": 1})
     with Client(server.target, timeout=60) as client:
         client.create_sample_set(_distinct_images(4, 41), [0, 1, 2, 3], sample_set_id="draining")
-        client.evaluate_sample_set("draining").result(timeout=60)  # a job ended: the delay is its run time, 1 s at least, not 10 s
+        # No job has ended: the refusal asks for 10 s (the documented guess), ample time for the
+        # cancel below to free a place before the retry however loaded the machine (a job's
+        # run time, 1 s, left a cancel slower than that a second refusal).
         running = client.visualize_neurons([3], method="no_clip", steps=10_000)
         until_running(running)
         queued = client.evaluate_sample_set("draining")
@@ -445,6 +447,7 @@ def test_a_start_a_full_queue_refused_is_sent_again_after_its_delay_and_starts_o
         started = None
         try:
             with ThreadPoolExecutor(1) as pool:
+                submitted = time.monotonic()
                 start = pool.submit(client.evaluate_sample_set, "draining")
                 deadline = time.monotonic() + 30
                 while _refused_starts(server) == 0:  # refused once, waiting out the delay
@@ -452,6 +455,7 @@ def test_a_start_a_full_queue_refused_is_sent_again_after_its_delay_and_starts_o
                     time.sleep(0.05)
                 queued.cancel()  # a place frees
                 started = start.result(timeout=60)
+            assert time.monotonic() - submitted >= 10  # the delay asked for, not the backoff's 0.1 s
             assert {operation.name for operation in client.operations(limit=1000)} - before == {started.name}  # one job, no duplicate
             assert started.name not in before and not started.requested_again  # the refused attempt did nothing
             assert _refused_starts(server) == 1
