@@ -670,6 +670,7 @@ def test_a_call_retrying_as_its_client_is_closed_says_the_client_is_closed(loadi
         closed.wait(30)
 
     monkeypatch.setattr(_client, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+    monkeypatch.setattr(_client._Cancellation, "sleep", lambda _, seconds: sleep(seconds))  # an AsyncClient call's pause
 
     async def leave_the_block_while_it_retries() -> None:
         async with AsyncClient(loading) as client:

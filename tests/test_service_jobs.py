@@ -465,6 +465,44 @@ def test_a_start_a_full_queue_refused_is_sent_again_after_its_delay_and_starts_o
                     operation.cancel()
 
 
+def test_an_async_start_abandoned_in_a_full_queue_s_retry_pause_frees_its_thread_at_once_and_starts_no_job(server_factory):
+    # An AsyncClient start whose await was cancelled kept retrying in its thread: sent again
+    # after the refusal's 10 s, once a place had freed, it started a job nobody awaited.
+    import asyncio
+
+    from explaind.client import AsyncClient
+
+    server = server_factory(jobs={"max_queued": 1})
+    with Client(server.target, timeout=60) as client:
+        client.create_sample_set(_distinct_images(4, 43), [0, 1, 2, 3], sample_set_id="abandoned")
+        # No job has ended: the refusal asks for 10 s, which the abandoned start does not wait out.
+        running = client.visualize_neurons([3], method="no_clip", steps=10_000)
+        until_running(running)
+        queued = client.evaluate_sample_set("abandoned")
+        before = {operation.name for operation in client.operations(limit=1000)}
+
+        async def abandon_a_refused_start() -> float:
+            async with AsyncClient(server.target, timeout=60, max_workers=1) as async_client:
+                start = asyncio.ensure_future(async_client.evaluate_sample_set("abandoned"))
+                deadline = time.monotonic() + 30
+                while _refused_starts(server) == 0:  # refused once, pausing for the delay
+                    assert time.monotonic() < deadline and not start.done(), start
+                    await asyncio.sleep(0.05)
+                start.cancel()
+                abandoned = time.monotonic()
+                queued.cancel()  # a place frees, for a retry to take
+                await async_client.to_thread(time.monotonic)  # on the one thread: once the abandoned start has left it
+                return time.monotonic() - abandoned
+
+        try:
+            assert asyncio.run(abandon_a_refused_start()) < 5  # not after the 10 s pause
+            assert {operation.name for operation in client.operations(limit=1000)} == before  # no job started
+            assert _refused_starts(server) == 1  # and no further attempt
+        finally:
+            for operation in (queued, running):
+                operation.cancel()
+
+
 def test_a_full_queue_gives_a_repeated_request_id_its_job_and_refuses_another_request_under_it_naming_that_job(server_factory, capsys):
     # A full queue's refusal (RetryInfo) must not shadow a request_id's: a repeat still gets
     # the job it queued, and the id sent with another request is INVALID_ARGUMENT naming that

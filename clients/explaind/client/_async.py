@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
+from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client, _abandonment, _Cancellation
 from ._errors import DeadlineExceededError, UnavailableError
 from ._operations import WATCH_DEADLINE_S, Operation, ProgressDisplay, checked_timeout
 from ._types import Sample
@@ -168,8 +168,12 @@ class AsyncClient:
         (its OpenTelemetry span, say), as ``asyncio.to_thread`` does: for an Operation's
         blocking methods, ``await client.to_thread(operation.cancel)``."""
         self.client._require_open()  # a closed pool's own error named no client
-        context = contextvars.copy_context()
-        return asyncio.get_running_loop().run_in_executor(self._threads(), lambda: context.run(function, *args, **kwargs))
+        context, abandonment = contextvars.copy_context(), _Cancellation()
+        context.run(_abandonment.set, abandonment)
+        running = asyncio.get_running_loop().run_in_executor(self._threads(), lambda: context.run(function, *args, **kwargs))
+        # A cancelled await: the Client's calls in the thread make no further attempt (see _Cancellation.abandon).
+        running.add_done_callback(lambda done: abandonment.abandon() if done.cancelled() else None)
+        return running
 
     async def result(self, operation: Operation[R], *, progress: bool = False, timeout: float | None = None,
                      download: bool = True) -> R:

@@ -401,26 +401,56 @@ class _Cancellation:
     """Ends the requests of a pipelined call still running once it stops (a request
     failed, an image could not be read, a Ctrl-C): their gRPC calls in flight are
     cancelled and their retries' pauses cut short, each then raising
-    grpc.FutureCancelledError in its thread, so that the call's threads end with it."""
+    grpc.FutureCancelledError in its thread, so that the call's threads end with it.
+
+    :meth:`abandon` (an AsyncClient call whose await was cancelled, see
+    :data:`_abandonment`) stops them more gently: no further attempt, pauses cut short,
+    but an attempt in flight runs on, as it may have taken effect. A pipeline's own
+    (:meth:`within`) is abandoned with the call that runs it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: set[grpc.Future] = set()
         self._cancelled = threading.Event()
+        self._nested: list[_Cancellation] = []
 
-    def cancel(self) -> None:
+    @classmethod
+    def within(cls, outer: _Cancellation | None) -> _Cancellation:
+        """A new one, abandoned when ``outer`` (None: none) is."""
+        inner = cls()
+        if outer is not None:
+            with outer._lock:
+                outer._nested.append(inner)
+                abandoned = outer._cancelled.is_set()
+            if abandoned:
+                inner.abandon()
+        return inner
+
+    def abandon(self) -> None:
+        """No further attempt, here or in what is nested; attempts in flight run on."""
         with self._lock:
             self._cancelled.set()
+            nested = list(self._nested)
+        for inner in nested:
+            inner.abandon()
+
+    def cancel(self) -> None:
+        self.abandon()
+        with self._lock:
             calls = list(self._calls)
         for call in calls:
             call.cancel()
+
+    def require_running(self) -> None:
+        """Raise grpc.FutureCancelledError once abandoned: no attempt is to start."""
+        if self._cancelled.is_set():
+            raise grpc.FutureCancelledError()
 
     def result(self, start: Callable[[], grpc.Future]) -> Any:
         """The response of the call ``start`` makes, or its error; none is made once the
         pipeline has stopped."""
         with self._lock:
-            if self._cancelled.is_set():
-                raise grpc.FutureCancelledError()
+            self.require_running()
             call = start()
             self._calls.add(call)
         try:
@@ -433,6 +463,11 @@ class _Cancellation:
         """A retry's pause, cut short by a cancel."""
         if self._cancelled.wait(seconds):
             raise grpc.FutureCancelledError()
+
+
+# The AsyncClient call this thread runs for (set in the context it runs the Client's method
+# in): once its await is cancelled, the method's calls make no further attempt (see _call).
+_abandonment: contextvars.ContextVar[_Cancellation | None] = contextvars.ContextVar("explaind_abandonment", default=None)
 
 
 class Client:
@@ -656,15 +691,19 @@ class Client:
         wait (see the class; that refusal is the server's answer, ``_reached``), the last attempt just
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first.
         ``cancellation`` (a pipelined call's, from another thread) ends it early, attempt
-        or pause, as grpc.FutureCancelledError. ``unanswered``: given, the number of attempts
+        or pause, as grpc.FutureCancelledError; so does an abandoned AsyncClient call
+        (:data:`_abandonment`), at a pause or before an attempt. ``unanswered``: given, the number of attempts
         before the answer that may have taken effect (no answer came, or one without a
         RetryInfo saying the server did nothing) is appended to it."""
         deadline = time.monotonic() + min(self.timeout if timeout is None else timeout, MAX_CALL_SECONDS)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
         started, attempts, maybe_taken_effect, refusals = time.monotonic(), 0, 0, 0
+        stops = cancellation if cancellation is not None else _abandonment.get()
         while True:
             self._require_open()  # each attempt: one retrying as the client was closed met gRPC's nameless error
+            if stops is not None:
+                stops.require_running()
             _require_usable_grpc()
             attempts += 1
             try:
@@ -700,10 +739,10 @@ class Client:
                 if unanswered is not None:
                     unanswered.append(maybe_taken_effect)
                 return response
-            if cancellation is None:
+            if stops is None:
                 time.sleep(pause)
             else:
-                cancellation.sleep(pause)
+                stops.sleep(pause)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
             # Whether the server honours the request_id is asked after the pause, not before:
             # the server that answers is the one to get the repeat (one restarted into an
@@ -803,6 +842,8 @@ class Client:
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
         self._require_open()
+        if (abandonment := _abandonment.get()) is not None:
+            abandonment.require_running()
         _require_usable_grpc()
         with _under_way():  # from the call's start, which gRPC reads in a thread of its own, until the stream counts itself
             call = getattr(self._stubs[service], method)(request, timeout=min(timeout, MAX_CALL_SECONDS), metadata=self._call_metadata())
@@ -979,7 +1020,7 @@ class Client:
                 yield self._call_at(offset, total, service, method, request, timeout=timeout)
                 offset += items
             return
-        cancellation = _Cancellation()
+        cancellation = _Cancellation.within(_abandonment.get())
         in_flight: collections.deque[tuple[Future[Any], int]] = collections.deque()
         unread: Exception | None = None
         with ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"explaind-{method}") as executor:
