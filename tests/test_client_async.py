@@ -23,8 +23,9 @@ from explaind.client import (AsyncClient, Client, DeadlineExceededError, Evaluat
 from explaind.client import _async, _operations
 from explaind.config import default_config
 from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
-from test_client_sdk import (_channels_made_while_another_thread_warns, _closing_before_the_lookup, _operation_message, _ranking_with_omega,
-                             _RestartingOperations, _running_operation, _serve, _serve_a_reused_request_id_s_refusal, _SkippingClock)
+from test_client_sdk import (_channels_made_while_another_thread_warns, _closing_before_the_lookup, _LoadingSampleSets, _operation_message,
+                             _ranking_with_omega, _RestartingOperations, _running_operation, _serve, _serve_a_reused_request_id_s_refusal,
+                             _SkippingClock)
 from test_client_sdk import _skipping_sdk_clock as _skipping_client_clock
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
@@ -571,6 +572,63 @@ def test_a_call_cancelled_while_waiting_its_turn_never_runs(served):
         return ran
 
     assert asyncio.run(cancel_a_queued_call()) == [2]
+
+
+def test_a_call_abandoned_in_a_retry_pause_makes_no_further_attempt_and_frees_its_thread_at_once():
+    # A call whose await was cancelled went on retrying in its thread while the server
+    # restarted, for up to its whole timeout, holding one of the client's threads.
+    servicer = _LoadingSampleSets(loading_s=3600, retry_delay_s=30)  # UNAVAILABLE, retry after 30 s
+    server, target = _serve(servicer)
+
+    async def abandon_a_retrying_call() -> float:
+        async with AsyncClient(target, timeout=20, max_workers=1) as client:  # its retries would last 20 s, their last pause 19.75 s
+            asking = asyncio.ensure_future(client.sample_set("s"))
+            deadline = time.monotonic() + 30
+            while not servicer.attempts:  # refused once, pausing for the delay
+                assert time.monotonic() < deadline and not asking.done(), asking
+                await asyncio.sleep(0.01)
+            asking.cancel()
+            abandoned = time.monotonic()
+            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned call has left it
+            return time.monotonic() - abandoned
+
+    try:
+        assert asyncio.run(abandon_a_retrying_call()) < 10  # not after the 30 s pause
+        assert servicer.attempts == {"GetSampleSet": 1}
+    finally:
+        server.stop(0)
+
+
+def test_an_upload_abandoned_between_its_requests_sends_no_further_one(served):
+    # An abandoned upload's thread went on reading and sending the rest of its samples.
+    target, _ = served
+    reading_the_last, go_on = threading.Event(), threading.Event()
+
+    def images() -> Iterator[np.ndarray]:
+        yield from [IMAGE] * 4
+        reading_the_last.set()  # some requests sent, the next waiting for this image (read ahead: is it the last?)
+        go_on.wait(30)
+        yield IMAGE
+
+    async def abandon_an_upload(client: Client) -> int:
+        async with AsyncClient(target, max_workers=1) as async_client:
+            uploading = asyncio.ensure_future(async_client.create_sample_set(images(), ["heart", "star"] * 2 + ["circle"],
+                                                                             sample_set_id="abandoned", chunk_size=1))
+            assert await asyncio.get_running_loop().run_in_executor(None, reading_the_last.wait, 30)
+            sent = client.sample_set("abandoned").sample_count
+            uploading.cancel()
+            await asyncio.sleep(0)  # the cancel reaches the thread's call in the loop's next round
+            go_on.set()
+            await async_client.to_thread(time.monotonic)  # on the one thread: once the abandoned upload has left it
+            return sent
+
+    with Client(target) as client:
+        try:
+            sent = asyncio.run(abandon_an_upload(client))
+            left = client.sample_set("abandoned")
+            assert 0 < sent < 5 and (left.sample_count, left.uploading) == (sent, True)  # no sample sent after the abandonment
+        finally:
+            client.delete_sample_set("abandoned")
 
 
 # A closed client's error, {0} the class its user holds.
