@@ -581,7 +581,7 @@ def test_a_call_abandoned_in_a_retry_pause_makes_no_further_attempt_and_frees_it
     server, target = _serve(servicer)
 
     async def abandon_a_retrying_call() -> float:
-        async with AsyncClient(target, timeout=20, max_workers=1) as client:  # its retries would last 20 s, their last pause 19.75 s
+        async with AsyncClient(target, timeout=20, max_workers=1) as client:  # a retry would pause 19.75 s (the 30 s asked, cut to the deadline)
             asking = asyncio.ensure_future(client.sample_set("s"))
             deadline = time.monotonic() + 30
             while not servicer.attempts:  # refused once, pausing for the delay

@@ -72,12 +72,14 @@ class AsyncClient:
     (the event loop's default executor is left alone): that many run at once, and more
     wait their turn, in order, their ``timeout`` counting from when they start. A call
     still waiting its turn that is cancelled (``asyncio.timeout``, a cancelled task) never
-    runs; one already running cannot be stopped from its thread: it runs on until it ends
-    or its deadline (the Client's ``timeout``, or the call's own; ``rank_mistake_neurons``,
-    which waits for its job, without one until the job ends), its thread busy till then
-    and its result dropped. A job it started keeps running on the server
-    (``await client.to_thread(operation.cancel)`` stops it). :meth:`result` waits in
-    steps, so a cancelled wait for a job frees its thread within ``RESULT_STEP_S``.
+    runs; one already running makes no further attempt: a retry's pause (a restarting
+    server, a full job queue) ends at once, an upload sends no further request, a wait for
+    a job (``rank_mistake_neurons``'s) asks no more, and its thread ends, its result
+    dropped. An attempt already sent is left to its answer or its deadline (the Client's
+    ``timeout``, or the call's own), as it may have taken effect: a start it sent may
+    start a job, which keeps running on the server (``await
+    client.to_thread(operation.cancel)`` stops it). :meth:`result` waits in steps, so a
+    cancelled wait for a job frees its thread within ``RESULT_STEP_S``.
 
     ``async with AsyncClient(...) as client`` closes it at the end of the block, as
     :meth:`close` does. Across processes it is as the Client: a process forked from its
