@@ -460,7 +460,7 @@ class _Cancellation:
                 self._calls.discard(call)
 
     def sleep(self, seconds: float) -> None:
-        """A retry's pause, cut short by a cancel."""
+        """A retry's pause, cut short by a cancel or an abandonment."""
         if self._cancelled.wait(seconds):
             raise grpc.FutureCancelledError()
 
