@@ -599,10 +599,24 @@ def test_a_call_abandoned_in_a_retry_pause_makes_no_further_attempt_and_frees_it
         server.stop(0)
 
 
-def test_an_upload_abandoned_between_its_requests_sends_no_further_one(served):
-    # An abandoned upload's thread went on reading and sending the rest of its samples.
+def test_an_upload_abandoned_between_its_requests_sends_no_further_one_and_deletes_its_part(served):
+    # An abandoned upload's thread went on reading and sending the rest of its samples. Then
+    # it stopped, but left its part uploading, as no interrupted upload does: run again, the
+    # upload met ALREADY_EXISTS for up to [server].upload_idle_timeout_s.
     target, _ = served
     reading_the_last, go_on = threading.Event(), threading.Event()
+    sent_after_the_abandonment: list[str] = []
+
+    class NotingStub:
+        """The client's stub, noting each request sent once the upload was abandoned."""
+
+        def __init__(self, stub: Any) -> None:
+            self._stub = stub
+
+        def __getattr__(self, method: str) -> Any:
+            if go_on.is_set():
+                sent_after_the_abandonment.append(method)
+            return getattr(self._stub, method)
 
     def images() -> Iterator[np.ndarray]:
         yield from [IMAGE] * 4
@@ -610,23 +624,23 @@ def test_an_upload_abandoned_between_its_requests_sends_no_further_one(served):
         go_on.wait(30)
         yield IMAGE
 
-    async def abandon_an_upload(client: Client) -> int:
+    labels = ["heart", "star"] * 2 + ["circle"]
+
+    async def abandon_an_upload() -> None:
         async with AsyncClient(target, max_workers=1) as async_client:
-            uploading = asyncio.ensure_future(async_client.create_sample_set(images(), ["heart", "star"] * 2 + ["circle"],
-                                                                             sample_set_id="abandoned", chunk_size=1))
+            async_client.client._stubs["sample_sets"] = NotingStub(async_client.client._stubs["sample_sets"])
+            uploading = asyncio.ensure_future(async_client.create_sample_set(images(), labels, sample_set_id="abandoned", chunk_size=1))
             assert await asyncio.get_running_loop().run_in_executor(None, reading_the_last.wait, 30)
-            sent = client.sample_set("abandoned").sample_count
             uploading.cancel()
             await asyncio.sleep(0)  # the cancel reaches the thread's call in the loop's next round
             go_on.set()
             await async_client.to_thread(time.monotonic)  # on the one thread: once the abandoned upload has left it
-            return sent
 
+    asyncio.run(abandon_an_upload())
+    assert sent_after_the_abandonment == ["DeleteSampleSet"]  # no sample: its part deleted, as an interrupted upload's
     with Client(target) as client:
         try:
-            sent = asyncio.run(abandon_an_upload(client))
-            left = client.sample_set("abandoned")
-            assert 0 < sent < 5 and (left.sample_count, left.uploading) == (sent, True)  # no sample sent after the abandonment
+            assert client.create_sample_set([IMAGE] * 5, labels, sample_set_id="abandoned").sample_count == 5  # run again: not ALREADY_EXISTS
         finally:
             client.delete_sample_set("abandoned")
 

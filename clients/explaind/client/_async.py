@@ -73,7 +73,8 @@ class AsyncClient:
     wait their turn, in order, their ``timeout`` counting from when they start. A call
     still waiting its turn that is cancelled (``asyncio.timeout``, a cancelled task) never
     runs; one already running makes no further attempt: a retry's pause (a restarting
-    server, a full job queue) ends at once, an upload sends no further request, a wait for
+    server, a full job queue) ends at once, an upload sends no further samples (its part is
+    settled as an interrupted upload's: deleted, without ``request_id``), a wait for
     a job (``rank_mistake_neurons``'s) asks no more, and its thread ends, its result
     dropped. An attempt already sent is left to its answer or its deadline (the Client's
     ``timeout``, or the call's own), as it may have taken effect: a start it sent may

@@ -470,6 +470,17 @@ class _Cancellation:
 _abandonment: contextvars.ContextVar[_Cancellation | None] = contextvars.ContextVar("explaind_abandonment", default=None)
 
 
+@contextlib.contextmanager
+def _despite_abandonment() -> Iterator[None]:
+    """Calls made within are made although the AsyncClient call was abandoned: the cleanup
+    of what it left half done (a partly uploaded set), as after a Ctrl-C."""
+    token = _abandonment.set(None)
+    try:
+        yield
+    finally:
+        _abandonment.reset(token)
+
+
 class Client:
     """A connection to an explaind server.
 
@@ -1187,7 +1198,8 @@ class Client:
                 _show_upload(display, sent, total, last)
         except BaseException as error:
             _note_upload_id_reused(error, upload_id, "create_sample_set", requests)
-            self._settle_failed_upload(error, created, total, upload_id, finished_before=finished_before, unreadable=unreadable)
+            with _despite_abandonment():  # an abandoned upload's part is deleted too: left uploading, the upload run again met ALREADY_EXISTS
+                self._settle_failed_upload(error, created, total, upload_id, finished_before=finished_before, unreadable=unreadable)
             raise
         return created
 
