@@ -415,16 +415,25 @@ class _Cancellation:
         self._nested: list[_Cancellation] = []
 
     @classmethod
-    def within(cls, outer: _Cancellation | None) -> _Cancellation:
-        """A new one, abandoned when ``outer`` (None: none) is."""
+    @contextlib.contextmanager
+    def within(cls, outer: _Cancellation | None) -> Iterator[_Cancellation]:
+        """A new one, abandoned when ``outer`` (None: none) is while the block runs: no
+        longer kept by ``outer`` after it (an AsyncClient.to_thread function making many
+        split calls kept each one's until it returned)."""
         inner = cls()
-        if outer is not None:
+        if outer is None:
+            yield inner
+            return
+        with outer._lock:
+            outer._nested.append(inner)
+            abandoned = outer._cancelled.is_set()
+        if abandoned:
+            inner.abandon()
+        try:
+            yield inner
+        finally:
             with outer._lock:
-                outer._nested.append(inner)
-                abandoned = outer._cancelled.is_set()
-            if abandoned:
-                inner.abandon()
-        return inner
+                outer._nested.remove(inner)
 
     def abandon(self) -> None:
         """No further attempt, here or in what is nested; attempts in flight run on."""
@@ -1031,10 +1040,9 @@ class Client:
                 yield self._call_at(offset, total, service, method, request, timeout=timeout)
                 offset += items
             return
-        cancellation = _Cancellation.within(_abandonment.get())
         in_flight: collections.deque[tuple[Future[Any], int]] = collections.deque()
         unread: Exception | None = None
-        with ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"explaind-{method}") as executor:
+        with _Cancellation.within(_abandonment.get()) as cancellation, ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"explaind-{method}") as executor:
             try:
                 while True:
                     try:
