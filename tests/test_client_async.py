@@ -23,7 +23,8 @@ from explaind.client import (AsyncClient, Client, DeadlineExceededError, Evaluat
 from explaind.client import _async, _operations
 from explaind.config import default_config
 from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
-from test_client_sdk import (_channels_made_while_another_thread_warns, _closing_before_the_lookup, _LoadingSampleSets, _operation_message,
+from test_client_sdk import (_BatchingInference, _channels_made_while_another_thread_warns, _closing_before_the_lookup, _LoadingSampleSets,
+                             _operation_message,
                              _ranking_with_omega, _RestartingOperations, _running_operation, _serve, _serve_a_reused_request_id_s_refusal,
                              _SkippingClock)
 from test_client_sdk import _skipping_sdk_clock as _skipping_client_clock
@@ -595,6 +596,42 @@ def test_a_call_abandoned_in_a_retry_pause_makes_no_further_attempt_and_frees_it
     try:
         assert asyncio.run(abandon_a_retrying_call()) < 10  # not after the 30 s pause
         assert servicer.attempts == {"GetSampleSet": 1}
+    finally:
+        server.stop(0)
+
+
+class _FullPredictQueue(_BatchingInference, _LoadingSampleSets):
+    """A batch size of 4 images, each Predict refused for a full queue: retry after 30 s."""
+
+    def __init__(self) -> None:
+        _LoadingSampleSets.__init__(self, loading_s=3600, retry_delay_s=30, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def Predict(self, request, context):
+        self._attempt("Predict", context)
+
+
+def test_a_split_predict_abandoned_in_its_requests_retry_pauses_makes_no_further_attempt_and_frees_its_thread_at_once():
+    # The split requests wait in threads of the call's own: an abandonment reaches them too.
+    from explaind.v1 import inference_pb2_grpc
+
+    servicer = _FullPredictQueue()
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server, threads=4)
+
+    async def abandon_a_refused_predict() -> float:
+        async with AsyncClient(target, timeout=20, max_workers=1) as client:  # a retry would pause 19.75 s
+            predicting = asyncio.ensure_future(client.predict([IMAGE] * 10))  # 3 requests, in flight at once
+            deadline = time.monotonic() + 30
+            while servicer.attempts.get("Predict", 0) < 3:  # each refused once, pausing for the delay
+                assert time.monotonic() < deadline and not predicting.done(), predicting
+                await asyncio.sleep(0.01)
+            predicting.cancel()
+            abandoned = time.monotonic()
+            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned predict has left it
+            return time.monotonic() - abandoned
+
+    try:
+        assert asyncio.run(abandon_a_refused_predict()) < 10  # not after the 30 s pause
+        assert servicer.attempts == {"Predict": 3}
     finally:
         server.stop(0)
 
