@@ -169,7 +169,9 @@ class AsyncClient:
     def to_thread(self, function: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[R]:
         """``function(*args, **kwargs)`` on this client's threads, in the caller's context
         (its OpenTelemetry span, say), as ``asyncio.to_thread`` does: for an Operation's
-        blocking methods, ``await client.to_thread(operation.cancel)``."""
+        blocking methods, ``await client.to_thread(operation.cancel)``. A cancelled await
+        stops the Client's calls it makes as it does this client's own (see the class):
+        the next one raises ``grpc.FutureCancelledError`` in ``function``."""
         self.client._require_open()  # a closed pool's own error named no client
         context, abandonment = contextvars.copy_context(), _Cancellation()
         context.run(_abandonment.set, abandonment)
