@@ -682,31 +682,35 @@ def test_an_upload_abandoned_between_its_requests_sends_no_further_one_and_delet
             client.delete_sample_set("abandoned")
 
 
-def test_split_predicts_in_one_threaded_function_keep_nothing_of_theirs_once_answered(served):
+def test_split_predicts_in_one_threaded_function_keep_nothing_of_theirs_once_answered():
     # Each split (pipelined) Predict in an AsyncClient.to_thread function left its own stop
     # (see _Cancellation.within) with the call's for as long as the function ran: a function
     # classifying a data set a batch at a time kept ~1.7 kB per batch until it returned.
     import gc
 
     from explaind.client._client import _Cancellation
+    from explaind.v1 import inference_pb2_grpc
 
-    target, _ = served
+    server, target = _serve(_BatchingInference(), add=inference_pb2_grpc.add_InferenceServiceServicer_to_server, threads=4)
 
     def live_stops() -> int:
         gc.collect()
-        return sum(isinstance(thing, _Cancellation) for thing in gc.get_objects())
+        return sum(type(thing) is _Cancellation for thing in gc.get_objects())
 
     def classify_in_batches(client: Client) -> int:
         before = live_stops()
         for _ in range(20):
-            client.predict([IMAGE] * 3, max_in_flight=2)
+            assert len(client.predict([IMAGE] * 10)) == 10  # 3 requests, in flight at once
         return live_stops() - before
 
     async def classify() -> int:
         async with AsyncClient(target) as client:
             return await client.to_thread(classify_in_batches, client.client)
 
-    assert asyncio.run(classify()) == 0
+    try:
+        assert asyncio.run(classify()) == 0
+    finally:
+        server.stop(0)
 
 
 # A closed client's error, {0} the class its user holds.
