@@ -331,9 +331,13 @@ class _RestartingThenFailed(operations_pb2_grpc.OperationsServiceServicer):
 
 def _skipping_sdk_clock(monkeypatch) -> _SkippingClock:
     """test_client_sdk's skipping clock standing in for the AsyncClient's time too (its
-    awaited results)."""
+    awaited results, and its calls' retry pauses, which wait on their abandonment: see
+    _Cancellation.sleep)."""
+    from explaind.client import _client
+
     clock = _skipping_client_clock(monkeypatch)
     monkeypatch.setattr(_async, "time", clock)
+    monkeypatch.setattr(_client._Cancellation, "sleep", lambda _, seconds: clock.sleep(seconds))
     return clock
 
 
