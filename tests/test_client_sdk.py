@@ -21,7 +21,7 @@ import pytest
 from google.longrunning import operations_pb2 as operations_lro
 from google.protobuf import any_pb2, timestamp_pb2
 
-from explaind.client import AsyncClient, Client, DeadlineExceededError, Operation, PlaintextTokenWarning
+from explaind.client import AsyncClient, Client, DeadlineExceededError, Operation, PlaintextTokenWarning, UnavailableError
 from explaind.v1 import common_pb2, inference_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2_grpc
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
@@ -2745,10 +2745,14 @@ def test_a_failed_run_of_an_upload_with_its_request_id_leaves_its_set_to_other_r
 
 @pytest.mark.parametrize("error, kept", [(OSError(5, "Input/output error"), True), (TimeoutError("the pipeline's alarm"), True),
                                           (FileNotFoundError(2, "No such file or directory"), False),
-                                          (PermissionError(13, "Permission denied"), False)])
+                                          (PermissionError(13, "Permission denied"), False),
+                                          (UnavailableError("the server at its label lookup"), True),
+                                          (grpc.FutureCancelledError(), True)])
 def test_a_transient_error_reading_an_upload_leaves_its_set_to_other_runs_and_a_lasting_one_deletes_it(error, kept):
     # Every error reading the images counted as one every run meets: an EIO of a network
     # mount in one run deleted the set another run, reading the same files, was filling.
+    # Reading a chunk may call the server too (a label's name resolved with the model's
+    # class names), which an outage or an abandoned AsyncClient call fails: not the images.
     import uuid
 
     def images():

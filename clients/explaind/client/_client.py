@@ -1196,7 +1196,10 @@ class Client:
                 except StopIteration:
                     break
                 except Exception as error:
-                    unreadable = not isinstance(error, OSError) or isinstance(error, _LASTING_READ_ERRORS)
+                    # Reading may ask the server (a label's name, its limits): its error, or the
+                    # abandonment of an AsyncClient call, says nothing of the images.
+                    unreadable = (not isinstance(error, (OSError, ExplaindError, grpc.FutureCancelledError))
+                                  or isinstance(error, _LASTING_READ_ERRORS))
                     raise
                 # The uid: the set this upload created, never another made under its id meanwhile.
                 append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last,
