@@ -4,6 +4,7 @@ await, awaited operation results, cancellation, and one awaitable twin per Clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import threading
@@ -22,11 +23,10 @@ from explaind.client import (AsyncClient, Client, DeadlineExceededError, Evaluat
                              PlaintextTokenWarning, UnavailableError)
 from explaind.client import _async, _operations
 from explaind.config import default_config
-from explaind.v1 import common_pb2, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
-from test_client_sdk import (_BatchingInference, _channels_made_while_another_thread_warns, _closing_before_the_lookup, _LoadingSampleSets,
-                             _operation_message,
-                             _ranking_with_omega, _RestartingOperations, _running_operation, _serve, _serve_a_reused_request_id_s_refusal,
-                             _SkippingClock)
+from explaind.v1 import common_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
+from test_client_sdk import (_BatchingInference, _channels_made_while_another_thread_warns, _closing_before_the_lookup, _GatedInference,
+                             _LoadingSampleSets, _numbered_images, _operation_message, _predict_threads, _ranking_with_omega,
+                             _RestartingOperations, _running_operation, _serve, _serve_a_reused_request_id_s_refusal, _SkippingClock)
 from test_client_sdk import _skipping_sdk_clock as _skipping_client_clock
 
 IMAGE = np.zeros((64, 64, 3), np.uint8)
@@ -751,6 +751,30 @@ def test_an_async_wait_given_an_operation_s_name_says_how_to_get_the_operation(w
         asyncio.run(wait_on_a_name())
 
 
+def test_an_async_for_over_predictions_gets_each_as_its_request_is_answered_and_a_close_cancels_the_rest():
+    servicer = _GatedInference()
+    servicer.open(0)  # the first request of 3 (images 0-1, 2-3, 4-5) is answered, the second held
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server, threads=8)
+
+    async def first_two() -> tuple[list[list[int]], list[str]]:
+        async with AsyncClient(target) as client:
+            seen = []
+            async with contextlib.aclosing(client.predictions(_numbered_images(6), max_in_flight=2)) as predictions:
+                async for prediction in predictions:
+                    seen.append(prediction.class_indices)
+                    if len(seen) == 2:
+                        await asyncio.to_thread(servicer.wait_for, lambda: 2 in servicer.arrived)
+                        break
+            return seen, _predict_threads()
+
+    try:
+        seen, threads_left = asyncio.run(first_two())
+        servicer.wait_for(lambda: 2 in servicer.cancelled)
+    finally:
+        server.stop(0)
+    assert seen == [[0], [1]] and not threads_left and servicer.arrived == [0, 2]
+
+
 def _public_methods(cls: type) -> dict[str, inspect.Signature]:
     return {name: inspect.signature(member) for name, member in inspect.getmembers(cls, inspect.isfunction) if not name.startswith("_")}
 
@@ -762,7 +786,7 @@ def test_every_public_client_method_has_an_awaitable_twin_with_its_parameters():
         method = getattr(AsyncClient, name)
         assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), f"AsyncClient.{name} is not awaitable"
         assert list(twins[name].parameters)[1:] == list(signature.parameters)[1:], f"AsyncClient.{name}'s parameters are not Client.{name}'s"
-        if name not in ("close", "samples"):  # the AsyncClient's own; the rest call the Client's, not another of the same parameters
+        if name != "close":  # the AsyncClient's own; the rest call the Client's, not another of the same parameters
             assert method.__wrapped__ is getattr(Client, name), f"AsyncClient.{name} calls Client.{method.__wrapped__.__name__}"
     # result and watch are Operation.result's and .watch's twins: the same defaults (a watch's time limit, a result's none).
     for name in ("result", "watch"):

@@ -1116,6 +1116,95 @@ def test_a_failing_request_among_those_in_flight_raises_its_error_and_cancels_th
         assert 6 in servicer.cancelled and sorted(servicer.answered) == [0, 2]
 
 
+class _GatedInference(inference_pb2_grpc.InferenceServiceServicer):
+    """A batch size of 2 images; each Predict, named by its first image's first pixel, waits
+    until the test opens it (:meth:`open`), then answers each image with its first pixel
+    as its class, or ``failing`` with INVALID_ARGUMENT. One the client cancels while it
+    waits is noted in ``cancelled``."""
+
+    def __init__(self, *, failing: int | None = None) -> None:
+        self.failing = failing
+        self.changed = threading.Condition()
+        self.arrived: list[int] = []
+        self.opened: set[int] = set()
+        self.cancelled: list[int] = []
+
+    def GetModelMetadata(self, request, context):
+        return inference_pb2.GetModelMetadataResponse(batching=inference_pb2.BatchingInfo(max_batch_size=2),
+                                                      limits=inference_pb2.RequestLimits(max_images_per_request=1024))
+
+    def Predict(self, request, context):
+        first = request.images[0].tensor.data[0]
+        context.add_callback(self._ended)
+        with self.changed:
+            self.arrived.append(first)
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: first in self.opened or not context.is_active(), HOLD_S)
+            if not context.is_active():
+                self.cancelled.append(first)
+                self.changed.notify_all()
+                return inference_pb2.PredictResponse()
+        if first == self.failing:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "images[1]: not an image")
+        return inference_pb2.PredictResponse(predictions=[inference_pb2.Prediction(class_indices=[image.tensor.data[0]])
+                                                          for image in request.images])
+
+    def open(self, *firsts: int) -> None:
+        with self.changed:
+            self.opened.update(firsts)
+            self.changed.notify_all()
+
+    def wait_for(self, until: Callable[[], bool]) -> None:
+        with self.changed:
+            assert self.changed.wait_for(until, HOLD_S)
+
+    def _ended(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+
+def _predict_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith("explaind-Predict")]
+
+
+def test_predictions_come_as_their_requests_are_answered_and_a_close_cancels_those_in_flight():
+    # predict returned nothing until every request was answered: a loop over 50,000 files
+    # saw nothing for minutes, and a Ctrl-C lost every prediction made.
+    servicer = _GatedInference()
+    servicer.open(0)  # the first request of 3 (images 0-1, 2-3, 4-5) is answered, the second held
+    with _client_of(servicer) as client:
+        predictions = client.predictions(_numbered_images(6), max_in_flight=2)
+        assert [next(predictions).class_indices, next(predictions).class_indices] == [[0], [1]]
+        servicer.wait_for(lambda: 2 in servicer.arrived)
+        predictions.close()
+        assert not _predict_threads()
+        servicer.wait_for(lambda: 2 in servicer.cancelled)
+        assert servicer.arrived == [0, 2]  # the third request is never sent
+    # A loop's break drops the generator, which closes it, as close() does.
+    servicer = _GatedInference()
+    servicer.open(0)
+    with _client_of(servicer) as client:
+        for prediction in client.predictions(_numbered_images(6), max_in_flight=2):
+            break
+        assert prediction.class_indices == [0] and not _predict_threads() and 4 not in servicer.arrived
+        # The arguments are checked at the call, not at the first prediction.
+        with pytest.raises(ValueError, match="^max_in_flight must be a positive integer"):
+            client.predictions(_numbered_images(6), max_in_flight=0)
+
+
+def test_predictions_before_a_failing_request_come_before_its_error():
+    from explaind.client import InvalidArgumentError
+
+    servicer = _GatedInference(failing=2)  # the second of three requests
+    servicer.open(0, 2, 4)
+    with _client_of(servicer) as client:
+        seen = []
+        with pytest.raises(InvalidArgumentError, match=r"images\[1\]: not an image$") as raised:
+            for prediction in client.predictions(_numbered_images(6), max_in_flight=2):
+                seen.append(prediction.class_indices)
+        assert seen == [[0], [1]] and raised.value.request_offset == 2 and not _predict_threads()
+
+
 def test_a_failing_request_of_a_predict_one_request_at_a_time_says_where_it_began():
     from explaind.client import InvalidArgumentError
 

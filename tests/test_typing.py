@@ -207,6 +207,7 @@ from explaind.client import AsyncClient, Prediction, Sample
 async def monitor() -> None:
     async with AsyncClient("127.0.0.1:50051", token="secret", max_workers=4) as remote:
         assert_type(await remote.predict(images, top_k=3), list[Prediction])
+        assert_type(remote.predictions(images, top_k=3), AsyncIterator[Prediction])
         evaluating = await remote.evaluate_sample_set("hearts", batch_size=64)
         assert_type(evaluating, Operation[Evaluation])
         assert_type(await remote.result(evaluating, timeout=60, download=False), Evaluation)

@@ -10,7 +10,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -18,7 +18,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client, _abandonment, _Cancellation
 from ._errors import DeadlineExceededError, UnavailableError
 from ._operations import WATCH_DEADLINE_S, Operation, ProgressDisplay, checked_timeout
-from ._types import Sample
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,6 +53,29 @@ def _awaitable(method: Callable[Concatenate[Client, P], R]) -> Callable[Concaten
         return await self.to_thread(method, self.client, *args, **kwargs)
 
     return call
+
+
+def _iterated(method: Callable[Concatenate[Client, P], Generator[R, None, None]]) -> Callable[Concatenate[AsyncClient, P], AsyncIterator[R]]:
+    """``method`` of the Client, a generator, as an async generator method of the AsyncClient
+    with the same parameters, items and docstring: the call and each item are taken on the
+    AsyncClient's threads, one at a time, so a loop that stops early reads no further.
+    Stopped at an item (a ``break``, ``aclose()``, an exception in the loop), it closes the
+    Client's generator on those threads (a pipelined call's requests in flight cancelled,
+    its threads ended); cancelled while an item is being taken, that generator closes
+    itself there once the item comes, as a call already running ends in its thread."""
+
+    @functools.wraps(method)
+    async def iterate(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
+        items = await self.to_thread(method, self.client, *args, **kwargs)
+        end: Any = object()  # no item is this
+        while (item := await self.to_thread(next, items, end)) is not end:
+            try:
+                yield item
+            except BaseException:
+                await self.to_thread(items.close)
+                raise
+
+    return iterate
 
 
 def _require_operation(operation: object) -> None:
@@ -243,20 +265,15 @@ class AsyncClient:
             if left <= step:
                 return
 
-    async def samples(self, sample_set_id: str, *, start: int = 0) -> AsyncIterator[Sample]:
-        """:meth:`Client.samples`, iterated with ``async for``: each page is read on this
-        client's threads."""
-        samples = self.client.samples(sample_set_id, start=start)  # a generator: nothing is read yet
-        while (sample := await self.to_thread(next, samples, None)) is not None:
-            yield sample
-
     health = _awaitable(Client.health)
     wait_until_ready = _awaitable(Client.wait_until_ready)
     model_metadata = _awaitable(Client.model_metadata)
     predict = _awaitable(Client.predict)
+    predictions = _iterated(Client.predictions)
     create_sample_set = _awaitable(Client.create_sample_set)
     append_samples = _awaitable(Client.append_samples)
     sample_set = _awaitable(Client.sample_set)
+    samples = _iterated(Client.samples)
     sample_sets = _awaitable(Client.sample_sets)
     delete_sample_set = _awaitable(Client.delete_sample_set)
     evaluate_sample_set = _awaitable(Client.evaluate_sample_set)

@@ -937,25 +937,40 @@ class Client:
 
     def predict(self, images: Any, *, top_k: int = 0, return_features: bool = False, timeout: float | None = None,
                 max_in_flight: int = DEFAULT_PREDICT_IN_FLIGHT, partial_failure: bool = False) -> list[Prediction]:
+        """Every Prediction of :meth:`predictions` (the same arguments, requests and
+        errors), in a list once the last request is answered: one per image, in order."""
+        return list(self.predictions(images, top_k=top_k, return_features=return_features, timeout=timeout,
+                                     max_in_flight=max_in_flight, partial_failure=partial_failure))
+
+    def predictions(self, images: Any, *, top_k: int = 0, return_features: bool = False, timeout: float | None = None,
+                    max_in_flight: int = DEFAULT_PREDICT_IN_FLIGHT, partial_failure: bool = False) -> Generator[Prediction, None, None]:
         """Classify images, the ``top_k`` classes each (0: the server's default, 5, or every
-        class of a classifier with fewer): a list or any iterable (numpy arrays, torch tensors, PIL images,
-        paths, encoded bytes, each read as its request is made) or one (N, 3, H, W) /
-        (N, H, W, 3) batch. One Prediction per image, in order. Images go in consecutive
-        requests of at most the server's batch size (``model_metadata().max_batch_size``,
-        one forward pass of its model, so that each request's time is one batch's whatever
-        the list's length: 800 images of 224² in one ran past 30 s on a CPU), and within its
-        image, pixel and message limits, each with ``timeout``; a head promoted in between
-        shows in the predictions' ``model_version``.
+        class of a classifier with fewer), yielding each image's Prediction, in order, as
+        soon as its request (and every one before it) is answered: a loop over 50,000 files
+        sees the first within a request's time, and keeps what it saw when a later request
+        fails or it is stopped. ``images``: a list or any iterable (numpy arrays, torch
+        tensors, PIL images, paths, encoded bytes, each read as its request is made) or one
+        (N, 3, H, W) / (N, H, W, 3) batch. Images go in consecutive requests of at most the
+        server's batch size (``model_metadata().max_batch_size``, one forward pass of its
+        model, so that each request's time is one batch's whatever the list's length: 800
+        images of 224² in one ran past 30 s on a CPU), and within its image, pixel and
+        message limits, each with ``timeout`` (seconds); a head promoted in between shows
+        in the predictions' ``model_version``. ``return_features``: each Prediction's
+        ``features``, the image's (D,) float32 penultimate features.
 
         Up to ``max_in_flight`` of those requests are in flight at once (1: one at a time),
-        each in a thread of the call's own, ended with it, and fewer where the server
-        limits a caller's calls in progress (``model_metadata().limits.max_calls_per_caller``,
-        half of its [server].max_workers) or its images waiting
-        ([batching].max_queued_images_per_caller): the
-        next images are read and sent while the server runs the earlier, whose answers
+        each in a thread of the call's own, and fewer where the server limits a caller's
+        calls in progress (``model_metadata().limits.max_calls_per_caller``, half of its
+        [server].max_workers) or its images waiting ([batching].max_queued_images_per_caller):
+        the next images are read and sent while the server runs the earlier, whose answers
         are taken in order. The first request to fail, in the list's order, raises its
-        error and cancels the others.
+        error when its turn comes (after the predictions of the requests before it) and
+        cancels the others. Stopping early (a ``break``, ``close()``, the generator
+        dropped, an exception in the loop) cancels the requests in flight and sends no
+        more; the call's threads end before ``close()`` returns.
 
+        The arguments, the paths' existence and partial_failure's support are checked
+        here, before the first image is read or sent, and raise from this call.
         ``partial_failure``: an image the server cannot answer on its own (it does not
         decode, is not an image, is too large a side, or the model's logits for it are
         unusable) gets a Prediction whose ``error`` is the typed exception (naming it as
@@ -963,38 +978,42 @@ class Client:
         of a whole request (a full queue, the deadline, top_k, the pixel limit) still
         raises. A server that does not list the ``"predict_partial_failure"`` capability
         (an older release, which would fail the whole request for one image) is refused
-        up front with UnimplementedError, before any image is read or sent. The client
-        keeps the server's capabilities, asking again where they lack it (a server
-        upgraded behind the target) and where a request fails whole for one image, as
-        only a server that ignores partial_failure answers (one downgraded behind it):
-        UnimplementedError then too, from that error, and up front from then on."""
+        up front with UnimplementedError. The client keeps the server's capabilities,
+        asking again where they lack it (a server upgraded behind the target) and where a
+        request fails whole for one image, as only a server that ignores partial_failure
+        answers (one downgraded behind it): UnimplementedError then too, from that error,
+        and up front from then on."""
         timeout = checked_timeout(timeout)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer (requests), got {max_in_flight!r}")
         count = image_count(images)
-        require_files(images)  # requests already answered would be thrown away with the error
+        require_files(images)  # predictions already yielded would be followed by the error
         if partial_failure and not self._honours_partial_failure(timeout):
             raise self._partial_failure_unsupported()
+        return self._answered_predictions(images, count, top_k=top_k, return_features=return_features, timeout=timeout,
+                                          max_in_flight=max_in_flight, partial_failure=partial_failure)
+
+    def _answered_predictions(self, images: Any, count: int | None, *, top_k: int, return_features: bool, timeout: float | None,
+                              max_in_flight: int, partial_failure: bool) -> Generator[Prediction, None, None]:
+        """The predictions of :meth:`predictions`, whose arguments it checked, as their
+        requests are answered."""
         # One image needs no limits: the usual low-latency call, in this thread.
         chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True,
                                      timeout=timeout)
         requests = ((_request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features,
                               partial_failure=partial_failure), len(chunk))
                     for chunk in chunks)
-        predictions: list[Prediction] = []
+        offset = 0  # of the next request's first image in the caller's list
         try:
             with contextlib.closing(self._pipelined_calls("inference", "Predict", requests, count, 1 if count == 1 else max_in_flight,
                                                           timeout=timeout)) as responses:
                 for response in responses:
-                    features = None
-                    if response.HasField("features"):
-                        features = float32_array(response.features)
-                    offset = len(predictions)  # of the request's first image in the caller's list
-                    predictions += [
-                        Prediction(list(p.labels), list(p.class_indices), list(p.probabilities), None if features is None else features[i],
-                                   response.model_version, _image_error(p.error, i, offset + i) if p.error.code else None)
-                        for i, p in enumerate(response.predictions)
-                    ]
+                    features = float32_array(response.features) if response.HasField("features") else None
+                    for i, p in enumerate(response.predictions):
+                        yield Prediction(list(p.labels), list(p.class_indices), list(p.probabilities),
+                                         None if features is None else features[i], response.model_version,
+                                         _image_error(p.error, i, offset + i) if p.error.code else None)
+                    offset += len(response.predictions)
         except ExplaindError as error:
             if not (partial_failure and _fails_for_an_image(error)):
                 raise
@@ -1005,7 +1024,6 @@ class Client:
             if PARTIAL_FAILURE_CAPABILITY not in self._capabilities:
                 raise self._partial_failure_unsupported() from error
             raise
-        return predictions
 
     def _honours_partial_failure(self, timeout: float | None) -> bool:
         """Whether the server lists Predict's partial_failure capability: the kept answer
@@ -1389,7 +1407,7 @@ class Client:
             if not token:
                 return found
 
-    def samples(self, sample_set_id: str, *, start: int = 0) -> Iterator[Sample]:
+    def samples(self, sample_set_id: str, *, start: int = 0) -> Generator[Sample, None, None]:
         """The set's samples in insertion order from index ``start`` (an evaluation's
         ``sample_index``: the image of a mistake, without downloading those before it),
         images as PIL images, turned by their EXIF Orientation as the server turned them."""
