@@ -1376,10 +1376,12 @@ def test_predictions_line_up_after_file_names_of_wide_characters_and_combining_a
     # Padded to the longest name in characters, a CJK name (2 columns a character) pushed
     # its predictions right, a decomposed "é" (2 characters, 1 column) pulled them left.
     from explaind.client import Prediction
-    from explaind.client.cli import _print_predictions
+    from explaind.client.cli import _names_width, _print_prediction
 
     names = ["\u732b\u732b.png", "abcd.png", "cafe\u0301.png", "x.png"]  # 8, 8, 8 and 5 columns
-    _print_predictions(names, [Prediction(["dog"], [1], [0.75], None, "v1")] * len(names))
+    width = _names_width(names)
+    for name in names:
+        _print_prediction(name, Prediction(["dog"], [1], [0.75], None, "v1"), width)
     assert capsys.readouterr().out.splitlines() == ["\u732b\u732b.png  dog 0.75", "abcd.png  dog 0.75", "cafe\u0301.png  dog 0.75", "x.png     dog 0.75"]
 
 
@@ -1474,13 +1476,13 @@ def test_a_message_quoting_an_argument_rewrites_only_an_undecodable_byte_s_escap
 @pytest.mark.parametrize(("argv", "in_flight"), [([], 4), (["--max-in-flight", "1"], 1), (["--max-in-flight", "9"], 9)])
 def test_predict_keeps_max_in_flight_requests_in_flight(server, capsys, tmp_path, monkeypatch, argv, in_flight):
     asked = []
-    predict = Client.predict
+    predictions = Client.predictions
 
     def recording(self, images, **options):
         asked.append(options["max_in_flight"])
-        return predict(self, images, **options)
+        return predictions(self, images, **options)
 
-    monkeypatch.setattr(Client, "predict", recording)
+    monkeypatch.setattr(Client, "predictions", recording)
     images = [_png(tmp_path / f"{i}.png", 10 + i) for i in range(3)]
     assert main(["--target", server.target, "predict", *images, "--json", *argv]) == 0
     assert asked == [in_flight]
@@ -1506,6 +1508,44 @@ def test_an_image_the_server_refuses_is_named_by_its_file(server, capsys, tmp_pa
     (folder / "heart" / "1.png").write_bytes(b"broken")
     assert main(["--target", server.target, "sample-set", "create", "--folder", str(folder)]) == 1
     assert f"  that is file {folder / 'heart' / '1.png'}" in capsys.readouterr().err.splitlines()
+
+
+def _files_of_two_requests(server, tmp_path) -> tuple[list[str], Path]:
+    """A request's worth of good files (the server's batch size), then a good file and an
+    unreadable one (its image refused): the second request fails, the first is answered."""
+    with Client(server.target, timeout=30) as client:
+        per_request = client.model_metadata().max_batch_size
+    goods = [_png(tmp_path / f"{i}.png", i) for i in range(per_request + 1)]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    return goods, bad
+
+
+def test_predict_prints_the_files_answered_before_a_failing_request_then_its_error(server, capsys, tmp_path):
+    # predict printed nothing until every file was answered: one failing request lost the
+    # lines of every file answered before it (a pipeline of 50,000 files saw none for minutes).
+    goods, bad = _files_of_two_requests(server, tmp_path)
+    assert main(["--target", server.target, "predict", *goods, str(bad)]) == 1
+    printed = capsys.readouterr()
+    assert [line.split()[0] for line in printed.out.splitlines()] == goods[:-1]
+    assert printed.err.splitlines()[-1] == f"  that is file {bad}"
+
+
+def test_predict_interrupted_keeps_the_lines_of_the_files_answered_before(server, capsys, tmp_path, monkeypatch):
+    goods, bad = _files_of_two_requests(server, tmp_path)
+    call_at = Client._call_at
+    calls = []
+
+    def interrupted_at_the_second(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # where Ctrl-C lands while the second request's answer is on its way
+        return call_at(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "_call_at", interrupted_at_the_second)
+    assert main(["--target", server.target, "predict", *goods, str(bad), "--max-in-flight", "1"]) == 130
+    printed = capsys.readouterr()
+    assert [line.split()[0] for line in printed.out.splitlines()] == goods[:-1] and printed.err == "interrupted\n"
 
 
 def test_a_server_error_about_an_image_past_the_files_given_names_no_file():

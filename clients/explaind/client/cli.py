@@ -311,14 +311,19 @@ class _ArgumentParser(argparse.ArgumentParser):
         super().error(_shown_in_reprs(message))
 
 
-def _print_predictions(names: list[str], predictions: list[Prediction]) -> None:
-    """One line an image, its name padded to the widest name's columns (not characters:
-    a file named in CJK shifted its predictions), and escaped (:func:`_shown_file_name`)."""
-    names = [_shown_file_name(n) for n in names]
-    width = max((_display_width(n) for n in names), default=8)
-    for name, prediction in zip(names, predictions, strict=True):
-        ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
-        print(f"{name}{' ' * (width - _display_width(name))}  {ranked}")
+def _names_width(names: Iterable[str]) -> int:
+    """The columns of the widest of ``names`` as :func:`_print_prediction` shows them: known
+    before any answer, so that each line prints as it comes, aligned with the others."""
+    return max(_display_width(_shown_file_name(name)) for name in names)
+
+
+def _print_prediction(name: str, prediction: Prediction, width: int) -> None:
+    """An image's line, as soon as it is answered (flushed: a pipe's reader sees it then
+    too), its name escaped (:func:`_shown_file_name`) and padded to ``width`` columns (not
+    characters: a file named in CJK shifted its predictions)."""
+    name = _shown_file_name(name)
+    ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
+    print(f"{name}{' ' * (width - _display_width(name))}  {ranked}", flush=True)
 
 
 def _file_problem(path: str) -> str | None:
@@ -792,25 +797,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.top_k and args.top_k > classes:  # said here: the server's refusal offers a 0 that --top-k does not take
             raise CommandError(f"--top-k: {args.top_k} is more than the served model's {classes} classes")
         top_k = args.top_k or min(DEFAULT_PREDICT_CLASSES, classes)
-        try:
-            predictions = client.predict([Path(p) for p in args.images], top_k=top_k, max_in_flight=args.max_in_flight,
-                                         partial_failure=args.keep_going)
-        except OSError as error:  # a file unreadable when its turn came (gone meanwhile, an I/O error)
-            raise _command_error(error) from None
-    # --keep-going: each file the server could not answer is named on stderr, the others printed.
-    failed = [(name, p.error) for name, p in zip(args.images, predictions, strict=True) if p.error is not None]
-    for name, refusal in failed:
-        print(f"error: {_shown_file_name(name)}: {refusal}", file=sys.stderr)
+        width = _names_width(args.images)
+        entries: list[dict[str, Any]] = []  # --json's, printed once all are in: valid JSON needs its end
+        failed = 0
+        predictions = _predictions_of_files(client, args.images, top_k=top_k, max_in_flight=args.max_in_flight,
+                                            partial_failure=args.keep_going)
+        with contextlib.closing(predictions):  # a Ctrl-C or failure cancels the requests in flight before the client closes
+            for name, prediction in zip(args.images, predictions, strict=True):
+                if prediction.error is not None:  # --keep-going: each file the server could not answer is named on stderr
+                    failed += 1
+                    print(f"error: {_shown_file_name(name)}: {prediction.error}", file=sys.stderr)
+                if args.json:
+                    entries.append({"image": name, "error": _error_json(prediction.error)} if prediction.error is not None
+                                   else {"image": name, "labels": prediction.labels, "class_indices": prediction.class_indices,
+                                         "probabilities": prediction.probabilities, "model_version": prediction.model_version})
+                elif prediction.error is None:
+                    _print_prediction(name, prediction, width)
     if args.json:
-        _print_json([{"image": i, "error": _error_json(p.error)} if p.error is not None
-                     else {"image": i, "labels": p.labels, "class_indices": p.class_indices, "probabilities": p.probabilities,
-                           "model_version": p.model_version} for i, p in zip(args.images, predictions, strict=True)], args)
-    else:
-        answered = [(name, p) for name, p in zip(args.images, predictions, strict=True) if p.error is None]
-        _print_predictions([name for name, _ in answered], [p for _, p in answered])
+        _print_json(entries, args)
     if not failed:
         return 0
-    return EXIT_SOME_FAILED if len(failed) < len(predictions) else 1
+    return EXIT_SOME_FAILED if failed < len(args.images) else 1
+
+
+def _predictions_of_files(client: Client, files: list[str], **options: Any) -> Iterator[Prediction]:
+    """:meth:`Client.predictions` of the files, as they are answered; a file unreadable
+    when its turn came (gone meanwhile, an I/O error) is a user error."""
+    try:
+        yield from client.predictions([Path(file) for file in files], **options)
+    except OSError as error:
+        raise _command_error(error) from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -1602,9 +1618,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             meta = client.model_metadata()
             _print_metadata(meta)
             images, labels, attributes = _world_samples(args.scenario, "test", args.count)
-            predictions = client.predict(images.first(12), top_k=3)
             print(f"\npredictions for {args.scenario} test images (true label first):")
-            _print_predictions([f"{meta.class_names[l]} ({a['background']})" for l, a in zip(labels[:12], attributes[:12], strict=True)], predictions)
+            names = [f"{meta.class_names[l]} ({a['background']})" for l, a in zip(labels[:12], attributes[:12], strict=True)]
+            width = _names_width(names)
+            for name, prediction in zip(names, client.predictions(images.first(12), top_k=3), strict=True):
+                _print_prediction(name, prediction, width)
             created = client.create_sample_set(images, labels, sample_set_id="demo", display_name=f"{args.scenario} test", attributes=attributes)
             print(f"\nsample set {created.sample_set_id}: {_counted(created.sample_count, 'sample')}; evaluating it as a job:")
             operation = client.evaluate_sample_set(created.sample_set_id, batch_size=32)
