@@ -48,7 +48,7 @@ import traceback
 import unicodedata
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar, cast, overload
 
@@ -820,7 +820,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed < len(args.images) else 1
 
 
-def _predictions_of_files(client: Client, files: list[str], **options: Any) -> Iterator[Prediction]:
+def _predictions_of_files(client: Client, files: list[str], **options: Any) -> Generator[Prediction, None, None]:
     """:meth:`Client.predictions` of the files, as they are answered; a file unreadable
     when its turn came (gone meanwhile, an I/O error) is a user error."""
     try:
