@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import io
 import threading
@@ -773,6 +774,31 @@ def test_an_async_for_over_predictions_gets_each_as_its_request_is_answered_and_
     finally:
         server.stop(0)
     assert seen == [[0], [1]] and not threads_left and servicer.arrived == [0, 2]
+
+
+def test_a_break_out_of_async_predictions_at_the_end_of_the_client_s_block_closes_them_quietly():
+    # Left without aclosing, the loop's generator is closed when the event loop finalises it:
+    # after the `async with` closed the client, whose threads then refused the close, which
+    # ended as "Task exception was never retrieved: ValueError: this AsyncClient ... is closed".
+    servicer = _GatedInference()
+    servicer.open(0)
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server, threads=8)
+    reported = []
+
+    async def break_out() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        async with AsyncClient(target) as client:
+            async for _ in client.predictions(_numbered_images(6), max_in_flight=2):
+                await asyncio.to_thread(servicer.wait_for, lambda: 2 in servicer.arrived)
+                break
+
+    try:
+        asyncio.run(break_out())
+        gc.collect()  # a task's unretrieved exception is reported as it goes
+        servicer.wait_for(lambda: 2 in servicer.cancelled)
+    finally:
+        server.stop(0)
+    assert reported == [] and not _predict_threads()
 
 
 def _public_methods(cls: type) -> dict[str, inspect.Signature]:

@@ -62,7 +62,10 @@ def _iterated(method: Callable[Concatenate[Client, P], Generator[R, None, None]]
     Stopped at an item (a ``break``, ``aclose()``, an exception in the loop), it closes the
     Client's generator on those threads (a pipelined call's requests in flight cancelled,
     its threads ended); cancelled while an item is being taken, that generator closes
-    itself there once the item comes, as a call already running ends in its thread."""
+    itself there once the item comes, as a call already running ends in its thread. A
+    loop left without ``aclosing`` is closed when the event loop finalises it, after an
+    enclosing ``async with AsyncClient`` may have closed the client: its threads refuse
+    work then, and the requests ended with the channel, so it closes here."""
 
     @functools.wraps(method)
     async def iterate(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
@@ -72,7 +75,10 @@ def _iterated(method: Callable[Concatenate[Client, P], Generator[R, None, None]]
             try:
                 yield item
             except BaseException:
-                await self.to_thread(items.close)
+                if self.client._closed:  # to_thread's "is closed" error, in a task nobody awaits, left it open
+                    items.close()
+                else:
+                    await self.to_thread(items.close)
                 raise
 
     return iterate
