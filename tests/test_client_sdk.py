@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import io
 import pickle
 import re
@@ -1203,6 +1204,44 @@ def test_predictions_before_a_failing_request_come_before_its_error():
             for prediction in client.predictions(_numbered_images(6), max_in_flight=2):
                 seen.append(prediction.class_indices)
         assert seen == [[0], [1]] and raised.value.request_offset == 2 and not _predict_threads()
+
+
+def test_predictions_left_in_a_reference_cycle_and_collected_in_one_of_their_threads_close_quietly(monkeypatch):
+    # The garbage collector runs in whichever thread allocates, often a request's thread: the
+    # close of a generator it found in a cycle waited there for that thread itself, and failed
+    # as "Exception ignored in: <generator ...> RuntimeError: cannot join current thread".
+    servicer = _GatedInference()
+    servicer.open(0)
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    collected = threading.Event()
+    call_at = Client._call_at
+
+    def collecting_after_the_second(self, offset, *args, **kwargs):
+        try:
+            return call_at(self, offset, *args, **kwargs)
+        finally:
+            if offset == 2:
+                gc.collect()  # as an allocation in this thread may
+                collected.set()
+
+    monkeypatch.setattr(Client, "_call_at", collecting_after_the_second)
+    with _client_of(servicer) as client:
+        cycle = SimpleNamespace(predictions=client.predictions(_numbered_images(6), max_in_flight=2))
+        cycle.itself = cycle
+        assert next(cycle.predictions).class_indices == [0]
+        servicer.wait_for(lambda: 2 in servicer.arrived)
+        gc.disable()  # collected in the request's thread alone
+        try:
+            del cycle
+            servicer.open(2)
+            assert collected.wait(HOLD_S)
+        finally:
+            gc.enable()
+    for thread in threading.enumerate():
+        if thread.name.startswith("explaind-Predict"):
+            thread.join(HOLD_S)  # they end after the close, not before
+    assert unraisable == [] and servicer.arrived == [0, 2] and not _predict_threads()
 
 
 def test_a_failing_request_of_a_predict_one_request_at_a_time_says_where_it_began():

@@ -1051,7 +1051,9 @@ class Client:
         first failure in the requests' order is raised, an error making a request (reading
         its images) once the requests before it have answered, as one at a time; on a
         failure or a close, the calls still in flight are cancelled and the threads end
-        before this does."""
+        before this does, but where the garbage collector closes it in one of them (the
+        generator of :meth:`predictions` left in a reference cycle), which cannot wait for
+        itself: they end after."""
         offset = 0
         if max_in_flight == 1:  # no thread to start or hand over to
             for request, items in requests:
@@ -1060,7 +1062,10 @@ class Client:
             return
         in_flight: collections.deque[tuple[Future[Any], int]] = collections.deque()
         unread: Exception | None = None
-        with _Cancellation.within(_abandonment.get()) as cancellation, ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"explaind-{method}") as executor:
+        own_threads: set[int] = set()
+        executor = ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"explaind-{method}",
+                                      initializer=lambda: own_threads.add(threading.get_ident()))
+        with _Cancellation.within(_abandonment.get()) as cancellation:
             try:
                 while True:
                     try:
@@ -1083,6 +1088,7 @@ class Client:
                     raise unread
             finally:
                 cancellation.cancel()  # after a failure: the others' calls end now, and the executor's wait with them
+                executor.shutdown(wait=threading.get_ident() not in own_threads)
 
     # Sample sets ---------------------------------------------------------------------
 
