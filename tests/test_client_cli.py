@@ -1531,6 +1531,25 @@ def test_predict_prints_the_files_answered_before_a_failing_request_then_its_err
     assert printed.err.splitlines()[-1] == f"  that is file {bad}"
 
 
+def test_predict_writes_each_line_out_before_the_next_request(server, tmp_path, monkeypatch):
+    # Printed but not flushed, a line to a pipe (block-buffered: `explaind predict ... | tee`)
+    # reached its reader only once the buffer filled or the command ended.
+    goods, _ = _files_of_two_requests(server, tmp_path)
+    written = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8"))  # buffered, as to a pipe
+    out_at_the_second_request = []
+    call_at = Client._call_at
+
+    def noting_the_output(self, offset, *args, **kwargs):
+        if offset:
+            out_at_the_second_request.append(written.getvalue().decode())
+        return call_at(self, offset, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "_call_at", noting_the_output)
+    assert main(["--target", server.target, "predict", *goods, "--max-in-flight", "1"]) == 0
+    assert [line.split()[0] for line in out_at_the_second_request[0].splitlines()] == goods[:-1]
+
+
 def test_predict_interrupted_keeps_the_lines_of_the_files_answered_before(server, capsys, tmp_path, monkeypatch):
     goods, bad = _files_of_two_requests(server, tmp_path)
     call_at = Client._call_at
