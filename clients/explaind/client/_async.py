@@ -81,6 +81,8 @@ def _iterated(method: Callable[Concatenate[Client, P], Generator[R, None, None]]
                     await self.to_thread(items.close)
                 raise
 
+    iterate.__doc__ = (f"{method.__doc__}\n\n        On the AsyncClient, an async generator: what the Client's call checks raises "
+                       "at the first item, and ``aclose()`` is its ``close()``.")
     return iterate
 
 
