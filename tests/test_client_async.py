@@ -24,7 +24,8 @@ from explaind.client import (AsyncClient, Client, DeadlineExceededError, Evaluat
                              PlaintextTokenWarning, UnavailableError)
 from explaind.client import _async, _operations
 from explaind.config import default_config
-from explaind.v1 import common_pb2, inference_pb2_grpc, operations_pb2, operations_pb2_grpc, sample_sets_pb2, sample_sets_pb2_grpc
+from explaind.v1 import (common_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, operations_pb2, operations_pb2_grpc,
+                         sample_sets_pb2, sample_sets_pb2_grpc)
 from test_client_sdk import (_BatchingInference, _channels_made_while_another_thread_warns, _closing_before_the_lookup, _GatedInference,
                              _LoadingSampleSets, _numbered_images, _operation_message, _predict_threads, _ranking_with_omega,
                              _RestartingOperations, _running_operation, _serve, _serve_a_reused_request_id_s_refusal, _SkippingClock)
@@ -1006,3 +1007,117 @@ def test_a_reused_request_id_s_error_is_raised_as_it_came_by_an_async_client_clo
     finally:
         server.stop(0)
     assert (error.field, error.operation, refusing.lookups_left_s) == ("request_id", None, [])
+
+
+class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_pb2_grpc.OperationsServiceServicer):
+    """A ranking's job that never ends: its WaitOperation and its watch stream (after one
+    update) are held until the caller leaves (``left``: the methods it left) or 10 s pass;
+    its start, while ``hold_start``, until ``release_start``. ``inside``: set once a
+    held call is inside; ``asked``: the methods called."""
+
+    def __init__(self, *, hold_start: bool = False) -> None:
+        self.hold_start, self.release_start, self.inside = hold_start, threading.Event(), threading.Event()
+        self.asked: list[str] = []
+        self.left: list[str] = []
+        self.start_answered_to_a_caller_still_there: bool | None = None
+
+    def _hold(self, method: str, context) -> None:
+        self.inside.set()
+        deadline = time.monotonic() + 10
+        while context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not context.is_active():
+            self.left.append(method)
+
+    def RankMistakeNeurons(self, request, context):
+        self.asked.append("RankMistakeNeurons")
+        if self.hold_start:
+            self.inside.set()
+            self.release_start.wait(10)
+            self.start_answered_to_a_caller_still_there = context.is_active()
+        return neuroinspect_pb2.RankMistakeNeuronsResponse(operation=_running_operation("operations/x"))
+
+    def GetOperation(self, request, context):
+        self.asked.append("GetOperation")
+        return operations_pb2.GetOperationResponse(operation=_running_operation(request.name))
+
+    def WaitOperation(self, request, context):
+        self.asked.append("WaitOperation")
+        self._hold("WaitOperation", context)
+        return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
+
+    def WatchOperation(self, request, context):
+        self.asked.append("WatchOperation")
+        yield operations_pb2.WatchOperationResponse(operation=_running_operation(request.name))
+        self._hold("WatchOperation", context)
+
+
+def _serve_held_calls(servicer: _HeldCalls) -> tuple[grpc.Server, str]:
+    def add(servicer: _HeldCalls, server: grpc.Server) -> None:
+        neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(servicer, server)
+        operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server)
+
+    return _serve(servicer, add=add, threads=4)
+
+
+async def _once_inside(servicer: _HeldCalls, call: asyncio.Future) -> None:
+    """Return once a call of ``servicer``'s is held inside it."""
+    deadline = time.monotonic() + 30
+    while not servicer.inside.is_set():
+        assert time.monotonic() < deadline and not call.done(), call
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("wait, held", [
+    (lambda client, operation: client.rank_mistake_neurons("s", 3), "WaitOperation"),
+    (lambda client, operation: client.to_thread(operation.result), "WaitOperation"),
+    (lambda client, operation: client.to_thread(operation.result, progress=True), "WatchOperation"),
+], ids=["rank_mistake_neurons", "Operation.result", "Operation.result-progress"])
+def test_an_abandoned_wait_for_a_job_cancels_its_call_in_flight_and_frees_its_thread_at_once(wait, held):
+    # The abandoned call's WaitOperation in flight held its thread until the server
+    # answered (up to a minute), its watch stream until the job's next update, though the
+    # call changed nothing on the server and nobody awaited its answer.
+    servicer = _HeldCalls()
+    server, target = _serve_held_calls(servicer)
+
+    async def abandon_a_wait() -> float:
+        async with AsyncClient(target, max_workers=1) as client:
+            waiting = asyncio.ensure_future(wait(client, Operation(client.client, _running_operation("operations/x"))))
+            await _once_inside(servicer, waiting)
+            waiting.cancel()
+            abandoned = time.monotonic()
+            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned wait has left it
+            return time.monotonic() - abandoned
+
+    try:
+        assert asyncio.run(abandon_a_wait()) < 5  # not the server's 10 s
+        deadline = time.monotonic() + 5
+        while servicer.left != [held]:  # the server sees its call end, at once
+            assert time.monotonic() < deadline, servicer.left
+            time.sleep(0.01)
+    finally:
+        server.stop(0)
+
+
+def test_an_abandoned_calls_start_in_flight_runs_to_its_answer_and_makes_no_further_call():
+    # A start may take effect: cancelled, the job it started would run on, its name unknown.
+    servicer = _HeldCalls(hold_start=True)
+    server, target = _serve_held_calls(servicer)
+
+    async def abandon_a_start() -> None:
+        async with AsyncClient(target, max_workers=1) as client:
+            ranking = asyncio.ensure_future(client.rank_mistake_neurons("s", 3))
+            await _once_inside(servicer, ranking)
+            ranking.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await ranking
+            await asyncio.sleep(0.2)  # the abandonment reaches the thread (a done callback)
+            servicer.release_start.set()
+            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned ranking has left it
+
+    try:
+        asyncio.run(abandon_a_start())
+        assert servicer.start_answered_to_a_caller_still_there is True
+        assert servicer.asked == ["RankMistakeNeurons"]  # abandoned: no wait for the job it started
+    finally:
+        server.stop(0)

@@ -3806,15 +3806,17 @@ def test_a_busy_server_answering_waits_at_once_is_polled_backing_off_to_at_most_
     # A busy server answers each WaitOperation at once (its waiting slots all taken): the
     # SDK polls, doubling its pause from 0.1 s up to BUSY_WAIT_MAX_PAUSE_S, and asks each
     # wait for what is left of the caller's timeout, to the nanosecond.
-    from explaind.client import _operations
+    from explaind.client import _client, _operations
     from explaind.client._operations import Operation
 
     clock = _FakeClock()
-    monkeypatch.setattr(_operations, "time", clock)
+    for module in (_client, _operations):  # the Client's pauses too (Client._pause)
+        monkeypatch.setattr(module, "time", clock)
     asked = []
 
     class BusyServer:
         _retry = True
+        _pause = staticmethod(Client._pause)
 
         def _call(self, service, method, request, **kwargs):
             asked.append(request.timeout.ToTimedelta().total_seconds())
@@ -4014,15 +4016,17 @@ class _RefusedStream(_Stream):
 def test_a_watch_a_busy_server_has_no_stream_for_polls_it_until_the_job_ends(monkeypatch):
     # Every thread for streams taken (RESOURCE_EXHAUSTED): GetOperation every
     # WATCH_POLL_INTERVAL_S instead, each poll an update.
-    from explaind.client import ResourceExhaustedError, _operations
+    from explaind.client import ResourceExhaustedError, _client, _operations
     from explaind.client._operations import Operation
 
     clock = _FakeClock()
-    monkeypatch.setattr(_operations, "time", clock)
+    for module in (_client, _operations):  # the Client's pauses too (Client._pause)
+        monkeypatch.setattr(module, "time", clock)
     polls = []
 
     class BusyServer:
         timeout, _retry = 30.0, True
+        _pause = staticmethod(Client._pause)
 
         def _stream(self, *args, **kwargs):
             return _RefusedStream(ResourceExhaustedError("no thread for another stream"))
@@ -4045,6 +4049,7 @@ class _DroppingStreamsServer:
 
     timeout, _reached = 30.0, True
     _waits_out_unavailable = Client._waits_out_unavailable
+    _pause = staticmethod(Client._pause)
 
     def __init__(self, clock: _FakeClock, streams: list, refreshed, *, retry: bool = True) -> None:
         self.clock, self.streams, self.refreshed, self._retry = clock, streams, refreshed, retry
@@ -4063,11 +4068,12 @@ class _DroppingStreamsServer:
 
 
 def test_a_watch_whose_stream_drops_refreshes_reopens_and_gives_up_at_its_own_timeout(monkeypatch):
-    from explaind.client import ResourceExhaustedError, UnavailableError, _operations
+    from explaind.client import ResourceExhaustedError, UnavailableError, _client, _operations
     from explaind.client._operations import Operation
 
     clock = _FakeClock()
-    monkeypatch.setattr(_operations, "time", clock)
+    for module in (_client, _operations):  # the Client's pauses too (Client._pause)
+        monkeypatch.setattr(module, "time", clock)
     running = _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING)
     succeeded = _operation_message(done=True, state=operations_pb2.OPERATION_STATE_SUCCEEDED)
     # A stream dropped with the job still running: refreshed, then opened again after a pause.

@@ -315,6 +315,7 @@ def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
 
 T = TypeVar("T", sample_sets_pb2.Sample, common_pb2.Image)
 Run = TypeVar("Run")
+C = TypeVar("C")
 
 
 def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
@@ -405,12 +406,14 @@ class _Cancellation:
 
     :meth:`abandon` (an AsyncClient call whose await was cancelled, see
     :data:`_abandonment`) stops them more gently: no further attempt, pauses cut short,
-    but an attempt in flight runs on, as it may have taken effect. A pipeline's own
-    (:meth:`within`) is abandoned with the call that runs it."""
+    read-only calls in flight cancelled (a WaitOperation held the thread up to a minute,
+    a WatchOperation until the job's next update), but any other attempt in flight runs
+    on, as it may have taken effect. A pipeline's own (:meth:`within`) is abandoned with
+    the call that runs it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._calls: set[grpc.Future] = set()
+        self._calls: dict[Any, bool] = {}  # each call in flight: whether it is read-only
         self._cancelled = threading.Event()
         self._nested: list[_Cancellation] = []
 
@@ -436,17 +439,22 @@ class _Cancellation:
                 outer._nested.remove(inner)
 
     def abandon(self) -> None:
-        """No further attempt, here or in what is nested; attempts in flight run on."""
+        """No further attempt, here or in what is nested; read-only calls in flight are
+        cancelled, the others run on."""
+        self._stop(everything=False)
+
+    def cancel(self) -> None:
+        self._stop(everything=True)
+
+    def _stop(self, *, everything: bool) -> None:
+        """No further attempt, here or in what is nested; the calls in flight cancelled,
+        all of them (``everything``) or the read-only ones."""
         with self._lock:
             self._cancelled.set()
             nested = list(self._nested)
+            calls = [call for call, read_only in self._calls.items() if everything or read_only]
         for inner in nested:
-            inner.abandon()
-
-    def cancel(self) -> None:
-        self.abandon()
-        with self._lock:
-            calls = list(self._calls)
+            inner._stop(everything=everything)
         for call in calls:
             call.cancel()
 
@@ -455,18 +463,28 @@ class _Cancellation:
         if self._cancelled.is_set():
             raise grpc.FutureCancelledError()
 
-    def result(self, start: Callable[[], grpc.Future]) -> Any:
-        """The response of the call ``start`` makes, or its error; none is made once the
-        pipeline has stopped."""
+    def start(self, start: Callable[[], C], *, read_only: bool) -> C:
+        """The call (a future or a stream) ``start`` makes, in flight until :meth:`release`:
+        a cancel ends it, and so does an abandonment where it is ``read_only``. None is
+        made once stopped."""
         with self._lock:
             self.require_running()
             call = start()
-            self._calls.add(call)
+            self._calls[call] = read_only
+        return call
+
+    def release(self, call: Any) -> None:
+        """``call`` is no longer in flight (it ended)."""
+        with self._lock:
+            self._calls.pop(call, None)
+
+    def result(self, start: Callable[[], grpc.Future], *, read_only: bool) -> Any:
+        """The response of the call ``start`` makes (see :meth:`start`), or its error."""
+        call = self.start(start, read_only=read_only)
         try:
             return call.result()
         finally:
-            with self._lock:
-                self._calls.discard(call)
+            self.release(call)
 
     def sleep(self, seconds: float) -> None:
         """A retry's pause, cut short by a cancel or an abandonment."""
@@ -712,7 +730,7 @@ class Client:
         before the deadline or ``retry_until`` (``time.monotonic()``), whichever is first.
         ``cancellation`` (a pipelined call's, from another thread) ends it early, attempt
         or pause, as grpc.FutureCancelledError; so does an abandoned AsyncClient call
-        (:data:`_abandonment`), at a pause or before an attempt. ``unanswered``: given, the number of attempts
+        (:data:`_abandonment`), at a pause, before an attempt, or in a read-only one. ``unanswered``: given, the number of attempts
         before the answer that may have taken effect (no answer came, or one without a
         RetryInfo saying the server did nothing) is appended to it."""
         deadline = time.monotonic() + min(self.timeout if timeout is None else timeout, MAX_CALL_SECONDS)
@@ -729,11 +747,11 @@ class Client:
             try:
                 send = getattr(self._stubs[service], method)
                 with _under_way():
-                    if cancellation is None:
+                    if stops is None:
                         response = send(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata())
                     else:
-                        response = cancellation.result(lambda: send.future(request, timeout=deadline - time.monotonic(),
-                                                                           metadata=self._call_metadata()))
+                        response = stops.result(lambda: send.future(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata()),
+                                                read_only=method in _READ_ONLY)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 waits_for_room = _waits_for_room(error)
@@ -759,10 +777,7 @@ class Client:
                 if unanswered is not None:
                     unanswered.append(maybe_taken_effect)
                 return response
-            if stops is None:
-                time.sleep(pause)
-            else:
-                stops.sleep(pause)
+            self._pause(pause, cancellation)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
             # Whether the server honours the request_id is asked after the pause, not before:
             # the server that answers is the one to get the repeat (one restarted into an
@@ -772,6 +787,17 @@ class Client:
                 if retry_end - time.monotonic() - LAST_ATTEMPT_S < 0:  # out of time, not a server that would start it twice
                     self._note_retries(error, attempts, started, refusals)
                 raise error from None
+
+    @staticmethod
+    def _pause(seconds: float, cancellation: _Cancellation | None = None) -> None:
+        """``time.sleep(seconds)``, cut short as grpc.FutureCancelledError by ``cancellation``
+        or, without one, an abandonment of the AsyncClient call (:data:`_abandonment`): a
+        retry's pause, or an operation's wait's or watch's."""
+        stops = cancellation if cancellation is not None else _abandonment.get()
+        if stops is None:
+            time.sleep(seconds)
+        else:
+            stops.sleep(seconds)
 
     def _note_if_answered(self, error: ExplaindError) -> None:
         """Count ``error`` of a call or a stream as the server's answer (see ``_reached``)
@@ -861,13 +887,16 @@ class Client:
         return True
 
     def _stream(self, service: str, method: str, request: Any, *, timeout: float) -> Any:
+        """A read-only server stream (WatchOperation), cancelled by an abandonment of the AsyncClient call (:data:`_abandonment`)."""
         self._require_open()
-        if (abandonment := _abandonment.get()) is not None:
-            abandonment.require_running()
+        abandonment = _abandonment.get()
         _require_usable_grpc()
         with _under_way():  # from the call's start, which gRPC reads in a thread of its own, until the stream counts itself
-            call = getattr(self._stubs[service], method)(request, timeout=min(timeout, MAX_CALL_SECONDS), metadata=self._call_metadata())
-            return _ErrorMappingStream(call, self)
+            def start() -> Any:
+                return getattr(self._stubs[service], method)(request, timeout=min(timeout, MAX_CALL_SECONDS), metadata=self._call_metadata())
+
+            call = start() if abandonment is None else abandonment.start(start, read_only=True)
+            return _ErrorMappingStream(call, self, abandonment)
 
     # Health and metadata -------------------------------------------------------------
 
@@ -1864,10 +1893,11 @@ class _ErrorMappingStream:
     caller, Operation.watch, cancels every stream it opens once it is done with it). A
     call under way (see _forked_amid_calls) until it ends or is cancelled: gRPC reads it
     in a thread of its own meanwhile. (A watch refused a stream polls for hours before
-    it cancels the ended one.)"""
+    it cancels the ended one.) One that ``abandonment`` cancelled raises
+    grpc.FutureCancelledError, as an abandoned call does."""
 
-    def __init__(self, call: Any, client: Client) -> None:
-        self._call, self._client = call, client
+    def __init__(self, call: Any, client: Client, abandonment: _Cancellation | None) -> None:
+        self._call, self._client, self._abandonment = call, client, abandonment
         _calls_under_way.add(self)
 
     def __iter__(self) -> Iterator[Any]:
@@ -1876,12 +1906,19 @@ class _ErrorMappingStream:
                 self._client._reached = True  # a server answering only a watch is one that restarts, not a wrong address
                 yield response
         except grpc.RpcError as rpc_error:
+            if self._abandonment is not None and rpc_error.code() == grpc.StatusCode.CANCELLED:
+                self._abandonment.require_running()  # cancelled by it: nobody awaits the error
             error = from_rpc_error(rpc_error)
             self._client._note_if_answered(error)
             raise error from None
         finally:
-            _calls_under_way.discard(self)
+            self._ended()
 
     def cancel(self) -> None:
         self._call.cancel()
+        self._ended()
+
+    def _ended(self) -> None:
         _calls_under_way.discard(self)
+        if self._abandonment is not None:
+            self._abandonment.release(self._call)

@@ -465,7 +465,7 @@ class Operation(Generic[ResultT]):
             self._update(response.operation)
             if not self.done and time.monotonic() - asked < step / 2:
                 # A busy server answers a wait at once (every waiting slot is taken): poll, backing off.
-                time.sleep(min(pause, max(0.0, remaining - (time.monotonic() - asked))))
+                self._client._pause(min(pause, max(0.0, remaining - (time.monotonic() - asked))))
                 pause = min(2 * pause, BUSY_WAIT_MAX_PAUSE_S)
             else:
                 pause = 0.1
@@ -509,7 +509,7 @@ class Operation(Generic[ResultT]):
             yield self._refresh_before(deadline)
             if self.done:
                 return
-            time.sleep(min(WATCH_REOPEN_PAUSE_S, max(0.0, deadline - time.monotonic())))
+            self._client._pause(min(WATCH_REOPEN_PAUSE_S, max(0.0, deadline - time.monotonic())))
 
     def _poll(self, deadline: float) -> Iterator[Self]:
         """Yield this operation every WATCH_POLL_INTERVAL_S until it is done or ``deadline``
@@ -518,7 +518,7 @@ class Operation(Generic[ResultT]):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            time.sleep(min(WATCH_POLL_INTERVAL_S, left))
+            self._client._pause(min(WATCH_POLL_INTERVAL_S, left))
             yield self._refresh_before(deadline)
 
     def _refresh_before(self, deadline: float) -> Self:
