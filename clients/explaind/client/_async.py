@@ -37,8 +37,8 @@ if hasattr(os, "register_at_fork"):  # Windows has none, and no fork to track
 
 # Threads of an AsyncClient, so as many of its calls run at once; more wait their turn.
 DEFAULT_MAX_WORKERS = 16
-# Longest wait one thread makes for AsyncClient.result: an await cancelled meanwhile frees
-# its thread within this many seconds (plus a call's margin), not at the result's timeout.
+# Longest wait one thread makes for AsyncClient.result (an await cancelled meanwhile cancels
+# it at once: see _Cancellation.abandon).
 RESULT_STEP_S = 10.0
 # How often AsyncClient.result(progress=True) and AsyncClient.watch read the job, seconds.
 PROGRESS_STEP_S = 1.0
@@ -104,13 +104,13 @@ class AsyncClient:
     still waiting its turn that is cancelled (``asyncio.timeout``, a cancelled task) never
     runs; one already running makes no further attempt: a retry's pause (a restarting
     server, a full job queue) ends at once, an upload sends no further samples (its part is
-    settled as an interrupted upload's: deleted, without ``request_id``), a wait for
-    a job (``rank_mistake_neurons``'s) asks no more, and its thread ends, its result
-    dropped. An attempt already sent is left to its answer or its deadline (the Client's
+    settled as an interrupted upload's: deleted, without ``request_id``), a read-only
+    call in flight (a wait for a job, ``rank_mistake_neurons``'s, a watch of its progress,
+    a Get or List) is cancelled, and its thread ends, its result dropped. Any other
+    attempt already sent is left to its answer or its deadline (the Client's
     ``timeout``, or the call's own), as it may have taken effect: a start it sent may
     start a job, which keeps running on the server (``await
-    client.to_thread(operation.cancel)`` stops it). :meth:`result` waits in steps, so a
-    cancelled wait for a job frees its thread within ``RESULT_STEP_S``.
+    client.to_thread(operation.cancel)`` stops it).
 
     ``async with AsyncClient(...) as client`` closes it at the end of the block, as
     :meth:`close` does. Across processes it is as the Client: a process forked from its
@@ -201,7 +201,8 @@ class AsyncClient:
         (its OpenTelemetry span, say), as ``asyncio.to_thread`` does: for an Operation's
         blocking methods, ``await client.to_thread(operation.cancel)``. A cancelled await
         stops the Client's calls it makes as it does this client's own (see the class):
-        the next one raises ``grpc.FutureCancelledError`` in ``function``."""
+        the next one, or a read-only one in flight, raises ``grpc.FutureCancelledError`` in
+        ``function``."""
         self.client._require_open()  # a closed pool's own error named no client
         context, abandonment = contextvars.copy_context(), _Cancellation()
         context.run(_abandonment.set, abandonment)
@@ -216,8 +217,8 @@ class AsyncClient:
         awaited: the job's result, or its OperationError, or DeadlineExceededError (whose
         ``operation`` is this one) when it is not done within ``timeout`` seconds (None: no
         limit). ``progress=True`` shows the job's progress as Operation.result does, read
-        every ``PROGRESS_STEP_S``. It waits ``RESULT_STEP_S`` at a time, so a cancelled
-        await frees its thread soon; the job runs on (``await
+        every ``PROGRESS_STEP_S``. It waits ``RESULT_STEP_S`` at a time; a cancelled
+        await cancels the wait, freeing its thread at once; the job runs on (``await
         client.to_thread(operation.cancel)`` stops it; unlike Operation.result's Ctrl-C, a
         cancelled await does not)."""
         _require_operation(operation)
