@@ -1012,11 +1012,12 @@ def test_a_reused_request_id_s_error_is_raised_as_it_came_by_an_async_client_clo
 class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_pb2_grpc.OperationsServiceServicer):
     """A ranking's job that never ends: its WaitOperation and its watch stream (after one
     update) are held until the caller leaves (``left``: the methods it left) or 10 s pass;
-    its start, while ``hold_start``, until ``release_start``. ``inside``: set once a
-    held call is inside; ``asked``: the methods called."""
+    its start, while ``hold_start``, until ``release_start``; with ``no_streams``, a watch
+    is refused (every thread for streams taken). ``inside``: set once a held call is
+    inside, or a watch refused; ``asked``: the methods called."""
 
-    def __init__(self, *, hold_start: bool = False) -> None:
-        self.hold_start, self.release_start, self.inside = hold_start, threading.Event(), threading.Event()
+    def __init__(self, *, hold_start: bool = False, no_streams: bool = False) -> None:
+        self.hold_start, self.no_streams, self.release_start, self.inside = hold_start, no_streams, threading.Event(), threading.Event()
         self.asked: list[str] = []
         self.left: list[str] = []
         self.start_answered_to_a_caller_still_there: bool | None = None
@@ -1048,6 +1049,9 @@ class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_p
 
     def WatchOperation(self, request, context):
         self.asked.append("WatchOperation")
+        if self.no_streams:
+            self.inside.set()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no thread for another stream")
         yield operations_pb2.WatchOperationResponse(operation=_running_operation(request.name))
         self._hold("WatchOperation", context)
 
@@ -1119,5 +1123,29 @@ def test_an_abandoned_calls_start_in_flight_runs_to_its_answer_and_makes_no_furt
         asyncio.run(abandon_a_start())
         assert servicer.start_answered_to_a_caller_still_there is True
         assert servicer.asked == ["RankMistakeNeurons"]  # abandoned: no wait for the job it started
+    finally:
+        server.stop(0)
+
+
+def test_an_abandoned_watch_polling_a_busy_server_ends_its_pause_at_once(monkeypatch):
+    # A watch refused a stream polls the job; its pause between polls (as an Operation.wait's
+    # on a busy server, and a watch's before it opens a dropped stream again) held the
+    # abandoned call's thread to its end.
+    monkeypatch.setattr(_operations, "WATCH_POLL_INTERVAL_S", 30.0)
+    servicer = _HeldCalls(no_streams=True)
+    server, target = _serve_held_calls(servicer)
+
+    async def abandon_a_polling_watch() -> float:
+        async with AsyncClient(target, max_workers=1) as client:
+            watching = asyncio.ensure_future(client.to_thread(Operation(client.client, _running_operation("operations/x")).result, progress=True))
+            await _once_inside(servicer, watching)
+            watching.cancel()
+            abandoned = time.monotonic()
+            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned watch has left it
+            return time.monotonic() - abandoned
+
+    try:
+        assert asyncio.run(abandon_a_polling_watch()) < 5  # not after the 30 s pause
+        assert servicer.asked == ["WatchOperation"]  # no poll once abandoned
     finally:
         server.stop(0)
