@@ -3751,11 +3751,12 @@ def test_a_head_edit_shown_in_a_notebook_is_its_summary_as_the_cli_prints_it():
     edit._repr_pretty_(SimpleNamespace(text=shown.append), False)
     assert shown == [edit.summary()]
     assert repr(edit).startswith("HeadEdit(version=HeadVersion(version_id='v2'")  # repr() keeps the fields, for logs
-    # Its parent deleted since, a version read again has no parent_evaluation: nothing to compare.
+    # Its parent deleted since, a version read again has no parent_evaluation: its own
+    # accuracy stays (the line lost it), with nothing to compare it to.
     orphan = HeadEdit(dataclasses.replace(version, parent_evaluation=None), best_epoch=4, epochs_run=6, validation_accuracy=[0.5] * 6)
     assert orphan.summary().splitlines() == [
         "stored head version (best epoch 4 of 6; not served; explaind head-versions promote v2 serves it):",
-        "  v2 world+head.v2 constrain heart neurons [3, 7]",
+        "  v2 world+head.v2 constrain heart neurons [3, 7], accuracy 0.875",
     ]
     # A probability_ratio edit says the o it trained towards (auto computes one).
     towards = HeadEdit(dataclasses.replace(version, method="probability_ratio", parent_evaluation=None), best_epoch=4, epochs_run=6,

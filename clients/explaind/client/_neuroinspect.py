@@ -302,9 +302,11 @@ class HeadVersion(AbbreviatedRepr):
     def summary(self) -> str:
         """One line, as ``explaind head-versions`` lists it: ``*`` marks the served version,
         then its id, model version, method, the class and neurons edited, and its accuracy
-        against its parent's."""
-        accuracy = (f", accuracy {self.evaluation.accuracy:.3f} (was {self.parent_evaluation.accuracy:.3f})"
-                    if self.evaluation and self.parent_evaluation else "")
+        against its parent's (alone once the parent is deleted: the server drops that
+        comparison, not the version's own evaluation)."""
+        accuracy = f", accuracy {self.evaluation.accuracy:.3f}" if self.evaluation else ""
+        if self.evaluation and self.parent_evaluation:
+            accuracy += f" (was {self.parent_evaluation.accuracy:.3f})"
         neurons = f" {self.class_name} neurons {self.neurons}" if self.neurons else ""
         owner = f" (by {self.owner})" if self.owner else ""
         return f"{'*' if self.active else ' '} {self.version_id} {self.model_version} {self.method}{neurons}{accuracy}{owner}"
