@@ -4489,6 +4489,9 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
         assert versions[-1].active
     assert main(["--target", server.target, "head-versions", "promote", served_before]) == 0  # leave the module's server as it was
     assert capsys.readouterr().out == f"serving {served_before} (was {versions[-1].version_id})\n"
+    # Promoting it again changes nothing: it says so, not "serving v0 (was v0)".
+    assert main(["--target", server.target, "head-versions", "promote", served_before]) == 0
+    assert capsys.readouterr().out == f"already serving {served_before}\n"
     for version_id, line in ((versions[-1].version_id, dataclasses.replace(versions[-1], active=False).summary()),
                              (served_before, next(v for v in before if v.active).summary())):
         assert main(["--target", server.target, "head-versions", "show", version_id]) == 0

@@ -1779,7 +1779,8 @@ def cmd_head_versions(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(change, args)
             else:
-                print(f"serving {change.version.version_id} (was {change.previous_version_id})")
+                served = change.version.version_id
+                print(f"already serving {served}" if served == change.previous_version_id else f"serving {served} (was {change.previous_version_id})")
         elif args.action == "delete":
             client.delete_head_version(args.version)
             if args.json:
