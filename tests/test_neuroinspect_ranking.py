@@ -545,6 +545,12 @@ def test_a_ranking_shows_as_its_summary_and_reads_as_the_sdks():
     assert right.summary() == "no mistakes of class 1 in 4 samples: nothing to explain"
     stopped = ranker.rank(features, torch.ones(4, dtype=torch.long), solver=Cancelled(), top_k=2)
     assert stopped.summary() == "no mistakes of class 1 in 4 samples: nothing to explain (cancelled: stopped early)"
+    # One of each reads as one: it said "1 mistakes of class 0 in 1 samples".
+    alone = ranker.rank(features[:1], labels[:1], solver=FixedShifts(), top_k=2)
+    assert alone.summary().splitlines()[0].startswith("1 mistake of class 0 in 1 sample; ")
+    assert alone.summary().splitlines()[-1] == f"{alone.num_converged} of 1 counterfactual flipped the prediction"
+    assert ranker.rank(features[:1], torch.ones(1, dtype=torch.long), solver=FixedShifts()).summary() == (
+        "no mistakes of class 1 in 1 sample: nothing to explain")
     with pytest.raises(ValueError, match="limit must be 0"):
         right.summary(limit=-1)
 

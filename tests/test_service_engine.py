@@ -3581,7 +3581,7 @@ def test_an_evaluation_sent_again_is_answered_with_its_job_even_once_its_set_is_
 def test_an_upload_is_finished_by_an_append_of_no_samples_and_nothing_else_appends_none(engine):
     pixels = np.zeros((8, 8, 3), np.uint8)
     assert engine.create_sample_set("up", "", [NewSample.from_array(pixels, 0)], uploading=True).uploading
-    with pytest.raises(FailedPrecondition, match=re.escape("sample set 'up' is still being uploaded (1 samples so far)")):
+    with pytest.raises(FailedPrecondition, match=re.escape("sample set 'up' is still being uploaded (1 sample so far)")):  # not "1 samples"
         engine.evaluate_sample_set("up")  # no job runs on part of a set
     with pytest.raises(InvalidArgument, match="no samples to append") as refused:
         engine.append_samples("up", [])
@@ -4013,6 +4013,10 @@ def test_an_evaluation_reports_confusion_by_true_row_and_mistakes_most_confident
     sparse.ClearField("confusion_cells")
     result.ClearField("confusion_matrix")
     assert sparse == result
+    # A grid of one mistake says so, not "drawing 1 mistakes".
+    alone = _EvaluationContext()
+    evaluate(engine, alone, "fixed", "uid of fixed", 5, version, 0, 1, dense_confusion=True)
+    assert alone.progress == [(5, 5, "drawing 1 mistake")]
     labels = torch.tensor([2, 0, 2, 1, 5])
     logits = torch.nn.functional.one_hot(torch.tensor([1, 0, 1, 1, 5]), 6).float()
     sparse = evaluate(engine, _EvaluationContext(), "fixed", "uid of fixed", 5, version, 0, 2, dense_confusion=False)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar, cast, overload
 
 from explaind.class_names import class_name_key
+from explaind.wording import counted
 
 from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, REQUESTED_AGAIN_CAPABILITY, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning,
@@ -926,9 +927,9 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 _print_json(_sample_set_json(_served_class_names(client), stored), args)
                 return 0
             # An append says how many it added, then the set's new total: not one count for the other.
-            done = "created" if args.action == "create" else f"appended {_counted(len(labels), 'sample')} to"
+            done = "created" if args.action == "create" else f"appended {counted(len(labels), 'sample')} to"
             total = "now " if args.action == "append" else ""
-            print(f"{done} {stored.sample_set_id}: {total}{_counted(stored.sample_count, 'sample')}, per class {_named_counts(client, stored.class_counts)}")
+            print(f"{done} {stored.sample_set_id}: {total}{counted(stored.sample_count, 'sample')}, per class {_named_counts(client, stored.class_counts)}")
         elif args.action == "list":
             listed = client.sample_sets(owner=args.owner or "")
             if args.json:
@@ -947,7 +948,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
                 _print_json(_sample_set_json(_served_class_names(client), s), args)
                 return 0
             named = f" ({s.display_name!r})" if s.display_name else ""
-            print(f"{s.sample_set_id}{named}: {_counted(s.sample_count, 'sample')}, per class {_named_counts(client, s.class_counts)}, "
+            print(f"{s.sample_set_id}{named}: {counted(s.sample_count, 'sample')}, per class {_named_counts(client, s.class_counts)}, "
                   f"created {_local_time(s.create_time)}")
         else:  # delete: the last of the action's choices
             client.delete_sample_set(args.id)
@@ -1018,7 +1019,7 @@ CONFUSIONS_SHOWN = 5
 
 
 def _print_evaluation(report: Evaluation) -> None:
-    print(f"accuracy {report.accuracy:.3f} on {_counted(report.sample_count, 'sample')} (model {report.model_version})")
+    print(f"accuracy {report.accuracy:.3f} on {counted(report.sample_count, 'sample')} (model {report.model_version})")
     absent = [name for name, count in report.class_counts.items() if not count]
     listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
     scored = list(report.class_accuracy.items())
@@ -1032,11 +1033,11 @@ def _print_evaluation(report: Evaluation) -> None:
     confusions = [(label, predicted, count) for label, predicted, count in report.confusion_cells.tolist() if label != predicted]
     if confusions:
         print("most confused: " + ", ".join(f"{names[label]} as {names[predicted]} {count}" for label, predicted, count in confusions[:CONFUSIONS_SHOWN])
-              + (f" and {_counted(len(confusions) - CONFUSIONS_SHOWN, 'more pair')}" if len(confusions) > CONFUSIONS_SHOWN else ""))
+              + (f" and {counted(len(confusions) - CONFUSIONS_SHOWN, 'more pair')}" if len(confusions) > CONFUSIONS_SHOWN else ""))
     for index, label, predicted, probability in report.mistakes[:MISTAKES_SHOWN]:
         print(f"  mistake: sample {index} is {names[label]}, predicted {names[predicted]} ({probability:.2f})")
     if report.mistake_count > MISTAKES_SHOWN:
-        print(f"  and {_counted(report.mistake_count - MISTAKES_SHOWN, 'more mistake')}, less confident (evaluate --json lists all)")
+        print(f"  and {counted(report.mistake_count - MISTAKES_SHOWN, 'more mistake')}, less confident (evaluate --json lists all)")
 
 
 # Operations ``operations list`` prints unless given --limit.
@@ -1157,11 +1158,6 @@ def _visualizations_json(result: NeuronVisualizations) -> dict[str, Any]:
 # Results whose --json differs from their fields (see each function); the rest print every field.
 _RESULT_JSON: dict[str, Callable[[Any], Any]] = {"evaluate_sample_set": _evaluation_json, "rank_mistake_neurons": _ranking_json,
                                                  "visualize_neurons": _visualizations_json}
-
-
-def _counted(count: int, noun: str) -> str:
-    """'1 neuron', '2 neurons' (the noun's last word takes the s)."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _started_by_earlier_run(operation: Operation[Any], rerun: bool) -> bool:
@@ -1624,7 +1620,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             for name, prediction in zip(names, client.predictions(images.first(12), top_k=3), strict=True):
                 _print_prediction(name, prediction, width)
             created = client.create_sample_set(images, labels, sample_set_id="demo", display_name=f"{args.scenario} test", attributes=attributes)
-            print(f"\nsample set {created.sample_set_id}: {_counted(created.sample_count, 'sample')}; evaluating it as a job:")
+            print(f"\nsample set {created.sample_set_id}: {counted(created.sample_count, 'sample')}; evaluating it as a job:")
             operation = client.evaluate_sample_set(created.sample_set_id, batch_size=32)
             _print_evaluation(operation.result(progress=True))
             grid = Path(data_dir) / "mistakes.png"
@@ -1757,7 +1753,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     notes = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with noting_stored_edit(report.edit, kept=report.edit_kept, command=report.edit_command, discard_error=report.edit_discard_error):
         _write(args.out, render_report(report).encode("utf-8"))
-        print(f"wrote {args.out}: {_counted(report.ranking.mistake_count, 'mistake')}, {_counted(len(report.ranking.neurons), 'ranked neuron')}, "
+        print(f"wrote {args.out}: {counted(report.ranking.mistake_count, 'mistake')}, {counted(len(report.ranking.neurons), 'ranked neuron')}, "
               f"{len(report.visualizations)} visualised", file=notes)
         if report.edit is not None:
             print(f"suggested head edit {report.edit.version.version_id}, evaluated on {report.evaluated_on}", file=notes)

@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ..errors import Quota, ResourceExhausted, Unavailable, caller_subject
+from ..wording import counted
 
 Output = TypeVar("Output")
 
@@ -132,7 +133,7 @@ class DynamicBatcher(Generic[Output]):
                                     quota=Quota("QUEUED_IMAGES_PER_CALLER_EXCEEDED", "[batching].max_queued_images_per_caller",
                                                 self.max_queued_per_caller, caller_subject(caller), "images this caller has waiting"))
         if self._queued_images + count > self.max_queue_size:
-            raise ResourceExhausted(f"prediction queue is full ({self._queued_images} images waiting, limit {self.max_queue_size}); retry with backoff",
+            raise ResourceExhausted(f"prediction queue is full ({counted(self._queued_images, 'image')} waiting, limit {self.max_queue_size}); retry with backoff",
                                     quota=Quota("QUEUED_IMAGES_EXCEEDED", "[batching].max_queue_size", self.max_queue_size, "server", "images waiting"))
 
     def _count_queued(self, request: _Request, sign: int) -> None:

@@ -37,6 +37,7 @@ from ..metrics import Metrics
 from ..ownership import Ownership, OwnerCheck
 from ..store import RequestKey, SampleRecord, SampleSetInfo, Store, require_sample_set_uid, sample_set_id_taken
 from ..tracing import NO_TRACING, Tracing
+from ..wording import counted
 from .backends import FeatureFn, build_feature_fn, check_device, warm_up_batch_sizes
 from .batcher import DynamicBatcher
 from .models import ClassifierVersion, ComponentStatus, load_classifier, load_clip, load_diffusion
@@ -416,7 +417,7 @@ def _undecodable_rows(refused: _UndecodableImages, rows_of: Mapping[str, Sequenc
     many = len(rows) != 1
     named, violations = _named_samples(rows, UNDECODABLE_IMAGE)
     remedy = f"use a set without {'them' if many else 'it'}"
-    unchecked = (f"found checking {refused.checked} of the {refused.total} images read; the rest were not checked"
+    unchecked = (f"found checking {refused.checked} of the {counted(refused.total, 'image')} read; the rest were not checked"
                  if refused.search_stopped else "")
     if len(digests) == 1:
         (digest,) = digests
@@ -817,7 +818,7 @@ class Engine:
         if info.sample_count == 0:
             raise InvalidArgument(f"sample set {sample_set_id!r} is empty", field=field)
         if info.uploading:
-            raise FailedPrecondition(f"sample set {sample_set_id!r} is still being uploaded ({info.sample_count} samples so far); "
+            raise FailedPrecondition(f"sample set {sample_set_id!r} is still being uploaded ({counted(info.sample_count, 'sample')} so far); "
                                      "use it once its upload has finished", field=field)
         # Sets outlive a change of classifier in the same data dir; labels were checked only at upload.
         num_classes = len(self.models.active.class_names)

@@ -9,6 +9,7 @@ import torch
 from explaind.v1 import inference_pb2
 from ..errors import ResourceExhausted
 from ..jobs import JobContext
+from ..wording import counted
 from .core import rows_by_digest
 from .models import ClassifierVersion
 
@@ -68,7 +69,7 @@ def evaluate(engine: Engine, context: JobContext, sample_set_id: str, uid: str, 
         result.mistakes.add(sample_index=index, label=label, predicted=predicted_class, probability=probability)
     context.stage("images")
     shown = wrong[:max_grid_images].tolist()
-    context.report_progress(len(labels), len(labels), f"drawing {len(shown)} mistakes")
+    context.report_progress(len(labels), len(labels), f"drawing {counted(len(shown), 'mistake')}")
     captions = [f"{names[int(labels[i])]}>{names[int(predicted[i])]}" for i in shown]
     # Cached features classify a set without decoding it: an image that no longer decodes
     # fails here, naming every sample holding it as a computation's decode would.

@@ -53,6 +53,7 @@ from ..methods.neuroinspect import (
 from ..methods.neuroinspect._probability import predicted_classes
 from ..methods.neuroinspect._ranking import DEFAULT_TOP_K, MAX_STABILITY_RESAMPLES, neuron_top_classes
 from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
+from ..wording import counted
 from .core import MAX_DESCRIPTION_CHARS, check_text_length, require_caller
 from ..class_names import class_name_key
 from .models import ClassifierVersion, model_version
@@ -433,7 +434,7 @@ class NeuroInspectEngine:
             chunk_began = time.monotonic()
             check()
             if context is not None and step % 25 == 0:
-                context.report_progress(step, total, f"solving counterfactuals: {running} mistakes still running")
+                context.report_progress(step, total, f"solving counterfactuals: {counted(running, 'mistake')} still running")
             return False
 
         try:
@@ -495,7 +496,7 @@ class NeuroInspectEngine:
                 np.save(buffer, omega.numpy().astype("<f4", copy=False), allow_pickle=False)
                 message.omega_artifact = context.save_artifact(OMEGA_ARTIFACT, buffer.getvalue(), "application/x-npy").name
         if context is not None:
-            context.report_progress(settings.max_iterations, settings.max_iterations, f"ranked {len(ranking.neurons)} neurons from {ranking.num_mistakes} mistakes")
+            context.report_progress(settings.max_iterations, settings.max_iterations, f"ranked {counted(len(ranking.neurons), 'neuron')} from {counted(ranking.num_mistakes, 'mistake')}")
         return message
 
     # Visualise -----------------------------------------------------------------------
@@ -599,7 +600,7 @@ class NeuroInspectEngine:
         )
         names = version.class_names
         captions = [f"n{n} {names[c]}" for n, c in pairs]
-        counted = f"{len(pairs)} image{'' if len(pairs) == 1 else 's'}"
+        pair_images = counted(len(pairs), "image")
         optimised = False  # past the last step's callback: what fails then is the finished images' scoring
 
         def on_step(step: int, total: int, images: torch.Tensor) -> bool:
@@ -610,7 +611,7 @@ class NeuroInspectEngine:
                 context.stage("preview")
                 preview = encode_png(image_grid([to_uint8_hwc(image) for image in images.detach().float().cpu()], captions),
                                      compress_level=JOB_IMAGE_COMPRESS_LEVEL)
-            context.report_progress(step, total, f"optimising {counted}", preview=preview)
+            context.report_progress(step, total, f"optimising {pair_images}", preview=preview)
             context.stage("optimise")
             optimised = step == total
             return False
@@ -633,14 +634,14 @@ class NeuroInspectEngine:
                 # Scored together and then (out of memory) one at a time: one
                 # image's scoring did not fit, which fewer pairs or another method (CLIP scores
                 # every method's images) would not change. No field: the report stops, not halves.
-                log.error("job %s (%s): the device ran out of memory scoring the %s optimised: %s", context.job_id, VISUALIZE_KIND, counted, error)
+                log.error("job %s (%s): the device ran out of memory scoring the %s optimised: %s", context.job_id, VISUALIZE_KIND, pair_images, error)
                 scorers = "the classifier's" if clip_model is None else "CLIP's and the classifier's"
                 alone = "" if len(pairs) == 1 else ", together and then one at a time,"
-                raise ResourceExhausted(f"the model's device ran out of memory scoring {counted}{alone} once optimised ({scorers} passes "
+                raise ResourceExhausted(f"the model's device ran out of memory scoring {pair_images}{alone} once optimised ({scorers} passes "
                                         "over the finished images, to mask and score them), so fewer pairs would not help; retry "
                                         "later (should it recur, the device has no room to score one image beside its other work, "
                                         "which only the server's operator can change)") from None
-            log.error("job %s (%s): the device ran out of memory optimising %s at once: %s", context.job_id, VISUALIZE_KIND, counted, error)
+            log.error("job %s (%s): the device ran out of memory optimising %s at once: %s", context.job_id, VISUALIZE_KIND, pair_images, error)
             if len(pairs) == 1:  # no fewer to ask for: naming pairs would send the report (or a caller) to halve one
                 # Still no field: no_clip is another method (another image), not less of this
                 # request, so the report stops with these words rather than switching methods.
@@ -651,16 +652,16 @@ class NeuroInspectEngine:
                 raise ResourceExhausted("the model's device ran out of memory optimising 1 image, the fewest a request can ask for; retry "
                                         f"later (should it recur, the device has no room to optimise one image of this classifier{room})"
                                         ) from None
-            raise ResourceExhausted(f"the model's device ran out of memory optimising {counted} at once; retry with fewer pairs "
+            raise ResourceExhausted(f"the model's device ran out of memory optimising {pair_images} at once; retry with fewer pairs "
                                     "(or a smaller classes_per_neuron) per request, or later", field="pairs") from None
         context.stage("images")
-        saving = f"saving {counted} and {'its masked version' if len(pairs) == 1 else 'their masked versions'}"
+        saving = f"saving {pair_images} and {'its masked version' if len(pairs) == 1 else 'their masked versions'}"
         # In double, as the SDK's flipped() judges the result's (double) cosines: in float32
         # a cosine within its rounding of −ε summed to 0 here and not there.
         if method == "clip_illusion" and (reversed_pairs := int((result.clip_similarity.double() + epsilon <= 0).sum())):
             # The loss −(cos + ε)·(α_n + γ l_c) rewarded a lower activation there: the image is
             # meaningless, so the caller is told in the job's progress and the log, once per job.
-            advice = (f"{reversed_pairs} of {len(pairs)} pairs ended with clip_similarity + epsilon {epsilon:g} ≤ 0, where the loss "
+            advice = (f"{reversed_pairs} of {counted(len(pairs), 'pair')} ended with clip_similarity + epsilon {epsilon:g} ≤ 0, where the loss "
                       f"rewarded a lower activation; raise epsilon in the request or [clip].illusion_epsilon")
             log.warning("job %s (%s): %s", context.job_id, VISUALIZE_KIND, advice)
             saving = f"{saving}; {advice}"

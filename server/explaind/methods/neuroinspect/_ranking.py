@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from explaind.methods.ranking_text import check_limit, neuron_lines
+from explaind.wording import counted
 
 from ._counterfactual import CounterfactualSolver, SolverCallback, make_solver
 from ._checks import callback_or_none, count, feature_vector, finite_head, index, labelled_features, linear_head, number
@@ -122,12 +123,12 @@ class NeuronRanking:
         check_limit(limit)
         cancelled = " (cancelled: stopped early)" if self.cancelled else ""  # in its solver
         if not self.num_mistakes:
-            return f"no mistakes of class {self.target_class} in {self.num_samples} samples: nothing to explain{cancelled}"
+            return f"no mistakes of class {self.target_class} in {counted(self.num_samples, 'sample')}: nothing to explain{cancelled}"
         top = f"top {self.top_k}"
-        lines = [f"{self.num_mistakes} mistakes of class {self.target_class} in {self.num_samples} samples{cancelled}; "
+        lines = [f"{counted(self.num_mistakes, 'mistake')} of class {self.target_class} in {counted(self.num_samples, 'sample')}{cancelled}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}):"]
         lines += neuron_lines(self.neurons, limit, self.stability_resamples, self.stability_resamples_requested)
-        lines.append(f"{self.num_converged} of {self.num_mistakes} counterfactuals flipped the prediction")
+        lines.append(f"{self.num_converged} of {counted(self.num_mistakes, 'counterfactual')} flipped the prediction")
         return "\n".join(lines)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
