@@ -4257,7 +4257,9 @@ def test_operations_get_prints_a_ranking_without_downloading_omega_and_delete_fo
     assert main(["--target", server.target, "operations", "list", "--kind", "rank_mistake_neurons", "--limit", "1000"]) == 0
     assert capsys.readouterr().err == ""  # all listed: no hint (it showed whenever the count was the limit)
     assert main(["--target", server.target, "operations", "list", "--state", "queued"]) == 0
-    assert capsys.readouterr() == ("", "no operations of that kind or state\n")
+    assert capsys.readouterr() == ("", "no queued operations\n")  # what was filtered, not "of that kind or state"
+    assert main(["--target", server.target, "operations", "list", "--state", "queued", "--kind", "edit_head"]) == 0
+    assert capsys.readouterr() == ("", "no queued edit_head operations\n")
     # Given by its id, it is named as every other command's JSON names it: a script matches them.
     bare = operation.name.removeprefix("operations/")
     assert main(["--target", server.target, "operations", "delete", bare, "--json"]) == 0

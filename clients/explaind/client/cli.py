@@ -1347,8 +1347,9 @@ def cmd_operations(args: argparse.Namespace) -> int:
             if len(listed) > limit:
                 print(f"(the newest {limit}; --limit N lists more)", file=sys.stderr)
             elif not listed:
-                print("no operations" + (" of that kind or state" if args.kind or args.state else "") + (f" of {args.owner}" if args.owner else ""),
-                      file=sys.stderr)
+                # Named as filtered ("no failed edit_head operations"), not "of that kind or state".
+                filtered = "".join(f"{value} " for value in (args.state, args.kind) if value)
+                print(f"no {filtered}operations" + (f" of {args.owner}" if args.owner else ""), file=sys.stderr)
             return 0
         if args.action == "delete":
             client.delete_operation(args.name)
