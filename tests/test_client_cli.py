@@ -3837,6 +3837,14 @@ def test_an_artifact_goes_to_a_file_of_its_own_name_unless_given_one(server, cap
     assert capsys.readouterr().out == f"wrote mistakes.png ({len(expected)} bytes)\n" and (tmp_path / "mistakes.png").read_bytes() == expected
     written = _json_out(capsys, ["--target", server.target, "operations", "artifact", job.name, "mistakes.png", "-o", "grid.png", "--json"])
     assert written == {"file": "grid.png", "size_bytes": len(expected)} and (tmp_path / "grid.png").read_bytes() == expected
+    # Given a directory (existing, or any path ending in "/"), it writes the artifact's own name in it, as cp does: it was refused.
+    (tmp_path / "into").mkdir()
+    for directory in ("into", "into/"):
+        assert main(["--target", server.target, "operations", "artifact", job.name, "mistakes.png", "-o", directory]) == 0
+        assert capsys.readouterr().out == f"wrote {os.path.join(directory, 'mistakes.png')} ({len(expected)} bytes)\n"
+        assert (tmp_path / "into" / "mistakes.png").read_bytes() == expected
+    assert _error(capsys, ["--target", server.target, "operations", "artifact", job.name, "mistakes.png", "-o", "absent/"]) == (
+        "error: cannot write absent/mistakes.png: no such directory")
     # Its own name is checked before the download too.
     (tmp_path / "taken" / "mistakes.png").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "taken")

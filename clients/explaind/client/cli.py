@@ -1385,6 +1385,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
                     raise
         elif args.action == "artifact":
             output = args.output or _artifact_file_name(args.artifact)
+            if args.output and (args.output.endswith(("/", os.sep)) or os.path.isdir(args.output)):  # as cp: the artifact's own name in it
+                output = os.path.join(args.output, _artifact_file_name(args.artifact))
             if output != "-":  # before the download, which may be large (a ranking's omega.npy)
                 _require_writable(output)
             data = operation.artifact(args.artifact)
@@ -2000,7 +2002,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--json-object", dest="json_object", action="store_true",
                             help='list --json: print {"operations": [...], "truncated": true|false} instead of the bare list, '
                                  "truncated saying whether --limit (or its default) left older operations out")
-    operations.add_argument("-o", "--output", type=_path, help="file for the artifact (default: its name, in the current directory, with what a file name cannot hold as \"-\"; - for standard output)")
+    operations.add_argument("-o", "--output", type=_path, help="file for the artifact, or a directory for it under its name (default: its name, in the current directory, with what a file name cannot hold as \"-\"; - for standard output)")
     _json_option(operations, "print JSON, each operation's name as \"operation\" (and \"name\"): the operations (list; --json-object says "
                              "whether --limit cut it), the operation with its result or its \"error\" (wait and watch exit with status 1 where the job did not succeed), one per line as it changes (watch, whose failure is its last line)")
     operations.set_defaults(run=cmd_operations)
