@@ -277,7 +277,12 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.evaluate_sample_set("s", batch_size=2**40), ValueError, "batch_size must be a 32-bit integer, got 1099511627776"),
         (lambda c: c.predict(np.zeros((8, 8, 3), np.uint8), top_k="3"), TypeError, "top_k must be a 32-bit integer, got '3'"),
         (lambda c: c.predict(None), TypeError, "images must be an image, or a list, batch array or iterable of images, got NoneType"),
-        (lambda c: c.predict([5]), TypeError, "cannot send int as an image; use a numpy array, torch tensor, PIL image, path or bytes"),
+        # Which image of the batch is named, as the server's refusals name it: it was not.
+        (lambda c: c.predict([5]), TypeError, "images[0]: cannot send int as an image; use a numpy array, torch tensor, PIL image, path or bytes"),
+        (lambda c: c.predict(np.zeros(64, np.uint8)), TypeError,  # a 1-D array is a list: of numbers here
+         "images[0]: cannot send uint8 as an image; use a numpy array, torch tensor, PIL image, path or bytes"),
+        (lambda c: c.predict([IMAGE, np.zeros((4, 5, 3), np.int64)]), TypeError,
+         "images[1]: unsupported image dtype int64; use uint8, float16 or float32"),
         # A message alone (one goes in a list) was quoted whole, every byte of its image escaped.
         (lambda c: c.predict(common_pb2.Image(encoded=b"\x89" * 100_000)), TypeError,
          "images must be an image, or a list, batch array or iterable of images, got Image"),

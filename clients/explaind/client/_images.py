@@ -60,11 +60,14 @@ def iter_image_messages(images: Any) -> Iterator[common_pb2.Image]:
 
 
 def _indexed_message(index: int, image: Any) -> common_pb2.Image:
-    """:func:`to_image_message`, its error naming the image's index in the batch."""
+    """:func:`to_image_message`, its error naming the image's index in the batch, as the
+    server's refusals of one do."""
     try:
         return to_image_message(image)
     except OSError as error:  # a file of an iterable, read as its request is made
         raise type(error)(f"images[{index}]: cannot read {image}: {error.strerror or error}") from None
+    except TypeError as error:  # no image (a 1-D array's numbers), or an array of a dtype not taken
+        raise TypeError(f"images[{index}]: {error}") from None
 
 
 def image_count(images: Any) -> int | None:
