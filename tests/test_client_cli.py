@@ -303,6 +303,15 @@ def test_visualize_that_fails_before_its_images_leaves_no_out_dir_it_made(capsys
     assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
 
 
+def test_visualize_refuses_a_neuron_and_class_given_twice_before_any_call(capsys, monkeypatch):
+    # The server optimises a pair given twice into the same image twice (its seed is the pair's): refused, as edit-head refuses a neuron twice.
+    monkeypatch.setattr(Client, "visualize_neurons", lambda *args, **kwargs: pytest.fail("sent a request the server refuses"))
+    for neurons, positions in ((["8:heart", "3", "8:name:heart"], (3, 1)), (["3", "8", "8"], (3, 2)), (["8:index:5", "8:index:5"], (2, 1))):
+        assert _error(capsys, ["--target", "127.0.0.1:1", "--timeout", "2", "visualize", *neurons]) == (
+            f"error: the NEURON[:CLASS] at position {positions[0]} repeats the one at position {positions[1]}: the same neuron and class "
+            "would be optimised twice into the same image")
+
+
 def test_visualize_interrupted_before_its_images_leaves_no_out_dir_it_made(capsys, tmp_path, monkeypatch):
     # Ctrl-C is no Exception: the directories made for the images stayed, empty.
     def interrupted(*args, **kwargs):

@@ -287,6 +287,10 @@ def test_a_name_outside_its_choices_is_refused_by_name_before_any_call(call, mes
         (lambda c: c.predict(common_pb2.Image(encoded=b"\x89" * 100_000)), TypeError,
          "images must be an image, or a list, batch array or iterable of images, got Image"),
         (lambda c: c.visualize_neurons([1], steps=1.5), TypeError, "steps must be a 32-bit integer, got 1.5"),
+        # A pair given twice, which the server refuses (the same image, optimised twice); "" is no class, as the server reads it.
+        (lambda c: c.visualize_neurons([(8, "heart"), 3, (8, "heart")]), ValueError,
+         "pairs[2] repeats pairs[0] ((8, 'heart')): the same neuron and class would be optimised twice into the same image"),
+        (lambda c: c.visualize_neurons([3, (3, "")]), ValueError, "pairs[1] repeats pairs[0] ((3, '')): the same neuron and class would be optimised twice into the same image"),
         (lambda c: c.edit_head("s", "heart", 5), TypeError, "neurons must be a sequence of neuron indices, got 5"),
         (lambda c: c.edit_head("s", "heart", [1, 2**40]), ValueError,
          "neurons must be a sequence of which each is a 32-bit integer, got [1, 1099511627776]"),

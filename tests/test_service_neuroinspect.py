@@ -97,7 +97,10 @@ def test_invalid_requests_name_the_field(client, world_set):
         (lambda: client.visualize_neurons(list(range(22)), method="no_clip", classes_per_neuron=3), InvalidArgumentError,
          "pairs: 66 images exceed the limit of 64"),
         # Counted before any pair is resolved (a topk per pair): a million pairs are refused at once.
-        (lambda: client.visualize_neurons([999] * 65, method="no_clip"), InvalidArgumentError, "pairs: 65 images exceed the limit of 64"),
+        (lambda: client.visualize_neurons(list(range(1000, 1065)), method="no_clip"), InvalidArgumentError, "pairs: 65 images exceed the limit of 64"),
+        # A class by name and by index, which only the server matches: the same image, optimised twice.
+        (lambda: client.visualize_neurons([(3, "heart"), (3, 5)], method="no_clip"), InvalidArgumentError,
+         "pairs[1]: repeats pairs[0]: both ask for neuron 3 with class 'heart', which would be optimised twice into the same image"),
         (lambda: client.edit_head("spurious", "heart", []), InvalidArgumentError, "neurons"),
         (lambda: client.edit_head("spurious", "heart", [1, 200]), InvalidArgumentError, "neurons[1]"),
         (lambda: client.edit_head("spurious", "heart", [1], validation_sample_set_id="nope"), NotFoundError, "validation_sample_set_id"),
@@ -341,11 +344,13 @@ def test_negative_neurons_and_no_classes_per_neuron_are_refused_and_an_empty_cla
     # in-process caller passes classes_per_neuron 0 as it is (the servicer's 0 means 1).
     from explaind.engine.neuroinspect import RankSettings
     from explaind.errors import InvalidArgument
+    from explaind.methods.neuroinspect._ranking import neuron_top_classes
 
     engine, inspect = _in_process(tmp_path)
     try:
         _create_train_set(engine, world_set)
         feature_dim = engine.models.active.feature_dim
+        (top_class,) = neuron_top_classes(engine.models.active.head.weight, 3, 1)
         cases = [
             # -1 would be the last neuron, as a Python index.
             (lambda: inspect.visualize_neurons([(-1, "heart")], method="no_clip"), f"pairs[0].neuron: -1 is not a neuron index in [0, {feature_dim})"),
@@ -355,6 +360,11 @@ def test_negative_neurons_and_no_classes_per_neuron_are_refused_and_an_empty_cla
             # An empty class name is a pair without a class: it counts its classes_per_neuron images.
             (lambda: inspect.visualize_neurons([(n, "") for n in range(33)], method="no_clip", classes_per_neuron=2),
              "pairs: 66 images exceed the limit of 64"),
+            # A pair again, or a pair without a class whose top class another gives: the same image twice.
+            (lambda: inspect.visualize_neurons([(3, "heart"), (4, "heart"), (3, "heart")], method="no_clip"),
+             "pairs[2]: repeats pairs[0]: both ask for neuron 3 with class 'heart'"),
+            (lambda: inspect.visualize_neurons([(3, top_class), (3, None)], method="no_clip", classes_per_neuron=2),
+             f"pairs[1]: repeats pairs[0]: both ask for neuron 3 with class {engine.models.active.class_names[top_class]!r}"),
             # Not only no_clip: every method but clip_illusion lacks the CLIP term.
             (lambda: inspect.visualize_neurons([(3, "heart")], method="feature_visualization", epsilon=0.1),
              "epsilon: feature_visualization has no CLIP term"),

@@ -47,7 +47,7 @@ from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentErr
                       named_operation)
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
-from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref
+from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref, repeated_pair
 from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, checked_timeout, enum_number, require_seconds
 from ._types import Component, ModelMetadata, Normalization, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
@@ -1644,7 +1644,8 @@ class Client:
     ) -> Operation[NeuronVisualizations]:
         """Start visualising neurons: each entry is a neuron (conditioned on the class with
         its largest head weight, or on each of the ``classes_per_neuron`` largest) or a
-        (neuron, class) pair, 64 images at most. ``method``: "clip_illusion",
+        (neuron, class) pair, 64 images at most, none twice (ValueError; the same image
+        optimised twice). ``method``: "clip_illusion",
         "feature_visualization" or "no_clip"; ``steps`` 0 means 400. Unset, ``gamma`` (γ,
         the class logit's weight) is 0.5, ``epsilon`` (ε, CLIP-Illusion's, which needs
         cos + ε > 0) the server's ``[clip].illusion_epsilon`` (unset there, the one its CLIP's
@@ -1665,6 +1666,9 @@ class Client:
             if not _is_index(neuron):
                 raise TypeError(f"pairs[{i}] is {pair!r}: {expected}")
             messages.append(neuroinspect_pb2.NeuronClassPair(neuron=int(neuron), **class_fields(target, f"pairs[{i}] class")))
+        if repeat := repeated_pair([(m.neuron, m.class_index if m.HasField("class_index") else m.class_name) for m in messages]):
+            raise ValueError(f"pairs[{repeat[0]}] repeats pairs[{repeat[1]}] ({pairs[repeat[0]]!r}): the same neuron and class would be "
+                             "optimised twice into the same image")
         optional = {k: v for k, v in (("gamma", gamma), ("epsilon", epsilon), ("learning_rate", learning_rate)) if v is not None}
         request = _request(neuroinspect_pb2.VisualizeNeuronsRequest,
             pairs=messages, method=enum_number(neuroinspect_pb2.VisualizationMethod, "VISUALIZATION_METHOD_", method, "method"), steps=steps,

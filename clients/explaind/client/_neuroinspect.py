@@ -7,10 +7,12 @@ import html
 import io
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from explaind.class_names import class_name_key
 from explaind.methods.ranking_text import check_limit, neuron_lines
 from explaind.v1 import neuroinspect_pb2
 
@@ -488,3 +490,16 @@ def class_fields(target: Any, argument: str = "target_class") -> dict[str, Any]:
     if isinstance(target, int) and not -2**31 <= target < 2**31:  # the request would name its field, class_index
         raise ValueError(f"{argument} must be a 32-bit integer, got {target}")
     return {"class_name": target} if isinstance(target, str) else {"class_index": target}
+
+
+def repeated_pair(pairs: Sequence[tuple[int, str | int | None]]) -> tuple[int, int] | None:
+    """The first (neuron, class) pair that repeats an earlier one, as (its index, the
+    earlier one's), matched as the server matches them (a class name's NFC form; "" is no
+    class), or None: the server refuses it (the same image, optimised twice). A class by
+    name and the same class by index are the server's to match."""
+    first_at: dict[tuple[int, str | int | None], int] = {}
+    for i, (neuron, target) in enumerate(pairs):
+        key = (int(neuron), (class_name_key(target) or None) if isinstance(target, str) else target)
+        if (first := first_at.setdefault(key, i)) != i:
+            return i, first
+    return None

@@ -60,7 +60,7 @@ from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, Opera
                       UnauthenticatedError, UnavailableError, listed_items, reworded)
 from ._images import image_folder
 from ._interrupted import followed_ranking, interrupt_being_followed, started_job
-from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES
+from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES, repeated_pair
 from ._operations import OPERATION_STATES, Operation, cancel_outcome
 from ._types import ModelMetadata, escape_controls
 
@@ -1250,6 +1250,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         with _client(args) as client:
             names = _class_names_for(client, [pair[1] for pair in args.neurons if isinstance(pair, tuple)])
             neurons = [(pair[0], _resolved_class(pair[1], names, f"{pair[0]}:")) if isinstance(pair, tuple) else pair for pair in args.neurons]
+            if repeat := repeated_pair([pair if isinstance(pair, tuple) else (pair, None) for pair in neurons]):
+                raise CommandError(f"the NEURON[:CLASS] at position {repeat[0] + 1} repeats the one at position {repeat[1] + 1}: "
+                                   "the same neuron and class would be optimised twice into the same image")
             operation = started_job(client, lambda request_id: client.visualize_neurons(
                 neurons, method=args.method, steps=args.steps, classes_per_neuron=args.classes_per_neuron, gamma=args.gamma,
                 epsilon=args.epsilon, learning_rate=args.learning_rate, seed=args.seed, request_id=request_id), args.request_id, started_by="this command")
