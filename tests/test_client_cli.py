@@ -3621,6 +3621,10 @@ def test_an_artifact_goes_to_standard_output_with_dash_and_is_not_fetched_for_an
     out, err = capsysbinary.readouterr()
     assert out == expected and out.startswith(b"\x89PNG") and err == f"wrote {len(out)} bytes to standard output\n".encode()
     assert list(tmp_path.iterdir()) == []  # no file named "-"
+    # "-" is standard output even beside a directory named "-", which -o DIR would write into.
+    (tmp_path / "-").mkdir()
+    assert main(["--target", server.target, "operations", "artifact", operation.name, "mistakes.png", "-o", "-"]) == 0
+    assert capsysbinary.readouterr().out == expected and list((tmp_path / "-").iterdir()) == []
     # A file that cannot be written is refused before the download, not after it.
     monkeypatch.setattr(Operation, "artifact", lambda *_: pytest.fail("downloaded for a file it cannot write"))
     unwritable = tmp_path / "missing" / "grid.png"

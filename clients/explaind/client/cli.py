@@ -1388,7 +1388,8 @@ def cmd_operations(args: argparse.Namespace) -> int:
                     raise
         elif args.action == "artifact":
             output = args.output or _artifact_file_name(args.artifact)
-            if args.output and (args.output.endswith(("/", os.sep)) or os.path.isdir(args.output)):  # as cp: the artifact's own name in it
+            # As cp: the artifact's own name in a directory; "-" stays standard output beside a directory "-".
+            if args.output not in (None, "-") and (args.output.endswith(("/", os.sep)) or os.path.isdir(args.output)):
                 output = os.path.join(args.output, _artifact_file_name(args.artifact))
             if output != "-":  # before the download, which may be large (a ranking's omega.npy)
                 _require_writable(output)
