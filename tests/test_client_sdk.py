@@ -3418,7 +3418,10 @@ def test_a_ranking_reads_as_the_cli_prints_it():
     assert lines[4:] == ["predicted as: circle 5, square 3; 8 of 8 counterfactuals flipped the prediction", few]
     # From 10 mistakes no caution: bench/ranking_stability.py's top 3 held in every resample from there.
     assert dataclasses.replace(_ranking(8), mistake_count=10).summary().splitlines()[-1].startswith("predicted as: ")
-    assert dataclasses.replace(_ranking(8), mistake_count=1).summary().splitlines()[-1].startswith("only 1 mistake: past")
+    alone = dataclasses.replace(_ranking(8), mistake_count=1, converged_count=1).summary().splitlines()
+    assert alone[-1].startswith("only 1 mistake: past")
+    # One reads as one, as the in-process ranking's summary: it said "1 mistakes", "1 of 1 counterfactuals".
+    assert alone[0].startswith("1 mistake of heart in hearts; ") and alone[-2].endswith("; 1 of 1 counterfactual flipped the prediction")
     # A server too old to report top_k (0): no "top 5" it cannot know.
     lines = _ranking(8).summary(limit=1).splitlines()
     assert lines[0] == ("8 mistakes of heart in hearts; neurons ranked by share of mistakes in their top k "

@@ -15,6 +15,7 @@ import numpy as np
 from explaind.class_names import class_name_key
 from explaind.methods.ranking_text import check_limit, neuron_lines
 from explaind.v1 import neuroinspect_pb2
+from explaind.wording import counted
 
 from ._images import IMAGE_BOX, image_data_uri
 from ._operations import RESULT_CONVERTERS, enum_names
@@ -148,16 +149,15 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         Top classes are separated by semicolons, as ImageNet's names hold commas."""
         check_limit(limit)
         if not self.mistake_count:
-            samples = f"{self.sample_count} sample{'' if self.sample_count == 1 else 's'}"
-            return f"no mistakes of {self.class_name} in {self.sample_set_id} ({samples}): nothing to explain"
+            return f"no mistakes of {self.class_name} in {self.sample_set_id} ({counted(self.sample_count, 'sample')}): nothing to explain"
         top = f"top {self.top_k}" if self.top_k else "top k"
         unknown = "" if self.top_k else ", k not reported by this server"
-        lines = [f"{self.mistake_count} mistakes of {self.class_name} in {self.sample_set_id}; "
+        lines = [f"{counted(self.mistake_count, 'mistake')} of {self.class_name} in {self.sample_set_id}; "
                  f"neurons ranked by share of mistakes in their {top} (solver {self.solver}{unknown}):"]
         lines += neuron_lines(self.neurons, limit, self.stability_resamples, self.stability_resamples_requested,
                               stopped_by=RESAMPLES_STOPPED_BY_SERVER)
         predicted = ", ".join(f"{name} {count}" for name, count in self.predicted_as.items())
-        lines.append(f"predicted as: {predicted}; {self.converged_count} of {self.mistake_count} counterfactuals flipped the prediction")
+        lines.append(f"predicted as: {predicted}; {self.converged_count} of {counted(self.mistake_count, 'counterfactual')} flipped the prediction")
         if (note := few_mistakes_note(self.mistake_count)) is not None:
             lines.append(note)
         return "\n".join(lines)
