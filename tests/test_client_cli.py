@@ -5058,9 +5058,9 @@ def test_edit_head_passes_its_training_options_and_says_the_target_ratio_auto_ch
 
 def test_counts_of_one_read_in_the_singular():
     # "1 neurons visualised", "and 1 more mistakes".
-    from explaind.client.cli import _counted
+    from explaind.wording import counted
 
-    assert (_counted(1, "neuron"), _counted(2, "neuron"), _counted(0, "more mistake")) == ("1 neuron", "2 neurons", "0 more mistakes")
+    assert (counted(1, "neuron"), counted(2, "neuron"), counted(0, "more mistake")) == ("1 neuron", "2 neurons", "0 more mistakes")
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])
