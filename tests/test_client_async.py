@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from conftest import free_port
@@ -1009,9 +1010,9 @@ def test_a_reused_request_id_s_error_is_raised_as_it_came_by_an_async_client_clo
     assert (error.field, error.operation, refusing.lookups_left_s) == ("request_id", None, [])
 
 
-class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_pb2_grpc.OperationsServiceServicer):
+class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_pb2_grpc.OperationsServiceServicer, health_pb2_grpc.HealthServicer):
     """A ranking's job that never ends: its WaitOperation and its watch stream (after one
-    update) are held until the caller leaves (``left``: the methods it left) or 10 s pass;
+    update), and a health check, are held until the caller leaves (``left``: the methods it left) or 10 s pass;
     its start, while ``hold_start``, until ``release_start``; with ``no_streams``, a watch
     is refused (every thread for streams taken). ``inside``: set once a held call is
     inside, or a watch refused; ``asked``: the methods called."""
@@ -1029,6 +1030,11 @@ class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_p
             time.sleep(0.01)
         if not context.is_active():
             self.left.append(method)
+
+    def Check(self, request, context):
+        self.asked.append("Check")
+        self._hold("Check", context)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     def RankMistakeNeurons(self, request, context):
         self.asked.append("RankMistakeNeurons")
@@ -1060,6 +1066,7 @@ def _serve_held_calls(servicer: _HeldCalls) -> tuple[grpc.Server, str]:
     def add(servicer: _HeldCalls, server: grpc.Server) -> None:
         neuroinspect_pb2_grpc.add_NeuroInspectServiceServicer_to_server(servicer, server)
         operations_pb2_grpc.add_OperationsServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
 
     return _serve(servicer, add=add, threads=4)
 
@@ -1076,7 +1083,8 @@ async def _once_inside(servicer: _HeldCalls, call: asyncio.Future) -> None:
     (lambda client, operation: client.rank_mistake_neurons("s", 3), "WaitOperation"),
     (lambda client, operation: client.to_thread(operation.result), "WaitOperation"),
     (lambda client, operation: client.to_thread(operation.result, progress=True), "WatchOperation"),
-], ids=["rank_mistake_neurons", "Operation.result", "Operation.result-progress"])
+    (lambda client, operation: client.wait_until_ready(60), "Check"),
+], ids=["rank_mistake_neurons", "Operation.result", "Operation.result-progress", "wait_until_ready"])
 def test_an_abandoned_wait_for_a_job_cancels_its_call_in_flight_and_frees_its_thread_at_once(wait, held):
     # The abandoned call's WaitOperation in flight held its thread until the server
     # answered (up to a minute), its watch stream until the job's next update, though the

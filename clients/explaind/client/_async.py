@@ -106,7 +106,7 @@ class AsyncClient:
     server, a full job queue) ends at once, an upload sends no further samples (its part is
     settled as an interrupted upload's: deleted, without ``request_id``), a read-only
     call in flight (a wait for a job, ``rank_mistake_neurons``'s, a watch of its progress,
-    a Get or List) is cancelled, and its thread ends, its result dropped. Any other
+    a Get or List, a health check) is cancelled, and its thread ends, its result dropped. Any other
     attempt already sent is left to its answer or its deadline (the Client's
     ``timeout``, or the call's own), as it may have taken effect: a start it sent may
     start a job, which keeps running on the server (``await

@@ -73,6 +73,10 @@ READ_ONLY_METHODS = {
     "explaind.v1.NeuroInspectService": ("ListHeadVersions", "GetHeadVersion"),
 }
 _READ_ONLY = {method for methods in READ_ONLY_METHODS.values() for method in methods}
+# Calls an abandoned AsyncClient call cancels in flight (see _Cancellation.abandon): those
+# that change nothing, the health check too (not retried as they are: wait_until_ready
+# probes again itself).
+_CANCELLED_WHEN_ABANDONED = _READ_ONLY | {"Check"}
 # Calls that start an operation or upload samples, sent with a request_id (AIP-155: a new
 # UUID per call, or per request of an upload, the same in each attempt): retried as the
 # read-only ones are when the server, asked after the failed attempt, lists the method's
@@ -751,7 +755,7 @@ class Client:
                         response = send(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata())
                     else:
                         response = stops.result(lambda: send.future(request, timeout=deadline - time.monotonic(), metadata=self._call_metadata()),
-                                                read_only=method in _READ_ONLY)
+                                                read_only=method in _CANCELLED_WHEN_ABANDONED)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 waits_for_room = _waits_for_room(error)
