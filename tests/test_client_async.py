@@ -1014,11 +1014,13 @@ class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_p
     """A ranking's job that never ends: its WaitOperation and its watch stream (after one
     update), and a health check, are held until the caller leaves (``left``: the methods it left) or 10 s pass;
     its start, while ``hold_start``, until ``release_start``; with ``no_streams``, a watch
-    is refused (every thread for streams taken). ``inside``: set once a held call is
-    inside, or a watch refused; ``asked``: the methods called."""
+    is refused (every thread for streams taken); with ``dropped_streams``, its stream
+    dropped after the update (a restart). ``inside``: set once a held call is inside, a
+    watch refused, or the job read after a stream dropped; ``asked``: the methods called."""
 
-    def __init__(self, *, hold_start: bool = False, no_streams: bool = False) -> None:
+    def __init__(self, *, hold_start: bool = False, no_streams: bool = False, dropped_streams: bool = False) -> None:
         self.hold_start, self.no_streams, self.release_start, self.inside = hold_start, no_streams, threading.Event(), threading.Event()
+        self.dropped_streams = dropped_streams
         self.asked: list[str] = []
         self.left: list[str] = []
         self.start_answered_to_a_caller_still_there: bool | None = None
@@ -1046,6 +1048,8 @@ class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_p
 
     def GetOperation(self, request, context):
         self.asked.append("GetOperation")
+        if self.dropped_streams:
+            self.inside.set()
         return operations_pb2.GetOperationResponse(operation=_running_operation(request.name))
 
     def WaitOperation(self, request, context):
@@ -1059,6 +1063,8 @@ class _HeldCalls(neuroinspect_pb2_grpc.NeuroInspectServiceServicer, operations_p
             self.inside.set()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no thread for another stream")
         yield operations_pb2.WatchOperationResponse(operation=_running_operation(request.name))
+        if self.dropped_streams:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         self._hold("WatchOperation", context)
 
 
@@ -1135,12 +1141,13 @@ def test_an_abandoned_calls_start_in_flight_runs_to_its_answer_and_makes_no_furt
         server.stop(0)
 
 
-def test_an_abandoned_watch_polling_a_busy_server_ends_its_pause_at_once(monkeypatch):
-    # A watch refused a stream polls the job; its pause between polls (as an Operation.wait's
-    # on a busy server, and a watch's before it opens a dropped stream again) held the
-    # abandoned call's thread to its end.
-    monkeypatch.setattr(_operations, "WATCH_POLL_INTERVAL_S", 30.0)
-    servicer = _HeldCalls(no_streams=True)
+@pytest.mark.parametrize("dropped", [False, True], ids=["polling a busy server", "reopening a dropped stream"])
+def test_an_abandoned_watch_ends_its_pause_at_once(monkeypatch, dropped):
+    # A watch refused a stream polls the job, and one whose stream dropped reads the job
+    # and opens it again after a pause; their pauses (as an Operation.wait's on a busy
+    # server) held the abandoned call's thread to their end.
+    monkeypatch.setattr(_operations, "WATCH_REOPEN_PAUSE_S" if dropped else "WATCH_POLL_INTERVAL_S", 30.0)
+    servicer = _HeldCalls(dropped_streams=dropped, no_streams=not dropped)
     server, target = _serve_held_calls(servicer)
 
     async def abandon_a_polling_watch() -> float:
@@ -1154,6 +1161,6 @@ def test_an_abandoned_watch_polling_a_busy_server_ends_its_pause_at_once(monkeyp
 
     try:
         assert asyncio.run(abandon_a_polling_watch()) < 5  # not after the 30 s pause
-        assert servicer.asked == ["WatchOperation"]  # no poll once abandoned
+        assert servicer.asked == ["WatchOperation", "GetOperation"] if dropped else ["WatchOperation"]  # no poll, no stream again
     finally:
         server.stop(0)
