@@ -778,6 +778,32 @@ def test_an_async_for_over_predictions_gets_each_as_its_request_is_answered_and_
     assert seen == [[0], [1]] and not threads_left and servicer.arrived == [0, 2]
 
 
+def test_a_cancelled_await_of_a_later_async_prediction_cancels_the_requests_in_flight_and_frees_its_thread():
+    # The pipeline, made at the first item, was abandoned with that item's await only: a
+    # later one's cancelled await left its Predict held, and the one thread with it.
+    servicer = _GatedInference()
+    servicer.open(0)  # the first request of 3 (images 0-1, 2-3, 4-5) is answered, the second held
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server, threads=8)
+
+    async def abandon_the_third() -> float:
+        async with AsyncClient(target, max_workers=1) as client:
+            predictions = client.predictions(_numbered_images(6), max_in_flight=2)
+            assert [(await anext(predictions)).class_indices for _ in range(2)] == [[0], [1]]
+            third = asyncio.ensure_future(anext(predictions))
+            await asyncio.to_thread(servicer.wait_for, lambda: 4 in servicer.arrived)  # sent as the third is taken: it waits for the second
+            third.cancel()
+            abandoned = time.monotonic()
+            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned item has left it
+            return time.monotonic() - abandoned
+
+    try:
+        assert asyncio.run(abandon_the_third()) < 5  # not the server's HOLD_S
+        servicer.wait_for(lambda: sorted(servicer.cancelled) == [2, 4])
+    finally:
+        server.stop(0)
+    assert not _predict_threads()
+
+
 def test_a_break_out_of_async_predictions_at_the_end_of_the_client_s_block_closes_them_quietly():
     # Left without aclosing, the loop's generator is closed when the event loop finalises it:
     # after the `async with` closed the client, whose threads then refused the close, which

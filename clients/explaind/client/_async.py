@@ -61,17 +61,20 @@ def _iterated(method: Callable[Concatenate[Client, P], Generator[R, None, None]]
     AsyncClient's threads, one at a time, so a loop that stops early reads no further.
     Stopped at an item (a ``break``, ``aclose()``, an exception in the loop), it closes the
     Client's generator on those threads (a pipelined call's requests in flight cancelled,
-    its threads ended); cancelled while an item is being taken, that generator closes
-    itself there once the item comes, as a call already running ends in its thread. A
+    its threads ended); cancelled while an item is being taken, that generator ends there
+    as an abandoned call does (see the class: its requests in flight, read-only, cancelled). A
     loop left without ``aclosing`` is closed when the event loop finalises it, after an
     enclosing ``async with AsyncClient`` may have closed the client: its threads refuse
     work then, and the requests ended with the channel, so it closes here."""
 
     @functools.wraps(method)
     async def iterate(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
-        items = await self.to_thread(method, self.client, *args, **kwargs)
+        # One for the whole loop: a pipeline the generator made at its first item is abandoned
+        # with the await of any later one (its own, kept its first item's, left a Predict held).
+        abandonment = _Cancellation()
+        items = await self._in_thread(abandonment, method, self.client, *args, **kwargs)
         end: Any = object()  # no item is this
-        while (item := await self.to_thread(next, items, end)) is not end:
+        while (item := await self._in_thread(abandonment, next, items, end)) is not end:
             try:
                 yield item
             except BaseException:
@@ -203,8 +206,13 @@ class AsyncClient:
         stops the Client's calls it makes as it does this client's own (see the class):
         the next one, or a read-only one in flight, raises ``grpc.FutureCancelledError`` in
         ``function``."""
+        return self._in_thread(_Cancellation(), function, *args, **kwargs)
+
+    def _in_thread(self, abandonment: _Cancellation, function: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[R]:
+        """:meth:`to_thread`, the Client's calls of ``function`` stopped by ``abandonment``,
+        which a cancelled await abandons."""
         self.client._require_open()  # a closed pool's own error named no client
-        context, abandonment = contextvars.copy_context(), _Cancellation()
+        context = contextvars.copy_context()
         context.run(_abandonment.set, abandonment)
         running = asyncio.get_running_loop().run_in_executor(self._threads(), lambda: context.run(function, *args, **kwargs))
         # A cancelled await: the Client's calls in the thread make no further attempt (see _Cancellation.abandon).
