@@ -252,6 +252,15 @@ def test_a_set_s_id_after_images_ended_by_the_separator_is_its_id(tmp_path):
     assert (parsed.id, parsed.images, parsed.labels) == ("hearts", [str(image) for image in images], ["circle", "heart"])
 
 
+@pytest.mark.parametrize("word", ["-v1", "--"])
+def test_a_word_after_the_separator_is_a_positional_whatever_it_starts_with(word):
+    # As later Pythons read it: only the first "--" separates, and what follows is positional,
+    # even a word that looks like an option or a second "--".
+    from explaind.client.cli import parse_arguments
+
+    assert parse_arguments(["head-versions", "show", "--json", "--", word]).version == word
+
+
 def test_a_word_past_a_command_s_positional_arguments_is_still_a_usage_error(capsys):
     assert _usage_error(capsys, ["head-versions", "show", "--json", "v1", "extra"]).endswith("unrecognized arguments: extra\n")
     # An unknown option alone, as later Pythons name it, the word after it the command's
@@ -1403,6 +1412,16 @@ def test_a_file_name_refused_before_any_call_is_escaped_too(capsys, tmp_path):
     assert _usage_error(capsys, ["predict", str(tmp_path / "a\nb.png")]).endswith(f"argument images: no such file: {tmp_path}/a\\nb.png\n")
     assert _usage_error(capsys, ["sample-set", "create", "--folder", str(tmp_path / "d\x1b[31m")]).endswith(
         f"argument --folder: no such directory: {tmp_path}/d\\x1b[31m\n")
+    # Each other problem's words name it escaped too: a file as --folder, a pipe, a loop of links.
+    (tmp_path / "e\x1b[2J").write_bytes(b"")
+    assert _usage_error(capsys, ["sample-set", "create", "--folder", str(tmp_path / "e\x1b[2J")]).endswith(
+        f"argument --folder: not a directory: {tmp_path}/e\\x1b[2J\n")
+    os.mkfifo(tmp_path / "f\x1b[2J.png")
+    assert _usage_error(capsys, ["predict", str(tmp_path / "f\x1b[2J.png")]).endswith(
+        f"argument images: {tmp_path}/f\\x1b[2J.png is not a regular file but a pipe or a device\n")
+    (tmp_path / "g\x1b[2J.png").symlink_to(tmp_path / "g\x1b[2J.png")
+    assert _usage_error(capsys, ["predict", str(tmp_path / "g\x1b[2J.png")]).endswith(
+        f"argument images: cannot read {tmp_path}/g\\x1b[2J.png: Too many levels of symbolic links\n")
 
 
 def test_predict_escapes_control_characters_of_file_names_on_the_terminal(server, capsys, tmp_path):
