@@ -11,7 +11,7 @@ import io
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -718,6 +718,149 @@ def test_split_predicts_in_one_threaded_function_keep_nothing_of_theirs_once_ans
         assert asyncio.run(classify()) == 0
     finally:
         server.stop(0)
+
+
+def _run_abandoned(target: str, function: Callable[[Client, Callable[[], None]], None]) -> None:
+    """Run ``function(client, wait_for_abandonment)`` by AsyncClient.to_thread; once it calls
+    ``wait_for_abandonment()``, cancel its await, then let that return. Return once the
+    function has left its thread."""
+    waiting, abandoned = threading.Event(), threading.Event()
+
+    def wait_for_abandonment() -> None:
+        waiting.set()
+        assert abandoned.wait(30)
+
+    async def abandon() -> None:
+        async with AsyncClient(target, max_workers=1) as async_client:
+            running = async_client.to_thread(function, async_client.client, wait_for_abandonment)
+            assert await asyncio.get_running_loop().run_in_executor(None, waiting.wait, 30)
+            running.cancel()
+            await asyncio.sleep(0)  # the cancel's callbacks run in the loop's next round
+            abandoned.set()
+            await async_client.to_thread(time.monotonic)  # on the one thread: once the function has left it
+
+    asyncio.run(abandon())
+
+
+class _HeldPredicts(_BatchingInference):
+    """Loaded, with a batch size of 4 images; each Predict waits inside for ``answer``,
+    its call's context kept in ``contexts``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded, self.answer, self.contexts = True, threading.Event(), []
+
+    def Predict(self, request, context):
+        self.contexts.append(context)
+        self.answer.wait(30)
+        return super().Predict(request, context)
+
+
+def test_a_split_predict_abandoned_with_its_requests_in_flight_leaves_them_to_their_answers():
+    # An abandonment makes no further attempt, but cancels none sent: it may have taken effect.
+    from explaind.v1 import inference_pb2_grpc
+
+    servicer = _HeldPredicts()
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server, threads=4)
+
+    async def abandon_predicts_in_flight() -> bool:
+        async with AsyncClient(target, max_workers=1) as client:
+            predicting = asyncio.ensure_future(client.predict([IMAGE] * 10))  # 3 requests, in flight at once
+            deadline = time.monotonic() + 30
+            while len(servicer.contexts) < 3:
+                assert time.monotonic() < deadline and not predicting.done(), predicting
+                await asyncio.sleep(0.01)
+            predicting.cancel()
+            cancelled_soon = time.monotonic() + 2  # a cancel would reach the server well within this
+            while time.monotonic() < cancelled_soon and all(context.is_active() for context in servicer.contexts):
+                await asyncio.sleep(0.01)
+            in_flight = all(context.is_active() for context in servicer.contexts)
+            servicer.answer.set()
+            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned predict has left it
+            return in_flight
+
+    try:
+        assert asyncio.run(abandon_predicts_in_flight())
+        assert sorted(servicer.requests) == [2, 4, 4]
+    finally:
+        servicer.answer.set()
+        server.stop(0)
+
+
+def test_a_split_predict_begun_after_its_call_was_abandoned_sends_no_request():
+    # A split Predict's requests are stopped by a stop of its own, abandoned with the call's
+    # (see _Cancellation.within): one begun once the call was already abandoned must start so.
+    from explaind.v1 import inference_pb2_grpc
+
+    servicer = _BatchingInference()
+    servicer.loaded = True
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server, threads=4)
+    outcomes: list[str] = []
+
+    def predict_before_and_after(client: Client, wait_for_abandonment: Callable[[], None]) -> None:
+        assert len(client.predict([IMAGE] * 10)) == 10  # the server's batch size known: the next one splits at once
+        wait_for_abandonment()
+        try:
+            client.predict([IMAGE] * 10)
+            outcomes.append("answered")
+        except grpc.FutureCancelledError:
+            outcomes.append("abandoned")
+
+    try:
+        _run_abandoned(target, predict_before_and_after)
+        assert outcomes == ["abandoned"] and sorted(servicer.requests) == [2, 4, 4]  # the first Predict's alone
+    finally:
+        server.stop(0)
+
+
+def test_a_watch_begun_after_its_call_was_abandoned_opens_no_stream():
+    from explaind.client._operations import Operation
+
+    servicer = _RestartingOperations(time)  # answers the operation at once; its stream fails
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    outcomes: list[str] = []
+
+    def watch_once_abandoned(client: Client, wait_for_abandonment: Callable[[], None]) -> None:
+        operation = Operation(client, _running_operation("operations/x"))
+        wait_for_abandonment()
+        try:
+            next(operation.watch())
+            outcomes.append("watched")
+        except grpc.FutureCancelledError:
+            outcomes.append("abandoned")
+
+    try:
+        _run_abandoned(target, watch_once_abandoned)
+        assert outcomes == ["abandoned"] and servicer.asked == []
+    finally:
+        server.stop(0)
+
+
+def test_calls_after_an_abandoned_upload_s_cleanup_are_abandoned_too(served):
+    # The cleanup of an abandoned upload (deleting its part) is made despite the abandonment;
+    # the function's calls after it are not.
+    target, _ = served
+    outcomes: list[str] = []
+
+    def upload_then_list(client: Client, wait_for_abandonment: Callable[[], None]) -> None:
+        def images() -> Iterator[np.ndarray]:
+            yield from [IMAGE] * 4  # some requests sent, the set created (the next read ahead: is it the last?)
+            wait_for_abandonment()
+            yield IMAGE
+
+        labels = ["heart", "star"] * 2 + ["circle"]
+        for name, call in (("upload", lambda: client.create_sample_set(images(), labels, sample_set_id="abandoned-first", chunk_size=1)),
+                           ("list", client.sample_sets)):
+            try:
+                call()
+                outcomes.append(f"{name} answered")
+            except grpc.FutureCancelledError:
+                outcomes.append(f"{name} abandoned")
+
+    _run_abandoned(target, upload_then_list)
+    assert outcomes == ["upload abandoned", "list abandoned"]
+    with Client(target) as client, pytest.raises(NotFoundError):
+        client.sample_set("abandoned-first")  # its part deleted
 
 
 # A closed client's error, {0} the class its user holds.

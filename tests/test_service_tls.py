@@ -694,3 +694,9 @@ def _demo_error(tmp_path: Path, cert: Path, key: Path, capsys) -> str:
     config.write_text(f'[server]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n')
     assert main(["demo", "--config", str(config)]) == 1
     return capsys.readouterr().err
+
+
+def test_a_client_given_a_ca_file_alone_reprs_as_the_tls_client_it_is(tmp_path):
+    # root_certificates alone connects over TLS as tls=True does: its repr says so too.
+    with Client("127.0.0.1:1", root_certificates=Authority(tmp_path, "servers").file) as client:
+        assert repr(client) == "Client('127.0.0.1:1', timeout=30.0, tls=True)"
