@@ -2906,11 +2906,15 @@ def test_with_json_logs_a_damaged_model_file_is_one_json_error_and_torch_s_outpu
     failures = [record for record in records if record["level"] == "ERROR"]
     assert len(failures) == 1 and str(model) in failures[0]["message"] and "Traceback" not in result.stderr, result.stderr
 
-@pytest.mark.parametrize("failure", ["busy port", "bad config"])
+@pytest.mark.parametrize("failure", ["busy port", "bad config", "bad config asking for JSON itself"])
 def test_with_json_logs_a_failed_start_is_one_json_object_too(tmp_path, failure):
-    # It was the CLI's plain `error:` line, which a JSON log pipeline drops or fails on.
+    # It was the CLI's plain `error:` line, which a JSON log pipeline drops or fails on; so
+    # it stayed where the file that failed to load asked for JSON (a Helm chart's config:
+    # the chart has no flag for it).
     config = tmp_path / "explaind.toml"
-    config.write_text("[server]\ngrace_period_s = -1\n" if failure == "bad config" else "")
+    config.write_text({"busy port": "", "bad config": "[server]\ngrace_period_s = -1\n",
+                       "bad config asking for JSON itself": '[server]\nlog_format = "json"\ngrace_period_s = -1\n'}[failure])
+    log_format_flag = [] if failure == "bad config asking for JSON itself" else ["--log-format", "json"]
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -2918,7 +2922,7 @@ def test_with_json_logs_a_failed_start_is_one_json_object_too(tmp_path, failure)
         # plain line about the port before the JSON, unless GRPC_VERBOSITY was set.
         env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
         env["EXPLAIND_TOKEN"] = "s3cret"  # a warning before the bind (the bad config fails before it)
-        result = subprocess.run([sys.executable, "-m", "explaind", "serve", "--log-format", "json", "--config", str(config),
+        result = subprocess.run([sys.executable, "-m", "explaind", "serve", *log_format_flag, "--config", str(config),
                                  "--host", "127.0.0.1", "--port", str(busy.getsockname()[1]), "--data-dir", str(tmp_path / "data")],
                                 capture_output=True, text=True, timeout=120, check=False, env=env)
     assert result.returncode == 1

@@ -487,6 +487,19 @@ def _is_ipv6_address(text: str) -> bool:
     return True
 
 
+def requested_log_format(path: str | Path) -> str | None:
+    """The ``[server].log_format`` a config file sets, read without checking the rest: a
+    file that fails to load still reports that in the format it asked for (a log pipeline
+    reading JSON got the CLI's plain ``error:`` line). None where the file cannot be read
+    as TOML or sets no format it could use."""
+    try:
+        server = tomllib.loads(read_utf8_text(path)).get("server")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    log_format = server.get("log_format") if isinstance(server, dict) else None
+    return log_format if log_format in LOG_FORMATS else None
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Parse a TOML config; with ``None`` the shapes-world defaults. Relative paths in
     the file are resolved against the file's directory."""

@@ -716,7 +716,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from explaind.signals import stop_on_signals
 
     stop_requested = stop_on_signals()  # before the seconds of imports below: a container's PID 1 ignored SIGTERM then
-    from explaind.config import ConfigError, load_config
+    from explaind.config import ConfigError, load_config, requested_log_format
     from explaind.errors import FailedPrecondition
     from explaind.service import serve
     from explaind.service.server import end_serving_process
@@ -724,8 +724,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
-    except ConfigError as error:
-        return _start_failed(str(error), json_logs=args.log_format == "json")
+    except ConfigError as error:  # the format the file asks for, unless the flag overrides it
+        log_format = args.log_format or (requested_log_format(args.config) if args.config else None)
+        return _start_failed(str(error), json_logs=log_format == "json")
     # One replace per section, so flags that only go together (--tls-cert-file and
     # --tls-key-file) are checked together; an error names the flag of the key it quotes.
     changes: dict[str, dict[str, object]] = {}
