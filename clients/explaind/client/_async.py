@@ -108,8 +108,8 @@ class AsyncClient:
     runs; one already running makes no further attempt: a retry's pause (a restarting
     server, a full job queue) ends at once, an upload sends no further samples (its part is
     settled as an interrupted upload's: deleted, without ``request_id``), a read-only
-    call in flight (a wait for a job, ``rank_mistake_neurons``'s, a watch of its progress,
-    a Get or List, a health check) is cancelled, and its thread ends, its result dropped. Any other
+    call in flight (a Predict, a wait for a job, ``rank_mistake_neurons``'s, a watch of its
+    progress, a Get or List, a health check) is cancelled, and its thread ends, its result dropped. Any other
     attempt already sent is left to its answer or its deadline (the Client's
     ``timeout``, or the call's own), as it may have taken effect: a start it sent may
     start a job, which keeps running on the server (``await
@@ -244,8 +244,8 @@ class AsyncClient:
     async def watch(self, operation: Operation[R], *, timeout: float | None = WATCH_DEADLINE_S) -> AsyncIterator[Operation[R]]:
         """Yield ``operation`` as it is now and again whenever its state or progress changes,
         read every ``PROGRESS_STEP_S``, until it is done: ``async for``'s twin of
-        Operation.watch (which streams; this polls, so a cancelled loop frees its thread
-        within a step). After ``timeout`` seconds (None: no limit) it ends, though the job
+        Operation.watch (which streams; this polls, and a cancelled loop cancels its wait in
+        flight, freeing its thread at once). After ``timeout`` seconds (None: no limit) it ends, though the job
         may still run: see ``operation.done``."""
         _require_operation(operation)
         timeout = checked_timeout(timeout)  # as Operation.watch, and None for no limit
