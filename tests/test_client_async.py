@@ -486,11 +486,10 @@ def test_a_result_not_ready_in_time_hands_back_its_operation_and_the_job_runs_on
     asyncio.run(wait_briefly())
 
 
-def test_a_cancelled_result_await_frees_its_thread_within_a_step(served, monkeypatch):
+def test_a_cancelled_result_await_frees_its_thread_at_once_long_before_its_job_ends(served):
     # Waiting in one call until the job ended kept the thread (one of max_workers) for as
-    # long as the job ran, though nothing awaited it any more.
+    # long as the job ran, though nothing awaited it any more; then, in steps, to a step's end.
     target, _ = served
-    monkeypatch.setattr(_async, "RESULT_STEP_S", 0.2)
 
     async def cancel_a_wait() -> None:
         async with AsyncClient(target, max_workers=1) as client:
@@ -499,8 +498,8 @@ def test_a_cancelled_result_await_frees_its_thread_within_a_step(served, monkeyp
                 waiting = asyncio.ensure_future(client.result(operation))
                 await asyncio.sleep(0.1)
                 waiting.cancel()
-                # The one thread is free again once the step it was in ends, long before the job.
-                assert await asyncio.wait_for(client.to_thread(lambda: operation.done), timeout=20) is False
+                # The one thread is free again, its wait cancelled, not at the end of its RESULT_STEP_S (10 s).
+                assert await asyncio.wait_for(client.to_thread(lambda: operation.done), timeout=5) is False
             finally:
                 await client.to_thread(operation.cancel)
 
@@ -1256,11 +1255,12 @@ async def _once_inside(servicer: _HeldCalls, call: asyncio.Future) -> None:
 
 @pytest.mark.parametrize("wait, held", [
     (lambda client, operation: client.rank_mistake_neurons("s", 3), "WaitOperation"),
+    (lambda client, operation: client.result(operation), "WaitOperation"),
     (lambda client, operation: client.to_thread(operation.result), "WaitOperation"),
     (lambda client, operation: client.to_thread(operation.result, progress=True), "WatchOperation"),
     (lambda client, operation: client.wait_until_ready(60), "Check"),
-], ids=["rank_mistake_neurons", "Operation.result", "Operation.result-progress", "wait_until_ready"])
-def test_an_abandoned_wait_for_a_job_cancels_its_call_in_flight_and_frees_its_thread_at_once(wait, held):
+], ids=["rank_mistake_neurons", "AsyncClient.result", "Operation.result", "Operation.result-progress", "wait_until_ready"])
+def test_an_abandoned_wait_cancels_its_read_only_call_in_flight_and_frees_its_thread_at_once(wait, held):
     # The abandoned call's WaitOperation in flight held its thread until the server
     # answered (up to a minute), its watch stream until the job's next update, though the
     # call changed nothing on the server and nobody awaited its answer.
