@@ -781,7 +781,7 @@ class Client:
                 if unanswered is not None:
                     unanswered.append(maybe_taken_effect)
                 return response
-            self._pause(pause, cancellation)
+            self._pause(pause, stops)
             backoff = min(2 * backoff, RETRY_MAX_BACKOFF_S)
             # Whether the server honours the request_id is asked after the pause, not before:
             # the server that answers is the one to get the repeat (one restarted into an

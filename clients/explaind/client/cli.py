@@ -2104,7 +2104,7 @@ def _give_late_positionals(args: argparse.Namespace, actions: list[argparse.Acti
     gh-59317) fills an optional positional only beside the one before it, so the NAME of
     `operations get --json NAME`, the ID of `sample-set create --world W ID`, came back
     unrecognized there (a usage error) and parsed on later Pythons. As they read them, an
-    option unknown is left out (`--wrld balanced ID`: "unrecognized arguments: --wrld", not
+    option unknown is left out (`--wrld balanced`: "unrecognized arguments: --wrld", not
     "--wrld balanced"), and a first ``--`` is the separator: dropped, the words after it
     positional (`sample-set create --images a.png b.png -- ID` ends --images' list)."""
     empty = [action for action in actions if not action.option_strings and action.nargs == "?" and getattr(args, action.dest) is None]
