@@ -581,6 +581,23 @@ def test_a_call_cancelled_while_waiting_its_turn_never_runs(served):
     assert asyncio.run(cancel_a_queued_call()) == [2]
 
 
+async def _until(condition: Callable[[], bool], call: asyncio.Future) -> None:
+    """Return once ``condition()`` holds, failing if ``call`` ends first or 30 s pass."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline and not call.done(), call
+        await asyncio.sleep(0.01)
+
+
+async def _seconds_to_free_the_thread(client: AsyncClient, call: asyncio.Future) -> float:
+    """Cancel ``call`` and return the seconds until the one thread of ``client`` (made
+    with ``max_workers=1``) runs the next function: once the abandoned call has left it."""
+    call.cancel()
+    abandoned = time.monotonic()
+    await client.to_thread(time.monotonic)
+    return time.monotonic() - abandoned
+
+
 def test_a_call_abandoned_in_a_retry_pause_makes_no_further_attempt_and_frees_its_thread_at_once():
     # A call whose await was cancelled went on retrying in its thread while the server
     # restarted, for up to its whole timeout, holding one of the client's threads.
@@ -590,14 +607,8 @@ def test_a_call_abandoned_in_a_retry_pause_makes_no_further_attempt_and_frees_it
     async def abandon_a_retrying_call() -> float:
         async with AsyncClient(target, timeout=20, max_workers=1) as client:  # a retry would pause 19.75 s (the 30 s asked, cut to the deadline)
             asking = asyncio.ensure_future(client.sample_set("s"))
-            deadline = time.monotonic() + 30
-            while not servicer.attempts:  # refused once, pausing for the delay
-                assert time.monotonic() < deadline and not asking.done(), asking
-                await asyncio.sleep(0.01)
-            asking.cancel()
-            abandoned = time.monotonic()
-            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned call has left it
-            return time.monotonic() - abandoned
+            await _until(lambda: bool(servicer.attempts), asking)  # refused once, pausing for the delay
+            return await _seconds_to_free_the_thread(client, asking)
 
     try:
         assert asyncio.run(abandon_a_retrying_call()) < 10  # not after the 30 s pause
@@ -626,14 +637,8 @@ def test_a_split_predict_abandoned_in_its_requests_retry_pauses_makes_no_further
     async def abandon_a_refused_predict() -> float:
         async with AsyncClient(target, timeout=20, max_workers=1) as client:  # a retry would pause 19.75 s
             predicting = asyncio.ensure_future(client.predict([IMAGE] * 10))  # 3 requests, in flight at once
-            deadline = time.monotonic() + 30
-            while servicer.attempts.get("Predict", 0) < 3:  # each refused once, pausing for the delay
-                assert time.monotonic() < deadline and not predicting.done(), predicting
-                await asyncio.sleep(0.01)
-            predicting.cancel()
-            abandoned = time.monotonic()
-            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned predict has left it
-            return time.monotonic() - abandoned
+            await _until(lambda: servicer.attempts.get("Predict", 0) >= 3, predicting)  # each refused once, pausing for the delay
+            return await _seconds_to_free_the_thread(client, predicting)
 
     try:
         assert asyncio.run(abandon_a_refused_predict()) < 10  # not after the 30 s pause
@@ -766,10 +771,7 @@ def test_a_split_predict_abandoned_with_its_requests_in_flight_cancels_them_at_o
     async def abandon_predicts_in_flight() -> bool:
         async with AsyncClient(target, max_workers=1) as client:
             predicting = asyncio.ensure_future(client.predict([IMAGE] * 10))  # 3 requests, in flight at once
-            deadline = time.monotonic() + 30
-            while len(servicer.contexts) < 3:
-                assert time.monotonic() < deadline and not predicting.done(), predicting
-                await asyncio.sleep(0.01)
+            await _until(lambda: len(servicer.contexts) >= 3, predicting)
             predicting.cancel()
             cancelled_soon = time.monotonic() + 10  # held until servicer.answer: only a cancel ends them before
             while time.monotonic() < cancelled_soon and any(context.is_active() for context in servicer.contexts):
@@ -933,10 +935,7 @@ def test_a_cancelled_await_of_a_later_async_prediction_cancels_the_requests_in_f
             assert [(await anext(predictions)).class_indices for _ in range(2)] == [[0], [1]]
             third = asyncio.ensure_future(anext(predictions))
             await asyncio.to_thread(servicer.wait_for, lambda: 4 in servicer.arrived)  # sent as the third is taken: it waits for the second
-            third.cancel()
-            abandoned = time.monotonic()
-            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned item has left it
-            return time.monotonic() - abandoned
+            return await _seconds_to_free_the_thread(client, third)
 
     try:
         assert asyncio.run(abandon_the_third()) < 5  # not the server's HOLD_S
@@ -1245,14 +1244,6 @@ def _serve_held_calls(servicer: _HeldCalls) -> tuple[grpc.Server, str]:
     return _serve(servicer, add=add, threads=4)
 
 
-async def _once_inside(servicer: _HeldCalls, call: asyncio.Future) -> None:
-    """Return once a call of ``servicer``'s is held inside it."""
-    deadline = time.monotonic() + 30
-    while not servicer.inside.is_set():
-        assert time.monotonic() < deadline and not call.done(), call
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("wait, held", [
     (lambda client, operation: client.rank_mistake_neurons("s", 3), "WaitOperation"),
     (lambda client, operation: client.result(operation), "WaitOperation"),
@@ -1270,11 +1261,8 @@ def test_an_abandoned_wait_cancels_its_read_only_call_in_flight_and_frees_its_th
     async def abandon_a_wait() -> float:
         async with AsyncClient(target, max_workers=1) as client:
             waiting = asyncio.ensure_future(wait(client, Operation(client.client, _running_operation("operations/x"))))
-            await _once_inside(servicer, waiting)
-            waiting.cancel()
-            abandoned = time.monotonic()
-            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned wait has left it
-            return time.monotonic() - abandoned
+            await _until(servicer.inside.is_set, waiting)
+            return await _seconds_to_free_the_thread(client, waiting)
 
     try:
         assert asyncio.run(abandon_a_wait()) < 5  # not the server's 10 s
@@ -1294,7 +1282,7 @@ def test_an_abandoned_calls_start_in_flight_runs_to_its_answer_and_makes_no_furt
     async def abandon_a_start() -> None:
         async with AsyncClient(target, max_workers=1) as client:
             ranking = asyncio.ensure_future(client.rank_mistake_neurons("s", 3))
-            await _once_inside(servicer, ranking)
+            await _until(servicer.inside.is_set, ranking)
             ranking.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await ranking
@@ -1322,11 +1310,8 @@ def test_an_abandoned_watch_ends_its_pause_at_once(monkeypatch, dropped):
     async def abandon_a_polling_watch() -> float:
         async with AsyncClient(target, max_workers=1) as client:
             watching = asyncio.ensure_future(client.to_thread(Operation(client.client, _running_operation("operations/x")).result, progress=True))
-            await _once_inside(servicer, watching)
-            watching.cancel()
-            abandoned = time.monotonic()
-            await client.to_thread(time.monotonic)  # on the one thread: once the abandoned watch has left it
-            return time.monotonic() - abandoned
+            await _until(servicer.inside.is_set, watching)
+            return await _seconds_to_free_the_thread(client, watching)
 
     try:
         assert asyncio.run(abandon_a_polling_watch()) < 5  # not after the 30 s pause
