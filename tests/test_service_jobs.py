@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import limit_details, until_running
-from explaind.client import AbortedError, CancelledError, Client, FailedPreconditionError, NotFoundError, OperationError
+from explaind.client import AbortedError, CancelledError, Client, FailedPreconditionError, NotFoundError, Operation, OperationError
 from explaind.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, neuroinspect_pb2, neuroinspect_pb2_grpc, operations_pb2, operations_pb2_grpc,
                          sample_sets_pb2, sample_sets_pb2_grpc)
 from test_service_api import _metric
@@ -380,6 +380,17 @@ def test_waiting_for_a_job_no_worker_takes_fails_naming_it_and_its_state():
         until_running(StuckQueued(), limit_s=0)
 
 
+def _filled_queue(client: Client, sample_set_id: str, seed: int, **evaluation: Any) -> tuple[Operation[Any], Operation[Any]]:
+    """On a server of one queued place ([jobs].max_queued = 1), a visualisation running (for
+    longer than any test) and an evaluation of a new set ``sample_set_id`` queued after it
+    (with ``evaluation``'s arguments), filling the queue: (running, queued). No job has
+    ended, so a full queue's refusal asks for the documented 10 s."""
+    client.create_sample_set(_distinct_images(4, seed), [0, 1, 2, 3], sample_set_id=sample_set_id)
+    running = client.visualize_neurons([3], method="no_clip", steps=10_000)
+    until_running(running)  # not yet taken, it would fill the queue itself
+    return running, client.evaluate_sample_set(sample_set_id, **evaluation)
+
+
 def _refused_starts(server) -> float:
     """The EvaluateSampleSet calls ``server`` refused RESOURCE_EXHAUSTED: each attempt of the SDK's counts."""
     return _metric(server, "explaind_rpc_duration_seconds_count", method="EvaluateSampleSet", code="RESOURCE_EXHAUSTED")
@@ -395,10 +406,7 @@ def test_a_full_job_queue_s_refusal_says_when_to_retry_and_the_sdk_waits_that_lo
 
     server = server_factory(jobs={"max_queued": 1})
     with Client(server.target, timeout=60) as client:
-        client.create_sample_set(_distinct_images(4, 31), [0, 1, 2, 3], sample_set_id="full-queue")
-        running = client.visualize_neurons([3], method="no_clip", steps=10_000)
-        until_running(running)  # not yet taken, it would fill the queue itself
-        queued = client.evaluate_sample_set("full-queue")
+        running, queued = _filled_queue(client, "full-queue", 31)
         try:
             with Client(server.target, retry=False) as unretried:
                 with pytest.raises(ResourceExhaustedError, match=r"job queue is full \(1 queued, limit 1\)") as caught:
@@ -436,13 +444,10 @@ def test_a_start_a_full_queue_refused_is_sent_again_after_its_delay_and_starts_o
 
     server = server_factory(jobs={"max_queued": 1})
     with Client(server.target, timeout=60) as client:
-        client.create_sample_set(_distinct_images(4, 41), [0, 1, 2, 3], sample_set_id="draining")
         # No job has ended: the refusal asks for 10 s (the documented guess), ample time for the
         # cancel below to free a place before the retry however loaded the machine (a job's
         # run time, 1 s, left a cancel slower than that a second refusal).
-        running = client.visualize_neurons([3], method="no_clip", steps=10_000)
-        until_running(running)
-        queued = client.evaluate_sample_set("draining")
+        running, queued = _filled_queue(client, "draining", 41)
         before = {operation.name for operation in client.operations(limit=1000)}
         started = None
         try:
@@ -474,11 +479,7 @@ def test_an_async_start_abandoned_in_a_full_queue_s_retry_pause_frees_its_thread
 
     server = server_factory(jobs={"max_queued": 1})
     with Client(server.target, timeout=60) as client:
-        client.create_sample_set(_distinct_images(4, 43), [0, 1, 2, 3], sample_set_id="abandoned")
-        # No job has ended: the refusal asks for 10 s, which the abandoned start does not wait out.
-        running = client.visualize_neurons([3], method="no_clip", steps=10_000)
-        until_running(running)
-        queued = client.evaluate_sample_set("abandoned")
+        running, queued = _filled_queue(client, "abandoned", 43)  # a refusal asks for 10 s, which the abandoned start does not wait out
         before = {operation.name for operation in client.operations(limit=1000)}
 
         async def abandon_a_refused_start() -> float:
@@ -515,10 +516,7 @@ def test_a_full_queue_gives_a_repeated_request_id_its_job_and_refuses_another_re
     server = server_factory(jobs={"max_queued": 1})
     request_id = str(uuid.uuid4())
     with Client(server.target, timeout=60) as client:
-        client.create_sample_set(_distinct_images(4, 37), [0, 1, 2, 3], sample_set_id="full-rerun")
-        running = client.visualize_neurons([3], method="no_clip", steps=10_000)
-        until_running(running)
-        queued = client.evaluate_sample_set("full-rerun", request_id=request_id)  # fills the queue
+        running, queued = _filled_queue(client, "full-rerun", 37, request_id=request_id)
         try:
             assert client.evaluate_sample_set("full-rerun", request_id=request_id).name == queued.name
             with pytest.raises(InvalidArgumentError) as refused:
