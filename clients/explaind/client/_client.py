@@ -319,7 +319,7 @@ def _sample_set(message: sample_sets_pb2.SampleSet) -> SampleSet:
 
 T = TypeVar("T", sample_sets_pb2.Sample, common_pb2.Image)
 Run = TypeVar("Run")
-C = TypeVar("C")
+Call = TypeVar("Call")  # a gRPC future or stream
 
 
 def _sample_image(sample: sample_sets_pb2.Sample) -> common_pb2.Image:
@@ -467,7 +467,7 @@ class _Cancellation:
         if self._cancelled.is_set():
             raise grpc.FutureCancelledError()
 
-    def start(self, start: Callable[[], C], *, read_only: bool) -> C:
+    def start(self, start: Callable[[], Call], *, read_only: bool) -> Call:
         """The call (a future or a stream) ``start`` makes, in flight until :meth:`release`:
         a cancel ends it, and so does an abandonment where it is ``read_only``. None is
         made once stopped."""
