@@ -37,8 +37,9 @@ if hasattr(os, "register_at_fork"):  # Windows has none, and no fork to track
 
 # Threads of an AsyncClient, so as many of its calls run at once; more wait their turn.
 DEFAULT_MAX_WORKERS = 16
-# Longest wait one thread makes for AsyncClient.result (an await cancelled meanwhile cancels
-# it at once: see _Cancellation.abandon).
+# Longest wait one thread makes for AsyncClient.result: a restart outlasting one wait's
+# retries is waited out by the next step's while time is left (see _waits). An await
+# cancelled meanwhile cancels the wait at once (see _Cancellation.abandon).
 RESULT_STEP_S = 10.0
 # How often AsyncClient.result(progress=True) and AsyncClient.watch read the job, seconds.
 PROGRESS_STEP_S = 1.0
