@@ -34,6 +34,8 @@ C_INT = [
     "server.max_head_versions_per_caller",
 ]
 PORTS = ["port", "metrics_port", "health_port"]
+# A thread each: 1e9 started a server that took calls until threads or memory ran out.
+THREAD_POOLS = ["server.max_workers", "jobs.gpu_workers"]
 # Durations where TOML's inf reads as "never", as their 0 does (docs/configuration.md).
 INF_IS_NEVER = ["server.upload_idle_timeout_s", "jobs.retention_days", "jobs.max_run_seconds"]
 
@@ -89,6 +91,22 @@ def test_values_passed_on_as_a_c_int_take_its_largest_and_refuse_one_more(tmp_pa
     assert getattr(getattr(config_with(tmp_path, classifier_dir, key, 2**31 - 1, **big), section), name) == 2**31 - 1
     with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at most 2147483647, got 2147483648"):
         config_with(tmp_path, classifier_dir, key, 2**31, **big)
+
+
+@pytest.mark.parametrize("key", THREAD_POOLS)
+def test_thread_pools_take_4096_threads_and_refuse_one_more(tmp_path, classifier_dir, key):
+    section, _, name = key.partition(".")
+    assert getattr(getattr(config_with(tmp_path, classifier_dir, key, 4096), section), name) == 4096
+    for refused in (4097, 10**9):
+        with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at most 4096, got {refused}"):
+            config_with(tmp_path, classifier_dir, key, refused)
+
+
+def test_the_reserve_takes_1_gib_and_refuses_a_byte_more(tmp_path, classifier_dir):
+    # A reserve larger than the free space is released at start-up, and every upload refused with it.
+    assert config_with(tmp_path, classifier_dir, "server.data_dir_reserve_bytes", 2**30).server.data_dir_reserve_bytes == 2**30
+    with pytest.raises(ConfigError, match=r"c.toml: \[server\]\.data_dir_reserve_bytes must be at most 1073741824, got 1073741825"):
+        config_with(tmp_path, classifier_dir, "server.data_dir_reserve_bytes", 2**30 + 1)
 
 
 @pytest.mark.parametrize("name", PORTS)
