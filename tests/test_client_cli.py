@@ -179,6 +179,10 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["rank", "s", "--stability", "99999999999"], "--stability: 99999999999 is out of range"),
         (["report", "--class", "heart", "--stability", "-1"], "--stability: expected an integer >= 0, got '-1'"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
+        # A port that is no number was argparse's "invalid int value", Python's type name (one out of range: the config's words).
+        (["serve", "--port", "http"], "--port: expected an integer, got 'http'"),
+        (["serve", "--metrics-port", "9464.0"], "--metrics-port: expected an integer, got '9464.0'"),
+        (["serve", "--health-port", "off"], "--health-port: expected an integer, got 'off'"),
         # A digit int() does not read was "invalid _positive_int value: '²'", naming a function of the CLI's code.
         (["predict", __file__, "--top-k", "²"], "--top-k: expected an integer >= 1, got '²'"),
         (["sample-set", "create", "--world", "balanced:test:²"], "count must be a positive integer, got '²'"),
@@ -2754,7 +2758,7 @@ def test_a_mistyped_token_is_refused_without_quoting_it(capsys, tmp_path, value)
     config = tmp_path / "explaind.toml"
     config.write_text(f"[server]\ntoken = {value}\n")
     line = _error(capsys, ["serve", "--config", str(config)])
-    assert "[server].token must be a str, got a value not shown" in line
+    assert "[server].token must be a string, got a value not shown" in line
     assert "hunter2" not in line and "123456789" not in line
 
 

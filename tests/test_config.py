@@ -3,6 +3,7 @@ refused naming its key, so a bad file stops the start and a good one is never re
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import shutil
@@ -125,11 +126,16 @@ def test_max_concurrent_rpcs_may_equal_max_workers_and_0_is_4_per_worker(tmp_pat
 
 
 @pytest.mark.parametrize(("key", "value", "error"), [
-    ("server.port", True, r"\[server\]\.port must be a number, got True"),  # TOML's true is no port 1
-    ("server.host", 5, r"\[server\]\.host must be a str, got 5"),
-    ("server.host", True, r"\[server\]\.host must be a str, got True"),  # no address: .strip() of it was a traceback
-    ("classifier.class_names", "cat", r"\[classifier\]\.class_names must be a list, got 'cat'"),
-    ("classifier.mean", [True, True, True], r"\[classifier\]\.mean must be a list of numbers, got \[True, True, True\]"),
+    # Types and values in an operator's words, TOML's: "must be a str, got True" was Python's.
+    ("server.port", True, r"\[server\]\.port must be a number, got true$"),  # TOML's true is no port 1
+    ("server.host", 5, r"\[server\]\.host must be a string, got 5$"),
+    ("server.host", True, r"\[server\]\.host must be a string, got true$"),  # no address: .strip() of it was a traceback
+    ("server.host", datetime.date(2024, 1, 1), r"\[server\]\.host must be a string, got 2024-01-01$"),
+    ("classifier.jpeg_reduced_decode", "yes", r"\[classifier\]\.jpeg_reduced_decode must be true or false, got 'yes'$"),
+    ("classifier.factory_kwargs", [1], r"\[classifier\]\.factory_kwargs must be a table, got \[1\]$"),
+    ("classifier.class_names", "cat", r"\[classifier\]\.class_names must be a list, got 'cat'$"),
+    ("classifier.class_names", {"a": True}, r"\[classifier\]\.class_names must be a list, got \{a = true\}$"),
+    ("classifier.mean", [True, True, True], r"\[classifier\]\.mean must be a list of numbers, got \[true, true, true\]$"),
     ("server.host", "  ", r"\[server\]\.host must be an address to listen on .* got '  '"),
     # With its port: gRPC's bind failure blamed "another server using the port" on "[0.0.0.0:50051]:50051".
     ("server.host", "0.0.0.0:50051", r"\[server\]\.host must be an address without a port \(that is \[server\]\.port\), got '0.0.0.0:50051'$"),

@@ -46,6 +46,7 @@ silently ignored). Example::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import functools
 import ipaddress
@@ -582,10 +583,10 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
         if expected is None:  # an optional key, unset by default: typed by its annotation
             expected = _OPTIONAL_TYPE_EXAMPLES[fields[key].type]
         where = f"{path}: [{name}].{key}"
-        shown = "a value not shown (a secret's)" if key in _SECRET_KEYS else repr(value)
+        shown = "a value not shown (a secret's)" if key in _SECRET_KEYS else _as_toml(value)
         if isinstance(expected, bool) or isinstance(expected, str):
             if not isinstance(value, type(expected)):
-                raise ConfigError(f"{where} must be a {type(expected).__name__}, got {shown}")
+                raise ConfigError(f"{where} must be {_TYPE_WORDS[type(expected)]}, got {shown}")
         elif isinstance(expected, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where} must be a number, got {shown}")
@@ -600,7 +601,7 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
                 raise ConfigError(f"{where} must be a list, got {shown}")
             item_type = _LIST_ITEM_TYPES[key]
             if not all(isinstance(item, item_type) and not isinstance(item, bool) for item in value):
-                raise ConfigError(f"{where} must be a list of {_TYPE_WORDS[item_type]}, got {shown}")
+                raise ConfigError(f"{where} must be a list of {_ITEM_TYPE_WORDS[item_type]}, got {shown}")
             value = tuple(value)
         if key in _PATH_KEYS and value and not value.strip():  # it would resolve to a file named " " beside the config
             raise ConfigError(f"{where} is blank: give a path, or leave the key out")
@@ -621,7 +622,23 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 
 # What a list key's items must be, and how a refusal names it.
 _LIST_ITEM_TYPES: dict[str, type | tuple[type, ...]] = {"class_names": str, "admins": str, "mean": (int, float), "std": (int, float)}
-_TYPE_WORDS = {str: "strings", (int, float): "numbers"}
+_ITEM_TYPE_WORDS = {str: "strings", (int, float): "numbers"}
+# How a refusal names the type a key takes, in an operator's words ("must be a str" was Python's).
+_TYPE_WORDS = {str: "a string", bool: "true or false"}
+
+
+def _as_toml(value: Any) -> str:
+    """``value`` as the file wrote it: TOML's true, a date as written, not Python's
+    True or datetime.date(2024, 1, 1); strings quoted as a TOML literal string may be."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, list):
+        return f"[{', '.join(map(_as_toml, value))}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{key} = {_as_toml(item)}' for key, item in value.items())}}}"
+    return repr(value)
 
 # A value of each type optional keys are annotated with, to check a given value against.
 _OPTIONAL_TYPE_EXAMPLES = {"int | None": 0, "float | None": 0.0}

@@ -1863,9 +1863,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "run the server (the shapes world without --config)", client=False)
     serve.add_argument("--config", help="TOML config file (default: the shapes world; see README, Configuration)")
     serve.add_argument("--host", help="listen address (default: the config's [server].host, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="gRPC port (default: [server].port, 50051)")
-    serve.add_argument("--metrics-port", type=int, dest="metrics_port", help="Prometheus /metrics port (default: [server].metrics_port, 0 = off)")
-    serve.add_argument("--health-port", type=int, dest="health_port",
+    serve.add_argument("--port", type=_integer, help="gRPC port (default: [server].port, 50051)")
+    serve.add_argument("--metrics-port", type=_integer, dest="metrics_port", help="Prometheus /metrics port (default: [server].metrics_port, 0 = off)")
+    serve.add_argument("--health-port", type=_integer, dest="health_port",
                        help="plaintext gRPC health port, for probes that cannot speak TLS (default: [server].health_port, 0 = off)")
     serve.add_argument("--data-dir", dest="data_dir", help="sample sets, jobs and artifacts (default: [server].data_dir, var/explaind)")
     serve.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), help="inference backend (default: [runtime].backend, eager)")
