@@ -215,6 +215,53 @@ def test_dashboard_and_alert_label_values_name_real_rpcs():
                 assert named and set(named) <= set(services), f"{title}: {value!r} names services that do not exist"
 
 
+def _rpcs() -> set[tuple[str, str]]:
+    """(service, method) of every RPC the server times: the proto's, and gRPC health's."""
+    from explaind.v1 import inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2
+
+    return {(service.full_name, method.name) for module in (inference_pb2, neuroinspect_pb2, operations_pb2, sample_sets_pb2)
+            for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods} | {
+        ("grpc.health.v1.Health", "Check"), ("grpc.health.v1.Health", "Watch")}
+
+
+def _selects(matchers: str, labels: dict[str, str]) -> bool:
+    """Whether a selector's ``matchers`` keep a series with ``labels``, as Prometheus matches
+    them (regular expressions anchored at both ends); matchers of other labels ignored."""
+    tests = {"=": lambda value, given: value == given, "!=": lambda value, given: value != given,
+             "=~": lambda value, given: re.fullmatch(given, value) is not None, "!~": lambda value, given: re.fullmatch(given, value) is None}
+    return all(tests[operator](labels[label], given)
+               for label, operator, given in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', matchers) if label in labels)
+
+
+def test_each_rpc_latency_query_selects_the_rpcs_its_title_names():
+    # "Explanation RPC latency" excluded three services and kept NeuroInspectService whole:
+    # its head-version reads and writes, milliseconds each, mixed in with the rankings.
+    rpcs = _rpcs()
+    explanations = {("explaind.v1.NeuroInspectService", method) for method in ("RankMistakeNeurons", "VisualizeNeurons", "EditHead")}
+    predict = {("explaind.v1.InferenceService", "Predict")}
+    expected = {"Explanation RPC latency p50 / p99 (by method)": explanations, "Predict latency p50 / p99": predict,
+                "alert ExplaindPredictSlow": predict}
+    rpc_queries = [(title, matchers) for title, expr in queries() for name, matchers in SERIES.findall(expr)
+                   if name.startswith("explaind_rpc_duration_seconds")]
+    assert {title for title, _ in rpc_queries} >= set(expected)
+    for title, matchers in rpc_queries:  # a query its title gives no narrower set is over every RPC: a rate by code, an alert by method
+        selected = {(service, method) for service, method in rpcs if _selects(matchers, {"service": service, "method": method})}
+        assert selected == expected.get(title, rpcs), f"{title}: {{{matchers}}}"
+
+
+def test_only_explanation_jobs_are_in_a_query_titled_explanation():
+    # "Explanation job duration" and "... queue wait" showed evaluate_sample_set, no explanation.
+    from explaind.engine.core import EVALUATE_KIND
+    from explaind.engine.neuroinspect import EDIT_KIND, RANK_KIND, VISUALIZE_KIND
+
+    explanations = {RANK_KIND, VISUALIZE_KIND, EDIT_KIND}
+    for title, expr in queries():
+        for name, matchers in SERIES.findall(expr):
+            if title.startswith("Explanation") and name.startswith("explaind_job"):
+                kinds = {kind for kind in explanations | {EVALUATE_KIND} if _selects(matchers, {"kind": kind})}
+                assert kinds <= explanations, f"{title}: {name}{{{matchers}}} selects {sorted(kinds - explanations)}"
+
+
 def test_alert_descriptions_name_commands_the_cli_takes_and_keys_the_config_has():
     # An operator paged at night runs what the description says: a renamed option or key
     # there would send them to a usage error or a key that does not exist.
@@ -851,9 +898,9 @@ def test_a_real_prometheus_keeps_the_exemplars_of_a_traced_server_for_each_laten
         images, labels = world_images
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             client.predict(images[:4])
-            client.head_versions()  # an explanation service's call
             sample_set = client.create_sample_set(images[:4].numpy(), labels[:4].numpy(), sample_set_id="exemplars")
             client.evaluate_sample_set(sample_set.sample_set_id).result(download=False)
+            client.rank_mistake_neurons(sample_set.sample_set_id, int(labels[0]), execution="inline")  # an explanation RPC
         traced = {f"{span.context.trace_id:032x}" for span in exporter.get_finished_spans()}
 
         def exemplar_trace_ids(expr: str) -> set[str]:
