@@ -627,6 +627,12 @@ _ITEM_TYPE_WORDS = {str: "strings", (int, float): "numbers"}
 _TYPE_WORDS = {str: "a string", bool: "true or false"}
 
 
+def _choices(values: Iterable[str]) -> str:
+    """The values a key takes as the file writes them, 'a', 'b' or 'c', not as a Python tuple."""
+    *rest, last = [_as_toml(value) for value in values]
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
 def _as_toml(value: Any) -> str:
     """``value`` as the file wrote it: TOML's true, a date as written, not Python's
     True or datetime.date(2024, 1, 1); strings quoted as a TOML literal string may be."""
@@ -984,14 +990,14 @@ def _differs_from_default(config: Config, key: str) -> bool:
 def _validate(path: Path | str, config: Config) -> None:
     classifier = config.classifier
     if classifier.loader not in CLASSIFIER_LOADERS:
-        raise ConfigError(f"{path}: [classifier].loader must be one of {CLASSIFIER_LOADERS}, got {classifier.loader!r}")
+        raise ConfigError(f"{path}: [classifier].loader must be one of {_choices(CLASSIFIER_LOADERS)}, got {classifier.loader!r}")
     if problem := missing_classifier_key(classifier):
         raise ConfigError(f"{path}: {problem}")
     if config.runtime.backend not in BACKENDS:
-        raise ConfigError(f"{path}: [runtime].backend must be one of {BACKENDS}, got {config.runtime.backend!r}")
+        raise ConfigError(f"{path}: [runtime].backend must be one of {_choices(BACKENDS)}, got {config.runtime.backend!r}")
     _validate_device(path, config.runtime)
     if classifier.interpolation not in ("", *INTERPOLATIONS):
-        raise ConfigError(f"{path}: [classifier].interpolation must be one of {INTERPOLATIONS}, got {classifier.interpolation!r}")
+        raise ConfigError(f"{path}: [classifier].interpolation must be one of {_choices(INTERPOLATIONS)}, got {classifier.interpolation!r}")
     if len(classifier.mean) != len(classifier.std):
         raise ConfigError(f"{path}: [classifier].mean and .std must have the same length")
     if len(classifier.mean) not in (0, 1, 3):  # torch's "size of tensor a (3) must match ... b (2)" at load named neither
@@ -1041,7 +1047,7 @@ def _validate(path: Path | str, config: Config) -> None:
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     if config.server.log_format not in LOG_FORMATS:
-        raise ConfigError(f"{path}: [server].log_format must be one of {LOG_FORMATS}, got {config.server.log_format!r}")
+        raise ConfigError(f"{path}: [server].log_format must be one of {_choices(LOG_FORMATS)}, got {config.server.log_format!r}")
     if config.server.token and (problem := token_problem(config.server.token)):
         raise ConfigError(f"{path}: [server].token {problem}")
     server = config.server
