@@ -688,10 +688,10 @@ def test_an_unset_illusion_epsilon_is_the_one_the_clip_s_directory_recommends(tm
     ("{", "not JSON"),
     (b'{"illusion_epsilon": 1} # \xe9', "cannot read it: 'utf-8' codec can't decode"),
     ("[1.0]", "must be a JSON object, got \\[1.0\\]"),
-    ('{"illusion_epsilon": "1"}', "illusion_epsilon must be a number, got '1'"),
-    ('{"illusion_epsilon": true}', "illusion_epsilon must be a number, got True"),  # JSON's true is no 1
+    ('{"illusion_epsilon": "1"}', 'illusion_epsilon must be a number, got "1"'),
+    ('{"illusion_epsilon": true}', "illusion_epsilon must be a number, got true$"),  # JSON's true is no 1; shown as JSON writes it
     ('{"illusion_epsilon": -0.5}', "illusion_epsilon must be in \\[0, 1000.0\\], got -0.5"),
-    ('{"illusion_epsilon": NaN}', "illusion_epsilon must be in \\[0, 1000.0\\], got nan"),
+    ('{"illusion_epsilon": NaN}', "illusion_epsilon must be in \\[0, 1000.0\\], got NaN"),
     ('{"illusion_epsilon": 1, "epsilon": 2}', "unknown key\\(s\\) \\['epsilon'\\]; expected \\['illusion_epsilon'\\]"),
 ])
 def test_a_clip_recommendation_that_cannot_be_used_stops_the_start_naming_its_file(tmp_path, classifier_dir, content, problem):

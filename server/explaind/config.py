@@ -378,16 +378,17 @@ def _recommended_epsilon(directory: str) -> float | None:
     except ValueError as error:
         raise ConfigError(f"{where}: not JSON: {error}") from None
     if not isinstance(settings, dict):
-        raise ConfigError(f"{where}: must be a JSON object, got {settings!r}")
+        raise ConfigError(f"{where}: must be a JSON object, got {json.dumps(settings)}")
     if unknown := set(settings) - {"illusion_epsilon"}:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected ['illusion_epsilon']")
     epsilon = settings.get("illusion_epsilon")
     if epsilon is None:
         return None
+    # Values shown as JSON, as the file holds them: true, not Python's True.
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-        raise ConfigError(f"{where}: illusion_epsilon must be a number, got {epsilon!r}")
+        raise ConfigError(f"{where}: illusion_epsilon must be a number, got {json.dumps(epsilon)}")
     if not 0 <= epsilon <= MAX_LOSS_WEIGHT:  # a request's ε's range; NaN is in none
-        raise ConfigError(f"{where}: illusion_epsilon must be in [0, {MAX_LOSS_WEIGHT}], got {epsilon!r}")
+        raise ConfigError(f"{where}: illusion_epsilon must be in [0, {MAX_LOSS_WEIGHT}], got {json.dumps(epsilon)}")
     return float(epsilon)
 
 
