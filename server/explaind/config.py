@@ -109,7 +109,7 @@ MAX_LOSS_WEIGHT = 1e3
 # Threads: each gRPC worker, and each job worker, is an OS thread (stacks reserved, a task
 # the kernel counts). 1e9 workers started a server that took calls until threads or memory
 # ran out (and its 4 x max_workers held calls overflowed gRPC's C int). 4096 stays within
-# systemd's default TasksMax (15% of the default pid_max 32768: 4915) with the server's other
+# systemd's default TasksMax (15% of the kernel's default pid_max, 32768: 4915) with its other
 # threads, and far above use: one Python process runs one thread at a time (gRPC's examples
 # use 10 workers).
 MAX_THREADS = 4096
