@@ -113,12 +113,8 @@ MAX_LOSS_WEIGHT = 1e3
 # threads, and far above use: one Python process runs one thread at a time (gRPC's examples
 # use 10 workers).
 MAX_THREADS = 4096
-# The reserve only has to carry deletes through a full file system; the default 16 MiB does.
-# A larger one than the file system has free is released at start-up, and with it released
-# every upload and job is refused: a value beyond 1 GiB is a typo (bytes meant as MiB).
-MAX_RESERVE_BYTES = 1 << 30
 _AT_MOST = {
-    "server.max_workers": MAX_THREADS, "jobs.gpu_workers": MAX_THREADS, "server.data_dir_reserve_bytes": MAX_RESERVE_BYTES,
+    "server.max_workers": MAX_THREADS, "jobs.gpu_workers": MAX_THREADS,
     "server.max_message_bytes": _C_INT_MAX, "runtime.num_threads": _C_INT_MAX,
     # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
     "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,
