@@ -110,6 +110,16 @@ def test_a_reserve_of_any_size_is_taken(tmp_path, classifier_dir):
         assert config_with(tmp_path, classifier_dir, "server.data_dir_reserve_bytes", reserve).server.data_dir_reserve_bytes == reserve
 
 
+@pytest.mark.parametrize("key", ["classifier.image_size", "classifier.resize_size"])
+def test_input_sizes_take_the_largest_image_side_and_refuse_one_more(tmp_path, classifier_dir, key):
+    # 1e9 failed the start in the model's probe allocation; 20000 took 9.6 GB there and 4.8 GB per Predict image.
+    _, _, name = key.partition(".")
+    assert getattr(config_with(tmp_path, classifier_dir, key, 4096).classifier, name) == 4096
+    for refused in (4097, 10**9):
+        with pytest.raises(ConfigError, match=rf"c.toml: \[classifier\]\.{name} must be at most 4096, got {refused}$"):
+            config_with(tmp_path, classifier_dir, key, refused)
+
+
 @pytest.mark.parametrize("name", PORTS)
 def test_each_port_takes_65535_and_refuses_65536(tmp_path, classifier_dir, name):
     assert getattr(config_with(tmp_path, classifier_dir, f"server.{name}", 65535).server, name) == 65535

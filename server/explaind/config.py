@@ -113,8 +113,14 @@ MAX_LOSS_WEIGHT = 1e3
 # threads, and far above use: one Python process runs one thread at a time (gRPC's examples
 # use 10 workers).
 MAX_THREADS = 4096
+# Largest accepted side of an image in pixels (larger inputs are refused before decoding),
+# and so the largest input side and resize: beyond it every image is only enlarged, and
+# 1e9 failed the start in an allocation of the model's probe images (2 x 3 x 1e9^2), 20000
+# took 9.6 GB for them and every Predict image 4.8 GB.
+MAX_IMAGE_SIDE = 4096
 _AT_MOST = {
     "server.max_workers": MAX_THREADS, "jobs.gpu_workers": MAX_THREADS,
+    "classifier.image_size": MAX_IMAGE_SIDE, "classifier.resize_size": MAX_IMAGE_SIDE,
     "server.max_message_bytes": _C_INT_MAX, "runtime.num_threads": _C_INT_MAX,
     # RequestLimits' int32 fields: a larger value failed every GetModelMetadata, and with it every SDK upload.
     "batching.max_batch_size": _C_INT_MAX, "batching.max_queue_size": _C_INT_MAX, "batching.max_images_per_request": _C_INT_MAX,

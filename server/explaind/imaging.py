@@ -18,14 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import INTERPOLATIONS
+from .config import INTERPOLATIONS, MAX_IMAGE_SIDE
 from .decode_memory import ENCODED_DECODE_BYTES_PER_PIXEL, DecodeLease
 from .errors import ExplaindError, InvalidArgument, ResourceExhausted
 from .methods.memory import is_host_out_of_memory
 from .exif import directories_read, exif_orientation, stored_value_bytes, values_fit
 
-# Largest accepted side in pixels; larger inputs are rejected before decoding.
-MAX_IMAGE_SIDE = 4096
 # Encoded formats accepted. Pillow's other decoders (DDS, SPIDER, ...) see little use and
 # fail on malformed input with errors other than OSError.
 ENCODED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
