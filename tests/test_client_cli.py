@@ -2284,6 +2284,9 @@ def test_serve_with_a_bad_config_says_why_in_one_line(capsys, tmp_path, monkeypa
         (["--port", "70000"], "error: --port: [server].port must be at most 65535, got 70000"),
         (["--metrics-port", "65536"], "error: --metrics-port: [server].metrics_port must be at most 65535, got 65536"),
         (["--health-port", "-5"], "error: --health-port: [server].health_port must be at least 0, got -5"),
+        # Past an int32 too: the config's words, not "out of range [-2147483648, 2147483647]", no port's range.
+        (["--port", "99999999999"], "error: --port: [server].port must be at most 65535, got 99999999999"),
+        (["--health-port", "-3000000000"], "error: --health-port: [server].health_port must be at least 0, got -3000000000"),
         (["--device", "gpu"], "error: --device: [runtime].device must be a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu'"),
         (["--device", ""], "error: --device: [runtime].device must be a torch device"),
         (["--host", ""], "error: --host: [server].host must be an address to listen on"),  # was "cannot bind :0: is another server using the port?"

@@ -363,14 +363,15 @@ def _path(value: str) -> str:
     return value
 
 
-def _integer(value: str, bits: int = 32) -> int:
+def _integer(value: str, bits: int | None = 32) -> int:
     """argparse type: an integer that a request's int32 (int64) field holds; protobuf
-    refuses a larger one with a ValueError, which reached the user as a traceback."""
+    refuses a larger one with a ValueError, which reached the user as a traceback.
+    ``bits`` None: any integer, for a setting the config bounds in its own words."""
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {_quoted(value)}") from None
-    if not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
+    if bits is not None and not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
         raise argparse.ArgumentTypeError(f"{value} is out of range [{-(2 ** (bits - 1))}, {2 ** (bits - 1) - 1}]")
     return number
 
@@ -1863,9 +1864,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "run the server (the shapes world without --config)", client=False)
     serve.add_argument("--config", help="TOML config file (default: the shapes world; see README, Configuration)")
     serve.add_argument("--host", help="listen address (default: the config's [server].host, 127.0.0.1)")
-    serve.add_argument("--port", type=_integer, help="gRPC port (default: [server].port, 50051)")
-    serve.add_argument("--metrics-port", type=_integer, dest="metrics_port", help="Prometheus /metrics port (default: [server].metrics_port, 0 = off)")
-    serve.add_argument("--health-port", type=_integer, dest="health_port",
+    # Ports: any integer, refused beyond 65535 as the config's key is, not as an int32 ("out of range [-2147483648, ...]").
+    port = functools.partial(_integer, bits=None)
+    serve.add_argument("--port", type=port, help="gRPC port (default: [server].port, 50051)")
+    serve.add_argument("--metrics-port", type=port, dest="metrics_port", help="Prometheus /metrics port (default: [server].metrics_port, 0 = off)")
+    serve.add_argument("--health-port", type=port, dest="health_port",
                        help="plaintext gRPC health port, for probes that cannot speak TLS (default: [server].health_port, 0 = off)")
     serve.add_argument("--data-dir", dest="data_dir", help="sample sets, jobs and artifacts (default: [server].data_dir, var/explaind)")
     serve.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), help="inference backend (default: [runtime].backend, eager)")
