@@ -120,6 +120,14 @@ def test_input_sizes_take_the_largest_image_side_and_refuse_one_more(tmp_path, c
             config_with(tmp_path, classifier_dir, key, refused)
 
 
+@pytest.mark.parametrize("key", ["server.grace_period_s", "server.upload_idle_timeout_s"])
+def test_an_integer_no_float_holds_is_refused_by_name(tmp_path, classifier_dir, key):
+    # Python's TOML reader takes integers of any size: float() of one was an OverflowError traceback.
+    section, _, name = key.partition(".")
+    with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at most 1.8e\+308, got an integer of 400 digits$"):
+        config_with(tmp_path, classifier_dir, key, 10**400 - 1)
+
+
 @pytest.mark.parametrize("name", PORTS)
 def test_each_port_takes_65535_and_refuses_65536(tmp_path, classifier_dir, name):
     assert getattr(config_with(tmp_path, classifier_dir, f"server.{name}", 65535).server, name) == 65535

@@ -55,6 +55,7 @@ import math
 import os
 import re
 import stat
+import sys
 import tomllib
 import urllib.parse
 from collections.abc import Iterable
@@ -102,6 +103,9 @@ _MAX_PORT = 65535
 # it is a typo. ε is bounded as requests' ε is, so the configured default is one every
 # request without an ε can take.
 _C_INT_MAX = 2**31 - 1
+# The largest float: TOML's integers have no bound in Python's reader, and a larger one given
+# for a key of seconds overflowed in float().
+_FLOAT_MAX = sys.float_info.max
 # Upper bound of a request's loss weights (defaults 0.01-1), and of the configured ε: far
 # above any useful value, far below where float32 losses overflow to inf and the weights
 # they train turn NaN.
@@ -595,6 +599,8 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
                 raise ConfigError(f"{where} must be a number, got {shown}")
             if isinstance(expected, int) and not isinstance(value, int):
                 raise ConfigError(f"{where} must be an integer, got {shown}")
+            if isinstance(expected, float) and isinstance(value, int) and abs(value) > _FLOAT_MAX:  # float() of it was a traceback
+                raise ConfigError(f"{where} must be at most {_FLOAT_MAX:.3g}, got an integer of {len(str(abs(value)))} digits")
             value = type(expected)(value)
         elif isinstance(expected, dict):
             if not isinstance(value, dict):
