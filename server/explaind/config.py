@@ -112,10 +112,9 @@ _FLOAT_MAX = sys.float_info.max
 MAX_LOSS_WEIGHT = 1e3
 # Threads: each gRPC worker, and each job worker, is an OS thread (stacks reserved, a task
 # the kernel counts). 1e9 workers started a server that took calls until threads or memory
-# ran out (and its 4 x max_workers held calls overflowed gRPC's C int). 4096 stays within
-# systemd's default TasksMax (15% of the kernel's default pid_max, 32768: 4915) with its other
-# threads, and far above use: one Python process runs one thread at a time (gRPC's examples
-# use 10 workers).
+# ran out (and its 4 x max_workers held calls overflowed gRPC's C int). 4096 is far above
+# use (one Python process runs one thread at a time; gRPC's examples use 10 workers), and at
+# it the memory bound of docs/configuration.md is already 576 GiB at the default message size.
 MAX_THREADS = 4096
 # Largest accepted side of an image in pixels (larger inputs are refused before decoding),
 # and so the largest input side and resize: beyond it every image is only enlarged, and
