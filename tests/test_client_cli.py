@@ -1599,6 +1599,72 @@ def test_predict_interrupted_keeps_the_lines_of_the_files_answered_before(server
     assert [line.split()[0] for line in printed.out.splitlines()] == goods[:-1] and printed.err == "interrupted\n"
 
 
+def _json_lines(out: str) -> list[dict]:
+    """What --json-lines wrote: one JSON object per line."""
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_predict_json_lines_writes_each_file_s_entry_before_the_last_request_is_answered(server, tmp_path, monkeypatch, capsys):
+    # --json printed its list only once every file was answered: a script piping thousands
+    # of images got nothing until the end.
+    goods, _ = _files_of_two_requests(server, tmp_path)
+    assert main(["--target", server.target, "predict", *goods, "--max-in-flight", "1", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    written = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8"))  # buffered, as to a pipe
+    out_at_the_last_request = []
+    call_at = Client._call_at
+
+    def noting_the_output(self, offset, *args, **kwargs):
+        if offset:
+            out_at_the_last_request.append(written.getvalue().decode())
+        return call_at(self, offset, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "_call_at", noting_the_output)
+    assert main(["--target", server.target, "predict", *goods, "--max-in-flight", "1", "--json-lines"]) == 0
+    assert _json_lines(out_at_the_last_request[0]) == listed[:-1]
+    sys.stdout.flush()
+    assert _json_lines(written.getvalue().decode()) == listed  # each line the entry of --json's list, in order
+
+
+def test_predict_json_lines_failing_mid_way_keeps_the_lines_answered_then_the_error_as_the_last(server, capsys, tmp_path, monkeypatch):
+    goods, bad = _files_of_two_requests(server, tmp_path)
+    assert main(["--target", server.target, "predict", *goods, str(bad), "--json-lines"]) == 1
+    *answered, failure = _json_lines(capsys.readouterr().out)
+    assert [entry["image"] for entry in answered] == goods[:-1] and all(entry["labels"] for entry in answered)
+    assert failure["error"]["code"] == "INVALID_ARGUMENT" and failure["error"]["notes"][-1] == f"that is file {bad}"
+    # Ctrl-C as the second request's answer is on its way: the first's lines, then the interrupt's.
+    call_at = Client._call_at
+    calls = []
+
+    def interrupted_at_the_second(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return call_at(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "_call_at", interrupted_at_the_second)
+    assert main(["--target", server.target, "predict", *goods, str(bad), "--max-in-flight", "1", "--json-lines"]) == 130
+    *answered, failure = _json_lines(capsys.readouterr().out)
+    assert [entry["image"] for entry in answered] == goods[:-1] and failure["error"]["code"] == "INTERRUPTED"
+
+
+def test_predict_json_lines_keeping_going_writes_a_failed_file_s_error_entry_in_its_place(server, capsys, tmp_path):
+    goods, bad = _files_of_two_requests(server, tmp_path)
+    files = [goods[0], str(bad), goods[1]]
+    assert main(["--target", server.target, "predict", *files, "--keep-going", "--max-in-flight", "1", "--json"]) == 3
+    listed = json.loads(capsys.readouterr().out)
+    assert main(["--target", server.target, "predict", *files, "--keep-going", "--max-in-flight", "1", "--json-lines"]) == 3
+    lines = _json_lines(capsys.readouterr().out)
+    assert lines == listed and [entry["image"] for entry in lines] == files and lines[1]["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_predict_takes_json_or_json_lines_not_both(capsys, tmp_path):
+    image = _png(tmp_path / "a.png", 10)
+    err = _usage_error(capsys, ["predict", image, "--json", "--json-lines"])
+    assert "error: give --json (one list, once every file is answered) or --json-lines" in err and "not both" in err
+
+
 def test_a_server_error_about_an_image_past_the_files_given_names_no_file():
     # An index beyond the caller's files (a faulty or other server's) must not end in an IndexError.
     from explaind.client import InvalidArgumentError

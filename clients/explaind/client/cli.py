@@ -811,9 +811,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     failed += 1
                     print(f"error: {_shown_file_name(name)}: {prediction.error}", file=sys.stderr)
                 if args.json:
-                    entries.append({"image": name, "error": _error_json(prediction.error)} if prediction.error is not None
-                                   else {"image": name, "labels": prediction.labels, "class_indices": prediction.class_indices,
-                                         "probabilities": prediction.probabilities, "model_version": prediction.model_version})
+                    entries.append(_prediction_json(name, prediction))
+                elif args.json_lines:  # as it is answered, like a text line: a failure or Ctrl-C keeps the lines before it
+                    print(_json_text(_prediction_json(name, prediction)), flush=True)
                 elif prediction.error is None:
                     _print_prediction(name, prediction, width)
     if args.json:
@@ -821,6 +821,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not failed:
         return 0
     return EXIT_SOME_FAILED if failed < len(args.images) else 1
+
+
+def _prediction_json(name: str, prediction: Prediction) -> dict[str, Any]:
+    """A file's entry of predict's --json list, and its line with --json-lines: its classes,
+    or with --keep-going the error the server answered it with."""
+    if prediction.error is not None:
+        return {"image": name, "error": _error_json(prediction.error)}
+    return {"image": name, "labels": prediction.labels, "class_indices": prediction.class_indices,
+            "probabilities": prediction.probabilities, "model_version": prediction.model_version}
 
 
 def _predictions_of_files(client: Client, files: list[str], **options: Any) -> Generator[Prediction, None, None]:
@@ -1499,7 +1508,7 @@ INTERRUPTED_CODE = "INTERRUPTED"
 
 def _failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args: argparse.Namespace) -> dict[str, Any]:
     """What a failed command prints on stdout with --json, as its one value (or, after
-    ``operations watch``'s lines, its last): {"error": ...} as :func:`_error_json` has it,
+    ``operations watch``'s lines and ``predict --json-lines``', its last): {"error": ...} as :func:`_error_json` has it,
     code :data:`CLIENT_ERROR_CODE` for a CommandError, :data:`INTERRUPTED_CODE` for Ctrl-C
     or SIGTERM (their ``reason`` null and ``quota_violations`` empty: no limit of the
     server's), with the notes stderr prints under
@@ -1537,13 +1546,14 @@ def _failure_words(error: BaseException) -> str:
 
 
 def _print_failure_json(error: ExplaindError | CommandError | KeyboardInterrupt, args: argparse.Namespace) -> None:
-    """With --json, :func:`_failure_json` on stdout, unless stdout holds an artifact's bytes,
+    """With --json (or predict's --json-lines, as its last line), :func:`_failure_json` on stdout, unless stdout holds an artifact's bytes,
     or the command's own value, whole (:func:`_print_json`: a SIGTERM met closing the channel
     after it made a second value, which a reader of one JSON value refuses), or it cannot be
     written itself (a reader gone, a full disk: stderr said it all). On a line
     of its own where Ctrl-C or SIGTERM cut the command's own JSON short (a value larger
     than a slow reader's pipe holds): after it on the same line, the error did not parse."""
-    if getattr(args, "json", False) and getattr(args, "output", None) != "-" and not getattr(args, "json_written", False):
+    json_output = getattr(args, "json", False) or getattr(args, "json_lines", False)
+    if json_output and getattr(args, "output", None) != "-" and not getattr(args, "json_written", False):
         cut_short = isinstance(error, KeyboardInterrupt) and any(
             frame.f_code is _print_json.__code__ for frame, _line in traceback.walk_tb(error.__traceback__))
         try:
@@ -1902,7 +1912,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "failed file's error on stderr (with --json, an \"error\" entry for it); exit status "
                               f"{EXIT_SOME_FAILED} if some failed and others were printed, 1 (as for any error) if every file failed "
                               "(needs a server with the predict_partial_failure capability)")
-    _json_option(predict, "print JSON (with --keep-going the list, each failed file an \"error\" entry, even where every file failed: exit status 1)")
+    _json_option(predict, "print JSON once every file is answered (with --keep-going the list, each failed file an \"error\" entry, "
+                          "even where every file failed: exit status 1)")
+    predict.add_argument("--json-lines", dest="json_lines", action="store_true",
+                         help="print each file's entry of --json's list as a line of its own as soon as it is answered, in the "
+                              "order given (a failed file's \"error\" entry too, with --keep-going); if the command fails, its "
+                              "--json error as the last line")
     predict.set_defaults(run=cmd_predict)
 
     info = command("info", "what the server serves")
@@ -2159,6 +2174,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         usage_error("--cert-file and --key-file go together: a client certificate needs its private key")
     if unrecognized:
         usage_error(f"unrecognized arguments: {' '.join(unrecognized)}{_option_guesses(unrecognized, command_actions, args.command)}")
+    if args.command == "predict" and args.json and args.json_lines:
+        usage_error("give --json (one list, once every file is answered) or --json-lines (a line per file, as it is answered), not both")
     # Files are checked once every option is known: in `predict --topk 2 a.png` the "2" is
     # the mistyped option's value, and "no such file: 2" would hide the typo.
     images = "images" if args.command == "predict" else "--images"
