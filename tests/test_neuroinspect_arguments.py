@@ -284,6 +284,10 @@ def test_visualize_runs_under_no_grad_and_refuses_malformed_pairs(world_model):
         ([(8.7, 1)], TypeError, r"pairs\[0\] neuron must be an integer index, got 8.7"),
         ([(8, "heart")], TypeError, r"pairs\[0\] class must be an integer index, got 'heart'"),
         ([(np.int64(8), torch.tensor(9))], ValueError, r"pairs\[0\] class must lie in \[0, 6\), got 9"),
+        # A pair asked twice was optimised twice into the same image; the server's VisualizeNeurons refuses it alike.
+        ([(3, 1), (4, 1), (3, 1)], ValueError, r"^pairs\[2\]: repeats pairs\[0\]: both ask for neuron 3 with class 'square', which would be "
+                                              r"optimised twice into the same image$"),
+        ([(3, None), (3, illusion.top_classes(3)[0])], ValueError, r"^pairs\[1\]: repeats pairs\[0\]: both ask for neuron 3 "),
     ):
         with pytest.raises(error, match=message):
             illusion.visualize(pairs, method="no_clip", steps=1)
@@ -541,6 +545,7 @@ def test_clip_illusion_needs_class_names_only_for_clip_and_follows_the_model_as_
          r"clip_model and tokenizer must be given together"),  # else its prompts could not be tokenised
         (lambda: ClipIllusion(model, "hidden", tokenizer=str.split, head="classifier", image_size=9), r"clip_model and tokenizer must be given together"),
         (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=-1), r"learning_rate must be ≥ 0"),
+        (lambda: illusion.visualize([(1, 2), (1, 2)], method="no_clip", steps=2), r"pairs\[1\]: repeats pairs\[0\]: both ask for neuron 1 with class 2,"),  # no names: its index
         # Was a bare overflow RuntimeError from inside AdamW (β1 0.5: its first step is 2 × the rate).
         (lambda: illusion.visualize([(1, 2)], method="no_clip", steps=2, learning_rate=2e38), r"learning_rate must be at most 1.7e\+38 \(2 × learning_rate"),
         # Was a result of NaN images: the spectrum's lowest-frequency amplitude, 9^45, is infinite in float32.

@@ -50,6 +50,7 @@ from ..methods.neuroinspect import (
     ShiftsOverflowed,
     TrainingDiverged,
 )
+from ..methods.neuroinspect._checks import repeated_pair_problem
 from ..methods.neuroinspect._probability import predicted_classes
 from ..methods.neuroinspect._ranking import DEFAULT_TOP_K, MAX_STABILITY_RESAMPLES, neuron_top_classes
 from ..store import EDIT_JOB_ID, HeadVersionRecord, RequestKey, SampleSetInfo
@@ -549,7 +550,7 @@ class NeuroInspectEngine:
         if images > MAX_VISUALIZATION_PAIRS:  # before resolving: a huge request is refused at once
             raise InvalidArgument(f"{images} images exceed the limit of {MAX_VISUALIZATION_PAIRS} per operation", field="pairs")
         resolved: list[tuple[int, int]] = []
-        asked_by: dict[tuple[int, int], int] = {}  # (neuron, class) -> the first pair asking for it
+        first_asking: dict[tuple[int, int], int] = {}
         for i, (neuron, target) in enumerate(pairs):
             if not 0 <= int(neuron) < version.feature_dim:
                 raise InvalidArgument(f"{neuron} is not a neuron index in [0, {version.feature_dim})", field=f"pairs[{i}].neuron")
@@ -557,13 +558,9 @@ class NeuroInspectEngine:
                 classes = neuron_top_classes(version.head.weight, int(neuron), classes_per_neuron)
             else:
                 classes = [self._class_index(version, target, field=f"pairs[{i}].class")]
-            for klass in classes:
-                # Its start image and augmentations follow from (seed, neuron, class): a second
-                # asking would optimise the same image again, as edit_head refuses a neuron twice.
-                if (first := asked_by.setdefault((int(neuron), klass), i)) != i:
-                    raise InvalidArgument(f"repeats pairs[{first}]: both ask for neuron {int(neuron)} with class "
-                                          f"{version.class_names[klass]!r}, which would be optimised twice into the same image",
-                                          field=f"pairs[{i}]")
+            for klass in classes:  # as edit_head refuses a neuron twice
+                if problem := repeated_pair_problem(first_asking, i, int(neuron), klass, version.class_names):
+                    raise InvalidArgument(problem, field=f"pairs[{i}]")
             resolved += [(int(neuron), klass) for klass in classes]
         clip = self._engine.components.get("clip")
         if method == "clip_illusion" and (clip is None or not clip.loaded):

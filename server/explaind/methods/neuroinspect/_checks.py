@@ -175,6 +175,19 @@ def indices(values: object, name: str, upper: int, *, distinct: bool = False) ->
     return listed
 
 
+def repeated_pair_problem(first_asking: dict[tuple[int, int], int], position: int, neuron: int, class_index: int,
+                          class_names: Sequence[str]) -> str | None:
+    """Why a visualisation's ``pairs[position]``, asking for image (``neuron``, ``class_index``),
+    is refused, or None, noting it in ``first_asking`` (each pair asked so far, by the position
+    of the first pair asking for it): an image's start and augmentations follow from (seed,
+    neuron, class), so a second asking would optimise the same image again. The server's
+    VisualizeNeurons and ClipIllusion.visualize check it alike."""
+    if (first := first_asking.setdefault((neuron, class_index), position)) == position:
+        return None
+    named = repr(class_names[class_index]) if class_names else class_index
+    return f"repeats pairs[{first}]: both ask for neuron {neuron} with class {named}, which would be optimised twice into the same image"
+
+
 def number(value: object, name: str, *, low: float = 0.0, low_open: bool = False) -> float:
     """A finite real number ≥ ``low`` (> ``low`` with ``low_open``)."""
     value = _scalar(value)

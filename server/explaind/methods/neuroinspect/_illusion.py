@@ -32,8 +32,8 @@ from torch import nn
 
 
 from ..memory import is_host_out_of_memory
-from ._checks import (callback_or_none, count, eval_mode, finite_rows, index, number, refuse_inference_mode, require_step_fits,
-                      seed_value, tensor_argument)
+from ._checks import (callback_or_none, count, eval_mode, finite_rows, index, number, refuse_inference_mode, repeated_pair_problem,
+                      require_step_fits, seed_value, tensor_argument)
 from ._features import capture_forward, channel_maps, last_spatial_module, neuron_gradient_maps, split_forward, split_modules
 from ._fourier import FourierImage, gaussian_noise, random_affine
 from ._ranking import neuron_top_classes
@@ -391,11 +391,14 @@ class ClipIllusion:
         if len(pairs) == 0:
             raise ValueError("pairs must hold at least one (neuron, class) pair")
         neurons, classes = [], []
+        first_asking: dict[tuple[int, int], int] = {}
         for position, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"pairs[{position}] must be a (neuron, class or None) pair, got {pair!r}")
             neuron = index(pair[0], f"pairs[{position}] neuron", dim)
             klass = self.top_classes(neuron)[0] if pair[1] is None else index(pair[1], f"pairs[{position}] class", num_classes)
+            if problem := repeated_pair_problem(first_asking, position, neuron, klass, self.class_names):
+                raise ValueError(f"pairs[{position}]: {problem}")
             neurons.append(neuron)
             classes.append(klass)
         return torch.tensor(neurons, device=self.device), torch.tensor(classes, device=self.device)
