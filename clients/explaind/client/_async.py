@@ -168,7 +168,7 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         """As :meth:`Client.__repr__`, with its ``max_workers``."""
-        return f"{type(self).__name__}({self.client._described_arguments()}, max_workers={self._max_workers})"
+        return f"{type(self).__name__}({self.client._described_arguments(max_workers=self._max_workers)})"
 
     def __reduce__(self) -> tuple[Callable[[], AsyncClient], tuple[()], dict[str, Any]]:
         """Pickled as its arguments, as the Client: unpickled, a new client, closed if this

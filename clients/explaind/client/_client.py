@@ -656,10 +656,12 @@ class Client:
         ``<explaind.client._client.Client object at 0x...>``, naming no server in a log)."""
         return f"{type(self).__name__}({self._described_arguments()})"
 
-    def _described_arguments(self) -> str:
-        """The target and the arguments a repr shows: the timeout, TLS, and closed where it is."""
+    def _described_arguments(self, **more: object) -> str:
+        """The target and the arguments a repr shows: the timeout, TLS, ``more`` (an
+        AsyncClient's max_workers), and last closed where it is, so the two reprs read alike."""
         secure = any(self._arguments[name] for name in ("tls", "root_certificates", "private_key", "certificate_chain"))
-        return f"{self.target!r}, timeout={self.timeout}" + (", tls=True" if secure else "") + (", closed=True" if self._closed else "")
+        return ", ".join([repr(self.target), f"timeout={self.timeout}", *(["tls=True"] if secure else []),
+                          *(f"{name}={value!r}" for name, value in more.items()), *(["closed=True"] if self._closed else [])])
 
     def __reduce__(self) -> tuple[Callable[[], Client], tuple[()], dict[str, Any]]:
         """Pickled as its arguments (see the class): unpickled, a new client that connects
