@@ -1318,3 +1318,50 @@ def test_an_abandoned_watch_ends_its_pause_at_once(monkeypatch, dropped):
         assert servicer.asked == ["WatchOperation", "GetOperation"] if dropped else ["WatchOperation"]  # no poll, no stream again
     finally:
         server.stop(0)
+
+
+class _BusyWaits(operations_pb2_grpc.OperationsServiceServicer, _LoadingSampleSets):
+    """A job that never ends, whose WaitOperation a busy server refuses with ``code``, asking
+    for a retry after 30 s, or, with ``code`` None, answers at once (every waiting slot taken)."""
+
+    def __init__(self, code: grpc.StatusCode | None) -> None:
+        _LoadingSampleSets.__init__(self, loading_s=0 if code is None else 3600, retry_delay_s=30,
+                                    code=code or grpc.StatusCode.UNAVAILABLE)
+
+    def WaitOperation(self, request, context):
+        self._attempt("WaitOperation", context)
+        return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
+
+
+@pytest.mark.parametrize("code", [None, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE],
+                         ids=["answered at once", "RESOURCE_EXHAUSTED", "UNAVAILABLE"])
+def test_an_abandoned_operation_wait_ends_its_busy_server_pause_at_once(monkeypatch, code):
+    # Operation.wait pauses where a busy server answers its wait at once (its own backoff)
+    # or refuses it asking for a delay (its call's retry): an abandoned await must cut the
+    # pause short, not hold the client's thread to its end and then ask again.
+    from explaind.client import _client
+
+    monkeypatch.setattr(_operations, "BUSY_WAIT_MIN_PAUSE_S", 30.0)
+    monkeypatch.setattr(_operations, "BUSY_WAIT_MAX_PAUSE_S", 30.0)
+    pausing = threading.Event()
+    sleep = _client._Cancellation.sleep
+
+    def noting_the_pause(cancellation, seconds):
+        pausing.set()
+        return sleep(cancellation, seconds)
+
+    monkeypatch.setattr(_client._Cancellation, "sleep", noting_the_pause)
+    servicer = _BusyWaits(code)
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def abandon_a_pausing_wait() -> float:
+        async with AsyncClient(target, max_workers=1) as client:
+            waiting = asyncio.ensure_future(client.to_thread(Operation(client.client, _running_operation("operations/x")).wait))
+            await _until(pausing.is_set, waiting)
+            return await _seconds_to_free_the_thread(client, waiting)
+
+    try:
+        assert asyncio.run(abandon_a_pausing_wait()) < 5  # not after the 30 s pause
+        assert servicer.attempts == {"WaitOperation": 1}  # no wait asked again
+    finally:
+        server.stop(0)

@@ -64,7 +64,9 @@ LAST_ATTEMPT_S = 0.25
 WATCH_DEADLINE_S = 24 * 3600.0
 # Before a dropped WatchOperation stream is opened again (never a busy loop).
 WATCH_REOPEN_PAUSE_S = 0.5
-# Longest pause between waits a busy server answered at once (see Operation.wait).
+# Pauses between waits a busy server answered at once (see Operation.wait): the first,
+# doubled after each such answer up to the longest.
+BUSY_WAIT_MIN_PAUSE_S = 0.1
 BUSY_WAIT_MAX_PAUSE_S = 2.0
 # Between GetOperation calls when a busy server has no thread for a watch stream.
 WATCH_POLL_INTERVAL_S = 1.0
@@ -442,7 +444,7 @@ class Operation(Generic[ResultT]):
         if (timeout := checked_timeout(timeout)) is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
             return self if self.done else self.refresh()
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.1
+        pause = BUSY_WAIT_MIN_PAUSE_S
         while not self.done:
             remaining = WATCH_DEADLINE_S if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
@@ -468,7 +470,7 @@ class Operation(Generic[ResultT]):
                 self._client._pause(min(pause, max(0.0, remaining - (time.monotonic() - asked))))
                 pause = min(2 * pause, BUSY_WAIT_MAX_PAUSE_S)
             else:
-                pause = 0.1
+                pause = BUSY_WAIT_MIN_PAUSE_S
         return self
 
     def watch(self, timeout: float = WATCH_DEADLINE_S) -> Iterator[Self]:
