@@ -895,6 +895,26 @@ def test_a_classifier_without_known_attribute_neurons_has_nothing_to_compare(tin
     assert compare_on_known_attributes("dead", dead, tiny_clip, probe_batch(40, seed=0), steps=1, epsilon=0.05) == []
 
 
+def test_a_neuron_detecting_two_attribute_values_is_compared_on_each(world_model, tiny_clip):
+    """Below AUC 0.9 a neuron detects two values (`bench/illusion_eval.py --min-auc 0.8` finds
+    some): its one image, visualised once, is scored for each. Its (neuron, class) pair went
+    to visualize twice, which refuses a repeated pair."""
+    from explaind.world.illusion_check import compare_on_known_attributes
+    from explaind.world.probes import probe_batch
+
+    probe = probe_batch(120, seed=0)
+    for condition in ("top-class", "own-shape"):
+        comparisons = compare_on_known_attributes("balanced", world_model, tiny_clip, probe, min_auc=0.6, steps=1, epsilon=0.05,
+                                                  condition=condition)
+        by_image: dict[tuple[int, str], list] = {}
+        for c in comparisons:
+            by_image.setdefault((c.neuron, c.conditioned_on), []).append(c)
+        repeated = [rows for rows in by_image.values() if len(rows) > 1]
+        assert repeated, condition  # the case under test
+        for first, *others in repeated:  # the same image: its activation and class similarity alike
+            assert all((c.activation_ours, c.class_similarity) == (first.activation_ours, first.class_similarity) for c in others)
+
+
 def test_own_shape_conditioning_changes_only_shape_neurons_whose_top_class_is_another_shape(tiny_clip):
     """Acceptance 4's protocol conditions every neuron on its top class; "own-shape" gives a
     shape neuron its own shape instead. class_plus_context_colour's strongest cross
