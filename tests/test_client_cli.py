@@ -1649,6 +1649,25 @@ def test_predict_json_lines_failing_mid_way_keeps_the_lines_answered_then_the_er
     assert [entry["image"] for entry in answered] == goods[:-1] and failure["error"]["code"] == "INTERRUPTED"
 
 
+def test_predict_json_lines_cut_short_by_ctrl_c_puts_its_error_on_a_line_of_its_own(server, tmp_path, monkeypatch):
+    # A line larger than a slow reader's pipe holds, half written as Ctrl-C or SIGTERM came:
+    # the error went on after it on the same line, so neither that line nor the error parsed.
+    goods, _ = _files_of_two_requests(server, tmp_path)
+
+    class CutAtTheSecondLine(io.StringIO):
+        def write(self, text: str) -> int:
+            if f'"image": {json.dumps(goods[1])}' in text:
+                super().write(text[: len(text) // 2])
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", CutAtTheSecondLine())
+    assert main(["--target", server.target, "predict", *goods, "--json-lines"]) == 130
+    first, cut, failure = sys.stdout.getvalue().splitlines()
+    assert json.loads(first)["image"] == goods[0] and cut.startswith('{"image": ') and not cut.endswith("}")
+    assert json.loads(failure)["error"]["code"] == "INTERRUPTED"
+
+
 def test_predict_json_lines_keeping_going_writes_a_failed_file_s_error_entry_in_its_place(server, capsys, tmp_path):
     goods, bad = _files_of_two_requests(server, tmp_path)
     files = [goods[0], str(bad), goods[1]]

@@ -813,7 +813,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 if args.json:
                     entries.append(_prediction_json(name, prediction))
                 elif args.json_lines:  # as it is answered, like a text line: a failure or Ctrl-C keeps the lines before it
-                    print(_json_text(_prediction_json(name, prediction)), flush=True)
+                    _print_json_line(_prediction_json(name, prediction))
                 elif prediction.error is None:
                     _print_prediction(name, prediction, width)
     if args.json:
@@ -1019,6 +1019,13 @@ def _print_json(value: Any, args: argparse.Namespace) -> None:
     channel's close) prints no second value (:func:`_print_failure_json`)."""
     print(_json_text(value))
     args.json_written = True
+
+
+def _print_json_line(value: Any) -> None:
+    """Print ``value`` as a line of a stream of JSON values (predict's --json-lines), at
+    once: a Ctrl-C or SIGTERM cutting it short puts the error on a line of its own
+    (:func:`_print_failure_json`)."""
+    print(_json_text(value), flush=True)
 
 
 # The most confident mistakes an evaluation prints.
@@ -1550,12 +1557,12 @@ def _print_failure_json(error: ExplaindError | CommandError | KeyboardInterrupt,
     or the command's own value, whole (:func:`_print_json`: a SIGTERM met closing the channel
     after it made a second value, which a reader of one JSON value refuses), or it cannot be
     written itself (a reader gone, a full disk: stderr said it all). On a line
-    of its own where Ctrl-C or SIGTERM cut the command's own JSON short (a value larger
+    of its own where Ctrl-C or SIGTERM cut the command's own JSON or JSON line short (a value larger
     than a slow reader's pipe holds): after it on the same line, the error did not parse."""
     json_output = getattr(args, "json", False) or getattr(args, "json_lines", False)
     if json_output and getattr(args, "output", None) != "-" and not getattr(args, "json_written", False):
         cut_short = isinstance(error, KeyboardInterrupt) and any(
-            frame.f_code is _print_json.__code__ for frame, _line in traceback.walk_tb(error.__traceback__))
+            frame.f_code in (_print_json.__code__, _print_json_line.__code__) for frame, _line in traceback.walk_tb(error.__traceback__))
         try:
             print(("\n" if cut_short else "") + _json_text(_failure_json(error, args)), flush=True)
         except OSError:
