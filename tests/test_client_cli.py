@@ -5125,6 +5125,29 @@ def test_operations_watch_that_fails_part_way_ends_its_json_lines_with_the_error
                                    "precondition_violations": [], "reason": None, "quota_violations": [], "option": None, "option_defaulted": None, "notes": [], "retry_delay_seconds": None, "operation": None, "requested_again": None}}
 
 
+def test_operations_watch_json_cut_short_by_ctrl_c_puts_its_error_on_a_line_of_its_own(server, monkeypatch):
+    # As predict --json-lines: an update's line half written as Ctrl-C came had the error glued to it.
+    class CutAtTheFirstUpdate(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.startswith('{"operation": '):
+                super().write(text[: len(text) // 2])
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    with Client(server.target, timeout=30) as client:
+        job = client.visualize_neurons([3], method="feature_visualization", steps=10000)
+        try:
+            monkeypatch.setattr(sys, "stdout", CutAtTheFirstUpdate())
+            assert main(["--target", server.target, "operations", "watch", job.name, "--json"]) == 130
+            out = sys.stdout.getvalue()
+            monkeypatch.undo()
+        finally:
+            client.operation(job.name).cancel()
+    cut, failure = out.splitlines()
+    assert cut.startswith('{"operation": ') and not cut.endswith("}"), out
+    assert json.loads(failure)["error"]["code"] == "INTERRUPTED"
+
+
 def test_a_json_error_that_cannot_be_written_leaves_the_error_on_stderr(server, capsys, monkeypatch):
     # Standard output fails too (a full disk): the error is said once on stderr, with no traceback and no second try.
     with open("/dev/full", "w") as full:

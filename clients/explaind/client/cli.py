@@ -1022,9 +1022,9 @@ def _print_json(value: Any, args: argparse.Namespace) -> None:
 
 
 def _print_json_line(value: Any) -> None:
-    """Print ``value`` as a line of a stream of JSON values (predict's --json-lines), at
-    once: a Ctrl-C or SIGTERM cutting it short puts the error on a line of its own
-    (:func:`_print_failure_json`)."""
+    """Print ``value`` as a line of a stream of JSON values (predict's --json-lines, a
+    watch's --json updates), at once: a Ctrl-C or SIGTERM cutting it short puts the error
+    on a line of its own (:func:`_print_failure_json`)."""
     print(_json_text(value), flush=True)
 
 
@@ -1400,7 +1400,10 @@ def cmd_operations(args: argparse.Namespace) -> int:
                     else:
                         for update in operation.watch():
                             if not update.done:  # the last state is printed below, with the result
-                                print(_json_text(_operation_json(update)) if args.json else _operation_line(update), flush=True)
+                                if args.json:
+                                    _print_json_line(_operation_json(update))
+                                else:
+                                    print(_operation_line(update), flush=True)
                 except KeyboardInterrupt as interrupt:  # only the waiting stops: the job is not this command's
                     interrupt.add_note(f"{operation.name} goes on; explaind operations cancel {operation.name} stops it")
                     raise
