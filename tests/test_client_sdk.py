@@ -588,6 +588,37 @@ def test_calls_that_change_nothing_are_retried_while_the_server_is_unavailable(m
         server.stop(0)
 
 
+def test_a_call_that_asks_the_limits_first_waits_out_a_server_down_once_within_its_timeout(monkeypatch):
+    # A server gone for good: predict(images, timeout=5) and create_sample_set waited 5 s
+    # for the limits, then sent their first request for 5 s more, twice the timeout.
+    class LoadingInference(_LoadingSampleSets, inference_pb2_grpc.InferenceServiceServicer):
+        def GetModelMetadata(self, request, context):
+            self._attempt("GetModelMetadata", context)
+
+        def Predict(self, request, context):
+            self._attempt("Predict", context)
+
+    def add_both(servicer, server) -> None:
+        sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+
+    clock = _skipping_sdk_clock(monkeypatch)
+    servicer = LoadingInference(loading_s=0, retry_delay_s=0.5, clock=clock)
+    server, target = _serve(servicer, add=add_both)
+    try:
+        with Client(target, timeout=30) as client:
+            assert client.sample_set("s").sample_set_id == "s"  # reached once: its restarts are waited out
+            servicer.ready_at, servicer.attempts = float("inf"), {}
+            for call in (lambda: client.predict([IMAGE, IMAGE], timeout=5), lambda: client.create_sample_set([IMAGE], [0])):
+                started = clock.monotonic()
+                with pytest.raises(UnavailableError, match="loading"):
+                    call()
+                assert clock.monotonic() - started <= client.timeout
+        assert set(servicer.attempts) == {"GetModelMetadata"} and servicer.attempts["GetModelMetadata"] > 2
+    finally:
+        server.stop(0)
+
+
 def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once(monkeypatch):
     from explaind.client import UnavailableError
 

@@ -1407,12 +1407,15 @@ class Client:
 
     def _request_limits(self, timeout: float | None = None) -> RequestLimits:
         """The server's limits, asked once per client with its batch size (within
-        ``timeout``, None: the client's); all 0 (unknown) while it is still loading its
-        models, when metadata is unavailable."""
+        ``timeout``, None: the client's); all 0 (unknown) when metadata is unavailable and
+        the ask was not retried. One retried has waited out ``timeout`` for the server
+        already: its error is raised, as the call would wait as long again."""
         if self._limits is None:
             try:
                 self._keep_limits(self.model_metadata(timeout=timeout))
             except UnavailableError:
+                if self._waits_out_unavailable():
+                    raise
                 return RequestLimits(0, 0, 0, 0)
         return cast(RequestLimits, self._limits)
 
