@@ -612,9 +612,11 @@ def test_a_call_that_asks_the_limits_first_waits_out_a_server_down_once_within_i
             # Each within its own timeout: predict's ask for the limits waits its 5 s, not the client's 30.
             for call, timeout in ((lambda: client.predict([IMAGE, IMAGE], timeout=5), 5), (lambda: client.create_sample_set([IMAGE], [0]), 30)):
                 started = clock.monotonic()
-                with pytest.raises(UnavailableError, match="loading"):
+                with pytest.raises(UnavailableError, match="loading") as raised:
                     call()
                 assert clock.monotonic() - started <= timeout
+                # Not an upload sent that many times: the notes say whose attempts they were.
+                assert "limits (GetModelMetadata) before the first request: no request was sent" in raised.value.__notes__[-1]
         assert set(servicer.attempts) == {"GetModelMetadata"} and servicer.attempts["GetModelMetadata"] > 2
     finally:
         server.stop(0)

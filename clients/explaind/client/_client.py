@@ -1409,12 +1409,16 @@ class Client:
         """The server's limits, asked once per client with its batch size (within
         ``timeout``, None: the client's); all 0 (unknown) when metadata is unavailable and
         the ask was not retried. One retried has waited out ``timeout`` for the server
-        already: its error is raised, as the call would wait as long again."""
+        already: its error is raised, as the call would wait as long again, noted as the
+        ask's (its retries' note says "the call was tried N times": an upload, never sent
+        twice without a request_id, read as sent N times)."""
         if self._limits is None:
             try:
                 self._keep_limits(self.model_metadata(timeout=timeout))
-            except UnavailableError:
+            except UnavailableError as error:
                 if self._waits_out_unavailable():
+                    error.add_note("those attempts asked the server's limits (GetModelMetadata) before the first request: "
+                                   "no request was sent")
                     raise
                 return RequestLimits(0, 0, 0, 0)
         return cast(RequestLimits, self._limits)
