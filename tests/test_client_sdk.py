@@ -616,7 +616,7 @@ def test_a_call_that_asks_the_limits_first_waits_out_a_server_down_once_within_i
                     call()
                 assert clock.monotonic() - started <= timeout
                 # Not an upload sent that many times: the notes say whose attempts they were.
-                assert "limits (GetModelMetadata) before the first request: no request was sent" in raised.value.__notes__[-1]
+                assert "limits (GetModelMetadata) before the call's first request: no request of the call was sent" in raised.value.__notes__[-1]
         assert set(servicer.attempts) == {"GetModelMetadata"} and servicer.attempts["GetModelMetadata"] > 2
     finally:
         server.stop(0)

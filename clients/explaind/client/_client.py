@@ -1417,8 +1417,8 @@ class Client:
                 self._keep_limits(self.model_metadata(timeout=timeout))
             except UnavailableError as error:
                 if self._waits_out_unavailable():
-                    error.add_note("those attempts asked the server's limits (GetModelMetadata) before the first request: "
-                                   "no request was sent")
+                    error.add_note("this came asking the server's limits (GetModelMetadata) before the call's first request: "
+                                   "no request of the call was sent")
                     raise
                 return RequestLimits(0, 0, 0, 0)
         return cast(RequestLimits, self._limits)
