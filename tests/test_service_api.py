@@ -1511,12 +1511,14 @@ def test_wait_operation_rejects_timeouts_outside_the_duration_range(server, clie
     name = client.evaluate_sample_set("waited").name
     with grpc.insecure_channel(server.target) as channel:
         operations = operations_pb2_grpc.OperationsServiceStub(channel)
-        for seconds, nanos in ((10**15, 0), (-1, 0), (0, -5), (1, 10**9)):
+        negative, mixed, out_of_range = "timeout: must not be negative", "must have the same sign", "outside google.protobuf.Duration's range"
+        for seconds, nanos, says in ((10**15, 0, out_of_range), (-1, 0, negative), (0, -5, negative), (1, 10**9, out_of_range),
+                                     (1, -5, mixed), (-1, 5, mixed)):
             request = operations_pb2.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=seconds, nanos=nanos))
             with pytest.raises(grpc.RpcError) as caught:
                 operations.WaitOperation(request, timeout=30)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (seconds, nanos)
-            assert caught.value.details().startswith("timeout: "), caught.value.details()
+            assert caught.value.details().startswith("timeout: ") and says in caught.value.details(), caught.value.details()
         # The longest valid Duration waits until done (or the call deadline), like no timeout.
         longest = operations_pb2.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=315_576_000_000))
         assert operations.WaitOperation(longest, timeout=60).operation.done

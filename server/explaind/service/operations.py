@@ -29,6 +29,9 @@ _ARTIFACT_HEADROOM_BYTES = 64 * 1024
 def _wait_timeout(duration: duration_pb2.Duration) -> float:
     """Seconds to wait; a negative or malformed Duration is the caller's mistake, not INTERNAL."""
     seconds, nanos = duration.seconds, duration.nanos
+    if seconds * nanos < 0:  # (1 s, -5 ns) is no duration at all, not a negative one
+        raise InvalidArgument(f"{seconds}s {nanos}ns mixes signs: google.protobuf.Duration's seconds and nanos must have the same sign",
+                              field="timeout")
     if seconds < 0 or nanos < 0:
         raise InvalidArgument("must not be negative (0 returns the operation at once)", field="timeout")
     if seconds > _MAX_DURATION_S or nanos > 999_999_999:
