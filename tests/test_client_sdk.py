@@ -1980,17 +1980,19 @@ def test_a_key_or_certificate_path_that_is_a_directory_is_refused_naming_its_arg
         Client("127.0.0.1:1", tls=True, root_certificates=tmp_path)
 
 
+@pytest.mark.parametrize("timeout", [0, -1])
 @pytest.mark.parametrize("progress", [False, True])
-def test_a_result_timeout_of_zero_is_no_wait_with_or_without_progress(progress):
-    # With progress the 0 was read as "no timeout": the watch ran for WATCH_DEADLINE_S (24 h).
+def test_a_result_timeout_of_zero_or_less_is_no_wait_with_or_without_progress(progress, timeout):
+    # With progress the 0 was read as "no timeout": the watch ran for WATCH_DEADLINE_S (24 h);
+    # and the error said the job was "still running after -1s".
     import threading
 
     with _running_operation_of(_EndlessOperations()) as operation:
         raised = []
 
         def follow() -> None:
-            with pytest.raises(DeadlineExceededError, match=r"operations/x is still running after 0s$"):
-                operation.result(progress=progress, timeout=0)
+            with pytest.raises(DeadlineExceededError, match=rf"operations/x is still running: a timeout of {timeout}s looks once, without waiting$"):
+                operation.result(progress=progress, timeout=timeout)
             raised.append(True)
 
         thread = threading.Thread(target=follow, daemon=True)

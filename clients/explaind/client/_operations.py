@@ -620,10 +620,13 @@ class Operation(Generic[ResultT]):
         """The error of a result not ready after ``timeout`` seconds from ``started``
         (``time.monotonic()``), with this operation as its ``operation``. Ended sooner than
         a watch's last moments (LAST_ATTEMPT_S), a call went unanswered: the message says
-        so, not that the whole timeout passed."""
+        so, not that the whole timeout passed; 0 or less looked once ("after -1s" read as
+        nonsense)."""
         waited = time.monotonic() - started
         message = f"{self.name} is still {self.state} after {timeout}s"
-        if timeout is not None and waited < timeout - LAST_ATTEMPT_S:
+        if timeout is not None and timeout <= 0:
+            message = f"{self.name} is still {self.state}: a timeout of {timeout}s looks once, without waiting"
+        elif timeout is not None and waited < timeout - LAST_ATTEMPT_S:
             message = f"{self.name} was still {self.state} when the server left a wait unanswered, {waited:.1f}s into the {timeout}s timeout"
         late = error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, message)
         late.operation = self  # to wait on later, as for a call that started it inside (rank_mistake_neurons)
