@@ -1565,6 +1565,33 @@ def test_wait_and_watch_ride_over_an_outage_longer_than_one_call(monkeypatch):
         server.stop(0)
 
 
+def test_a_wait_or_watch_unavailable_to_its_end_says_it_tried_over_its_whole_outage(monkeypatch):
+    # The note counted only the last call's tries: a watch retrying its refreshes for 4.8 s
+    # (the client's timeout 1 s) said "tried 4 times over 1.0s", a wait whose calls each
+    # retry for 70 s said 70 s of 200. On a skipping clock, as above.
+    from explaind.client import UnavailableError
+
+    clock = _skipping_sdk_clock(monkeypatch)
+    servicer = _RestartingOperations(clock)
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=1) as client:
+            client._reached = True  # as after the call that started the job
+            servicer.ready_at = float("inf")
+            for follow, over in ((lambda operation: list(operation.watch(timeout=5)), r"4\.\d"),
+                                 (lambda operation: operation.wait(timeout=200), r"19\d\.\d")):
+                operation = Operation(client, _running_operation("operations/x"))
+                asked = len(servicer.asked)
+                with pytest.raises(UnavailableError, match="restarting") as unavailable:
+                    follow(operation)
+                tries = len(servicer.asked) - asked
+                assert len(unavailable.value.__notes__) == 1, unavailable.value.__notes__
+                assert re.match(rf"the call was tried {tries} times over {over}s, the server at {re.escape(target)} unavailable each time ",
+                                unavailable.value.__notes__[0]), unavailable.value.__notes__[0]
+    finally:
+        server.stop(0)
+
+
 class _RestartingAfterAnUpdate(_RestartingOperations):
     """A :class:`_RestartingOperations` whose first watch stream sends the job running,
     then the server restarts for ``outage_s`` (of its clock)."""

@@ -48,7 +48,7 @@ from ._errors import (ExplaindError, FailedPreconditionError, InvalidArgumentErr
 from . import _neuroinspect
 from ._images import image_count, iter_image_messages, open_image, pixel_count, require_files
 from ._neuroinspect import ActiveHeadChange, HeadEdit, HeadVersion, NeuronRanking, NeuronVisualizations, as_scalar, class_fields, class_ref, repeated_pair
-from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, checked_timeout, enum_number, require_seconds
+from ._operations import LAST_ATTEMPT_S, Evaluation, Operation, ProgressDisplay, RetryTally, checked_timeout, enum_number, require_seconds
 from ._types import Component, ModelMetadata, Normalization, Prediction, RequestLimits, Sample, SampleSet, float32_array
 
 if TYPE_CHECKING:
@@ -729,7 +729,7 @@ class Client:
         return self._metadata + tuple(carrier.items())
 
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None, retry_until: float | None = None,
-              cancellation: _Cancellation | None = None, unanswered: list[int] | None = None) -> Any:
+              cancellation: _Cancellation | None = None, unanswered: list[int] | None = None, retries: RetryTally | None = None) -> Any:
         """One RPC with a deadline ``timeout`` seconds away (default: the client's); a
         read-only one is retried on UNAVAILABLE, any on a RESOURCE_EXHAUSTED asking to
         wait (see the class; that refusal is the server's answer, ``_reached``), the last attempt just
@@ -738,18 +738,21 @@ class Client:
         or pause, as grpc.FutureCancelledError; so does an abandoned AsyncClient call
         (:data:`_abandonment`), at a pause, before an attempt, or in a read-only one. ``unanswered``: given, the number of attempts
         before the answer that may have taken effect (no answer came, or one without a
-        RetryInfo saying the server did nothing) is appended to it."""
+        RetryInfo saying the server did nothing) is appended to it. ``retries``: a wait's or
+        watch's tries across its calls, counted on here and said in the note of an error
+        that ran out of time (see RetryTally); without, this call's own."""
         deadline = time.monotonic() + min(self.timeout if timeout is None else timeout, MAX_CALL_SECONDS)
         retry_end = deadline if retry_until is None else min(deadline, retry_until)
         backoff = RETRY_MIN_BACKOFF_S
-        started, attempts, maybe_taken_effect, refusals = time.monotonic(), 0, 0, 0
+        tally = RetryTally(time.monotonic()) if retries is None else retries
+        maybe_taken_effect = 0
         stops = cancellation if cancellation is not None else _abandonment.get()
         while True:
             self._require_open()  # each attempt: one retrying as the client was closed met gRPC's nameless error
             if stops is not None:
                 stops.require_running()
             _require_usable_grpc()
-            attempts += 1
+            tally.attempts += 1
             try:
                 send = getattr(self._stubs[service], method)
                 with _under_way():
@@ -761,7 +764,7 @@ class Client:
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 waits_for_room = _waits_for_room(error)
-                refusals += waits_for_room
+                tally.refusals += waits_for_room
                 retryable = error.code == grpc.StatusCode.UNAVAILABLE or waits_for_room
                 self._note_if_answered(error)
                 wanted = backoff if error.retry_delay is None else max(error.retry_delay, RETRY_MIN_BACKOFF_S)  # 0 s would spin
@@ -773,8 +776,8 @@ class Client:
                 if not (self._retry and retryable and pause >= 0 and ((repeatable and self._reached) or identified)):
                     # Retried until out of time: not a last attempt that the server answered
                     # with another error (NOT_FOUND, say) just before the deadline.
-                    if attempts > 1 and ((retryable and pause < 0) or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):
-                        self._note_retries(error, attempts, started, refusals)
+                    if tally.attempts > 1 and ((retryable and pause < 0) or error.code == grpc.StatusCode.DEADLINE_EXCEEDED):
+                        self._note_retries(error, tally)
                     if (name := named_operation(rpc_error)) is not None:
                         error.operation = self._operation_if_kept(name, deadline)
                     raise error from None
@@ -791,7 +794,7 @@ class Client:
             if identified and not (self._honours_request_id(retry_end, _IDENTIFIED[method]) and self._reached
                                    and retry_end - time.monotonic() - LAST_ATTEMPT_S >= 0):
                 if retry_end - time.monotonic() - LAST_ATTEMPT_S < 0:  # out of time, not a server that would start it twice
-                    self._note_retries(error, attempts, started, refusals)
+                    self._note_retries(error, tally)
                 raise error from None
 
     @staticmethod
@@ -821,13 +824,14 @@ class Client:
         without a timeout)."""
         return self._retry and self._reached
 
-    def _note_retries(self, error: ExplaindError, attempts: int, started: float, refusals: int) -> None:
+    def _note_retries(self, error: ExplaindError, tally: RetryTally) -> None:
         """Say on ``error`` that the call was retried until its time ran out: without it, a
         server restarting for longer than the timeout read as one DEADLINE_EXCEEDED (or
         UNAVAILABLE), as if the SDK had tried once, and a queue full for longer as one
-        refusal. ``refusals``: the attempts the server refused for want of room (see
+        refusal. ``tally``'s refusals: the attempts the server refused for want of room (see
         :func:`_waits_for_room`)."""
-        waited = time.monotonic() - started
+        attempts, refusals = tally.attempts, tally.refusals
+        waited = time.monotonic() - tally.started
         why, awaited = "restarting, or loading its models", "it"
         if attempts == 1:  # a call that may have taken effect, sent again only once the server answers again
             tried = f"the call was tried once, the server at {self.target} unavailable then and for the {waited:.1f}s waited for it"

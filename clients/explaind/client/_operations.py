@@ -84,6 +84,18 @@ ARTIFACT_RANGE_BYTES = 2 * 1024 * 1024
 ARTIFACT_HEADROOM_BYTES = 64 * 1024
 
 
+@dataclass
+class RetryTally:
+    """The tries at reaching the server since ``started`` (``time.monotonic()``): one
+    call's, or, carried across its calls, a wait's or watch's riding over a restart, so
+    the note on its last call's error counts the whole time it retried, not that call's
+    alone. ``refusals``: the tries the server refused for want of room."""
+
+    started: float
+    attempts: int = 0
+    refusals: int = 0
+
+
 class EvaluatedMistake(NamedTuple):
     """One misclassified sample of an evaluation; a tuple, so it also unpacks in this order."""
 
@@ -408,7 +420,12 @@ class Operation(Generic[ResultT]):
     def refresh(self, *, timeout: float | None = None) -> Self:
         """Fetch the current state once (no waiting; retried while the server restarts, for
         at most ``timeout`` seconds, default the client's); returns self."""
-        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name), timeout=checked_timeout(timeout))
+        return self._read(checked_timeout(timeout))
+
+    def _read(self, timeout: float | None, retries: RetryTally | None = None) -> Self:
+        """:meth:`refresh`, its tries counted in ``retries`` (a watch's, see RetryTally)."""
+        response = self._client._call("operations", "GetOperation", operations_pb2.GetOperationRequest(name=self.name), timeout=timeout,
+                                      retries=retries)
         self._update(response.operation)
         return self
 
@@ -445,6 +462,7 @@ class Operation(Generic[ResultT]):
             return self if self.done else self.refresh()
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = BUSY_WAIT_MIN_PAUSE_S
+        outage: RetryTally | None = None  # the tries since the server was last answering
         while not self.done:
             remaining = WATCH_DEADLINE_S if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
@@ -452,9 +470,11 @@ class Operation(Generic[ResultT]):
             step = min(remaining, WAIT_STEP_S)
             request = operations_pb2.WaitOperationRequest(name=self.name, timeout=duration_pb2.Duration(seconds=int(step), nanos=int(step % 1 * 1e9)))
             asked = time.monotonic()
+            outage = outage or RetryTally(asked)
             # The call may take a little longer than the server's wait; retries may not.
             try:
-                response = self._client._call("operations", "WaitOperation", request, timeout=step + WAIT_CALL_MARGIN_S, retry_until=deadline)
+                response = self._client._call("operations", "WaitOperation", request, timeout=step + WAIT_CALL_MARGIN_S, retry_until=deadline,
+                                              retries=outage)
             except UnavailableError:
                 # One call's retries end at its deadline; a server restarting for longer
                 # is waited for within this wait's own timeout.
@@ -464,6 +484,7 @@ class Operation(Generic[ResultT]):
             except NotFoundError as error:
                 self._note_deleted(error)
                 raise
+            outage = None
             self._update(response.operation)
             if not self.done and time.monotonic() - asked < step / 2:
                 # A busy server answers a wait at once (every waiting slot is taken): poll, backing off.
@@ -494,6 +515,7 @@ class Operation(Generic[ResultT]):
             except UnavailableError:
                 if not self._client._waits_out_unavailable() or time.monotonic() >= deadline:
                     raise
+                outage = RetryTally(time.monotonic(), attempts=1)  # the dropped stream's try, then the refreshes'
             except DeadlineExceededError:
                 if time.monotonic() < deadline - LAST_ATTEMPT_S:  # not the watch's own timeout
                     raise
@@ -508,7 +530,7 @@ class Operation(Generic[ResultT]):
                 return
             finally:
                 stream.cancel()
-            yield self._refresh_before(deadline)
+            yield self._refresh_before(deadline, outage)
             if self.done:
                 return
             self._client._pause(min(WATCH_REOPEN_PAUSE_S, max(0.0, deadline - time.monotonic())))
@@ -523,12 +545,15 @@ class Operation(Generic[ResultT]):
             self._client._pause(min(WATCH_POLL_INTERVAL_S, left))
             yield self._refresh_before(deadline)
 
-    def _refresh_before(self, deadline: float) -> Self:
+    def _refresh_before(self, deadline: float, outage: RetryTally | None = None) -> Self:
         """:meth:`refresh`, retried while the server is unavailable until ``deadline``
-        (``time.monotonic()``), not only for the client's timeout: a watch keeps its own."""
+        (``time.monotonic()``), not only for the client's timeout: a watch keeps its own.
+        ``outage``: the watch's tries since the server last answered, counted on (see
+        RetryTally); a new one from the first refresh's start without."""
+        outage = outage or RetryTally(time.monotonic())
         while True:
             try:  # each try within the client's timeout and the deadline (0 would mean the client's)
-                return self.refresh(timeout=max(min(self._client.timeout, deadline - time.monotonic()), 1e-3))
+                return self._read(max(min(self._client.timeout, deadline - time.monotonic()), 1e-3), outage)
             except UnavailableError:
                 if not self._client._waits_out_unavailable() or time.monotonic() >= deadline - LAST_ATTEMPT_S:
                     raise
