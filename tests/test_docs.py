@@ -93,6 +93,19 @@ def test_every_rows_default_is_the_dataclasss():
     assert not wrong, "\n".join(wrong)
 
 
+def test_every_bound_a_rows_default_cell_states_is_the_configs():
+    # "`10`, at most 86400": a bound the table states must be the one load_config enforces.
+    from explaind import config
+
+    tables = _key_tables(REFERENCE.read_text())
+    stated = {f"{section}.{key}": float(most[1]) for section, rows in tables.items() for key, cell in rows.items()
+              if (most := re.search(r"at most ([\d.]+)", cell))}
+    assert {"server.grace_period_s", "classifier.image_size", "classifier.resize_size"} <= set(stated), stated
+    wrong = [f"[{key.replace('.', '].', 1)} stated at most {most:g}, the config's {config._AT_MOST.get(key)}"
+             for key, most in stated.items() if config._AT_MOST.get(key) != most]
+    assert not wrong, "\n".join(wrong)
+
+
 def _outside_code(text: str) -> list[str]:
     """``text``'s lines outside fenced code blocks (a list item's indented fence included):
     where GitHub renders headings and links."""
