@@ -8,6 +8,7 @@ import contextlib
 import gc
 import inspect
 import io
+import re
 import threading
 import time
 import warnings
@@ -282,8 +283,8 @@ def test_an_awaited_wait_asks_for_no_more_than_its_step_or_the_time_left(monkeyp
     monkeypatch.setattr(_async, "PROGRESS_STEP_S", 0.05)
     monkeypatch.setattr(_async, "RESULT_STEP_S", 10.0)
     asked: list[float] = []
-    wait = Operation.wait
-    monkeypatch.setattr(Operation, "wait", lambda self, timeout=None: (asked.append(timeout), wait(self, timeout))[1])
+    wait = Operation._wait
+    monkeypatch.setattr(Operation, "_wait", lambda self, timeout, outage: (asked.append(timeout), wait(self, timeout, outage))[1])
     server, target = _serve(_Unchanging(_running_operation("operations/x")), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
 
     async def await_result(progress: bool, timeout: float) -> None:
@@ -368,7 +369,8 @@ def test_an_awaited_result_waits_through_a_restart_only_when_its_client_retries(
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["Client", "AsyncClient"])
 def test_a_result_whose_server_is_unavailable_until_its_timeout_raises_unavailable(monkeypatch, asynchronous):
     # The awaited result, retrying its last step too, said the job was late where
-    # Operation.result says what happened: the server was unavailable to the end.
+    # Operation.result says what happened: the server was unavailable to the end. Its
+    # note counted the last step's tries alone ("tried 4 times over 0.4s" after 30 s).
     clock = _skipping_sdk_clock(monkeypatch)
     timeout = 3 * _async.RESULT_STEP_S
     server, target = _serve(_RestartingThenFailed(float("inf"), clock), add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
@@ -378,11 +380,13 @@ def test_a_result_whose_server_is_unavailable_until_its_timeout_raises_unavailab
             return await client.result(operation, timeout=timeout)
 
     try:
-        with Client(target) as client, pytest.raises(UnavailableError):
+        with Client(target) as client, pytest.raises(UnavailableError) as unavailable:
             client._reached = True  # as after the call that started the job
             operation = Operation(client, _running_operation("operations/x"))
             started = clock.monotonic()
             asyncio.run(await_result(operation)) if asynchronous else operation.result(timeout=timeout)
+        over = re.match(r"the call was tried \d+ times over ([\d.]+)s, ", unavailable.value.__notes__[-1])
+        assert over and float(over[1]) >= timeout - 2 * _operations.LAST_ATTEMPT_S, unavailable.value.__notes__
         # Retried to the end of the result's timeout, on the clock the SDK reads: its pauses and
         # the calls' own time together, so a loaded machine's slow calls leave fewer pauses, not less.
         assert clock.monotonic() - started >= timeout - _operations.LAST_ATTEMPT_S and sum(clock.pauses) <= timeout

@@ -17,7 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client, _abandonment, _Cancellation
 from ._errors import DeadlineExceededError, UnavailableError
-from ._operations import WATCH_DEADLINE_S, Operation, ProgressDisplay, checked_timeout
+from ._operations import WATCH_DEADLINE_S, Operation, ProgressDisplay, RetryTally, checked_timeout
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -265,13 +265,14 @@ class AsyncClient:
         as late, or raises DeadlineExceededError without a timeout; UNAVAILABLE is retried
         on the next step while there is time."""
         deadline = math.inf if timeout is None else time.monotonic() + timeout
+        outage = RetryTally(time.monotonic())  # across the steps: the last one's UNAVAILABLE counts the whole outage's tries
         if first_look:
             await self.to_thread(operation.refresh)
             yield
         while not operation.done:
             left = deadline - time.monotonic()
             try:
-                await self.to_thread(operation.wait, min(left, step))  # 0 or less: one look
+                await self.to_thread(operation._wait, min(left, step), outage)  # 0 or less: one look
             except UnavailableError:  # one step's retries ended, not the wait's
                 if not operation._client._waits_out_unavailable() or left <= step:
                     raise

@@ -95,6 +95,11 @@ class RetryTally:
     attempts: int = 0
     refusals: int = 0
 
+    def answered(self) -> None:
+        """The server answered: the count starts again with the next try (a wait's, whose
+        ``started`` it then sets)."""
+        self.attempts = self.refusals = 0
+
 
 class EvaluatedMistake(NamedTuple):
     """One misclassified sample of an evaluation; a tuple, so it also unpacks in this order."""
@@ -458,11 +463,15 @@ class Operation(Generic[ResultT]):
     def wait(self, timeout: float | None = None) -> Self:
         """Block until done or ``timeout`` seconds (None: until done; 0 or less: look
         once, the poll of "is it done yet?")."""
-        if (timeout := checked_timeout(timeout)) is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
+        return self._wait(checked_timeout(timeout), RetryTally(time.monotonic()))
+
+    def _wait(self, timeout: float | None, outage: RetryTally) -> Self:
+        """:meth:`wait`, its calls' tries since the server last answered counted in
+        ``outage``: an awaited result's, carried across its steps' waits (see RetryTally)."""
+        if timeout is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
             return self if self.done else self.refresh()
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = BUSY_WAIT_MIN_PAUSE_S
-        outage: RetryTally | None = None  # the tries since the server was last answering
         while not self.done:
             remaining = WATCH_DEADLINE_S if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
@@ -470,7 +479,8 @@ class Operation(Generic[ResultT]):
             step = min(remaining, WAIT_STEP_S)
             request = operations_pb2.WaitOperationRequest(name=self.name, timeout=duration_pb2.Duration(seconds=int(step), nanos=int(step % 1 * 1e9)))
             asked = time.monotonic()
-            outage = outage or RetryTally(asked)
+            if not outage.attempts:  # the server answered the last try: an outage starts with this call
+                outage.started = asked
             # The call may take a little longer than the server's wait; retries may not.
             try:
                 response = self._client._call("operations", "WaitOperation", request, timeout=step + WAIT_CALL_MARGIN_S, retry_until=deadline,
@@ -484,7 +494,7 @@ class Operation(Generic[ResultT]):
             except NotFoundError as error:
                 self._note_deleted(error)
                 raise
-            outage = None
+            outage.answered()
             self._update(response.operation)
             if not self.done and time.monotonic() - asked < step / 2:
                 # A busy server answers a wait at once (every waiting slot is taken): poll, backing off.
