@@ -32,8 +32,9 @@ class Ownership:
         """:meth:`require_owner` for ``caller`` and ``what``, given the owner once it is read."""
         return lambda owner: self.require_owner(caller, owner, what, field=field)
 
-    def require_head_changer(self, caller: str | None, what: str) -> None:
+    def require_head_changer(self, caller: str | None, what: str, *, field: str | None = None) -> None:
         """PermissionDenied unless ``caller`` may change the served head (``what``: the
-        change): with admins configured, only they may."""
+        change; ``field``: the request's field that asked for it, where one did): with
+        admins configured, only they may."""
         if caller is not None and self.admins and caller not in self.admins:
-            raise PermissionDenied(f"only an admin ([server].admins) may {what}, not caller {caller!r}")
+            raise PermissionDenied(f"only an admin ([server].admins) may {what}, not caller {caller!r}", field=field)

@@ -719,7 +719,7 @@ class NeuroInspectEngine:
         if (previous := self._engine.jobs.submitted(request)) is not None:
             return previous
         if promote:
-            self._engine.ownership.require_head_changer(caller, "promote the edited head (promote)")
+            self._engine.ownership.require_head_changer(caller, "promote the edited head", field="promote")
         version = self._split_version()
         class_index = self._class_index(version, target_class)
         if not neurons:
@@ -1087,7 +1087,8 @@ class NeuroInspectEngine:
             record = store.get_head_version(version.feature_version, version_id)  # NotFound naming it
             self._engine.ownership.require_owner(caller, record.owner, f"head version {version_id!r}", field="version_id")
             if record.owner is None and record.details.get("method") == LOADED:  # the server's, not a caller's: a head admins may serve again
-                self._engine.ownership.require_head_changer(caller, f"delete head version {version_id!r}, a head loaded from a model file")
+                self._engine.ownership.require_head_changer(caller, f"delete head version {version_id!r}, a head loaded from a model file",
+                                                                 field="version_id")
             if version_id == self.active_head_version().version_id:
                 raise FailedPrecondition(f"head version {version_id!r} is served; promote or roll back to another first", field="version_id")
             if version_id == store.file_head_version(version.feature_version):
