@@ -670,6 +670,12 @@ def test_a_token_or_callers_file_that_cannot_be_used_is_refused_naming_its_key(t
     assert ServerSection(token_file=str(tmp_path / "token")).bearer_token() == "tokenONE"
 
 
+def test_a_configs_repr_never_shows_its_token():
+    config = default_config().replace("server", token="tokenSECRET")
+    assert "tokenSECRET" not in repr(config) and "tokenSECRET" not in str(config.server)
+    assert config.server.token == "tokenSECRET" and "token_file=''" in repr(config.server)
+
+
 def test_a_token_or_callers_file_with_a_byte_order_mark_reads_as_without(tmp_path):
     # Windows Notepad's mark read as the token's first character: "holds a character other than printable ASCII".
     (tmp_path / "token").write_bytes(b"\xef\xbb\xbftokenONE\r\n")

@@ -183,8 +183,9 @@ class ServerSection:
     # (a client that died mid-upload left its images on disk until a restart); 0: only
     # a restart deletes it.
     upload_idle_timeout_s: float = 3600.0
-    # When set, every call must carry "authorization: Bearer <token>".
-    token: str = ""
+    # When set, every call must carry "authorization: Bearer <token>". Not in the repr: a
+    # config printed (a traceback's locals, a debugging print) must not show it.
+    token: str = field(default="", repr=False)
     # A file whose content (less surrounding whitespace) is the token: a mounted Kubernetes
     # or Docker secret, so the token is in no config file. Read at start-up, and again when
     # it changes (explaind.service.auth), so a rotated secret needs no restart.
