@@ -769,6 +769,35 @@ def test_a_reload_that_read_the_callers_file_before_a_later_change_never_undoes_
     assert callers.grant_of([("authorization", "Bearer tokenANA")]).caller == "analyst"
 
 
+def test_a_call_carrying_another_bearer_token_beside_its_own_is_refused_whatever_their_order(callers_file):
+    # A good token with an unknown one beside it (a removed caller's, a stale one a proxy adds) was let in,
+    # where a server reading the first value only decides by their order; two callers' tokens already were refused.
+    from explaind.config import parse_callers
+
+    callers, token = auth.NamedCallers(parse_callers(CALLERS), str(callers_file)), auth.BearerToken("tokenONE")
+    basic = [("authorization", "Basic dXNlcjpwYXNz")]  # no bearer token: not the caller's to answer for
+    assert callers.grant_of(_bearer("tokenANA") * 2).caller == callers.grant_of(_bearer("tokenANA") + basic).caller == "analyst"
+    assert token.grant_of(_bearer("tokenONE") * 2) is token.grant_of(_bearer("tokenONE") + basic) is not None
+    for other in ("tokenMON", "tokenGONE"):
+        for metadata in (_bearer("tokenANA") + _bearer(other), _bearer(other) + _bearer("tokenANA")):
+            assert callers.grant_of(metadata) is None, metadata
+    for metadata in (_bearer("tokenONE") + _bearer("tokenOLD"), _bearer("tokenOLD") + _bearer("tokenONE")):
+        assert token.grant_of(metadata) is None, metadata
+
+
+def test_a_real_call_carrying_an_unknown_bearer_token_beside_its_callers_is_unauthenticated(tmp_path, classifier_dir, callers_file):
+    server = start(tmp_path, classifier_dir, callers_file=str(callers_file))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.unary_unary("/explaind.v1.SampleSetService/ListSampleSets")
+            assert call(b"", timeout=30, metadata=_bearer("tokenANA")) == b""
+            with pytest.raises(grpc.RpcError) as refused:
+                call(b"", timeout=30, metadata=_bearer("tokenANA") + _bearer("tokenGONE"))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(0)
+
+
 def test_a_callers_new_token_in_the_callers_file_revokes_the_grant_of_its_old_one_and_no_other(callers_file, monkeypatch):
     # A leaked token is replaced by giving its caller a new one: the streams opened with the
     # old one must end (in_force), though the caller's name is still in the file.

@@ -208,14 +208,16 @@ class BearerToken:
         self._files = _WatchedFiles([path], sleep)
 
     def grant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Grant | None:
-        """The token's grant (caller UNNAMED) for a call whose metadata carries it, else
-        None; the token compared in constant time (a caller cannot guess it from how
-        long a refusal takes)."""
+        """The token's grant (caller UNNAMED) for a call whose metadata carries it and no
+        other bearer token (a stale one sent beside it is a client's mistake, which a
+        server taking the first value only would answer by their order), else None; each
+        compared in constant time (a caller cannot guess it from how long a refusal takes)."""
         self._files.reload_if_changed(self._reload)
         grant = self._grant
         if not grant.token:
             return grant
-        return grant if any(hmac.compare_digest(value, grant.token) for value in _bearer_values(metadata)) else None
+        matches = [hmac.compare_digest(value, grant.token) for value in _bearer_values(metadata)]
+        return grant if matches and all(matches) else None
 
     def in_force(self, grant: Grant) -> bool:
         """Whether ``grant`` still holds, the file read again first if it changed: an open
@@ -254,13 +256,15 @@ class NamedCallers:
 
     def grant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Grant | None:
         """The grant of the caller whose token the call carries (None: none does, or the
-        call carries two callers' tokens, which would make it either of them). Every
-        token is compared, each in constant time: how long the answer takes tells nothing
-        of which token, or how much of one, matched."""
+        call carries another bearer token too: another caller's would make it either of
+        them, and an unknown one may be a removed caller's, or a stale token of its own).
+        Every token is compared, each in constant time: how long the answer takes tells
+        nothing of which token, or how much of one, matched."""
         self._files.reload_if_changed(self._reload)
         grants = self._grants.values()
-        found = {grant for value in _bearer_values(metadata) for grant in grants if hmac.compare_digest(value, grant.token)}
-        return found.pop() if len(found) == 1 else None
+        matched = [{grant for grant in grants if hmac.compare_digest(value, grant.token)} for value in _bearer_values(metadata)]
+        found = set().union(*matched)
+        return found.pop() if len(found) == 1 and all(matched) else None
 
     def in_force(self, grant: Grant) -> bool:
         """Whether ``grant`` still holds, the file read again first if it changed: an open
