@@ -21,7 +21,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from conftest import json_log_lines, limit_details, trailing_status
-from explaind.client import Client, ExplaindError, InvalidArgumentError, Operation, ResourceExhaustedError, UnauthenticatedError
+from explaind.client import AlreadyExistsError, Client, ExplaindError, InvalidArgumentError, Operation, ResourceExhaustedError, UnauthenticatedError
 from explaind.config import ConfigError, default_config
 from explaind.service import ExplaindServer, audit, auth, convert
 
@@ -73,6 +73,12 @@ def test_each_caller_owns_what_it_creates_and_only_it_or_an_admin_changes_it(tmp
             assert refusals == [f"refused explaind.v1.SampleSetService/{method} from PEER (caller analyst): PERMISSION_DENIED: sample_set_id: "
                                 "sample set 'train' is owned by caller 'monitoring'; only it or an admin ([server].admins) may change it, not 'analyst'"
                                 for method in ("AppendSamples", "DeleteSampleSet")]
+            # Its id is taken: appending to the set or deleting it is for its owner or an admin to do, not for another caller.
+            for caller, advice in ((analyst, "exists, owned by caller 'monitoring'; choose another id"),
+                                   (monitoring, "exists; append to it or delete it first"), (root, "exists; append to it or delete it first")):
+                with pytest.raises(AlreadyExistsError) as taken:
+                    caller.create_sample_set([IMAGE], [0], sample_set_id="train")
+                assert taken.value.details == f"sample_set_id: sample set 'train' already {advice}"
             edit = monitoring.edit_head("train", 1, [0], max_epochs=1)
             version = edit.result().version
             assert (edit.owner, version.owner) == ("monitoring", "monitoring")

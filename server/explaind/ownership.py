@@ -21,9 +21,13 @@ class Ownership:
     def __init__(self, admins: tuple[str, ...] = ()) -> None:
         self.admins = frozenset(admins)
 
+    def may_change(self, caller: str | None, owner: str | None) -> bool:
+        """Whether ``caller`` may change an object of ``owner``."""
+        return caller is None or owner is None or caller == owner or caller in self.admins
+
     def require_owner(self, caller: str | None, owner: str | None, what: str, *, field: str) -> None:
         """PermissionDenied naming ``what`` and its owner when ``caller`` may not change it."""
-        if caller is None or owner is None or caller == owner or caller in self.admins:
+        if self.may_change(caller, owner):
             return
         raise PermissionDenied(f"{what} is owned by caller {owner!r}; only it or an admin ([server].admins) may change it, "
                                f"not {caller!r}", field=field)

@@ -762,11 +762,11 @@ class Engine:
         decoded; the store asks again as it creates."""
         if sample_set_id:
             try:
-                self.store.get_sample_set(sample_set_id)
+                owner = self.store.get_sample_set(sample_set_id).owner
             except NotFound:
                 pass
             else:
-                raise sample_set_id_taken(sample_set_id)
+                raise sample_set_id_taken(sample_set_id, None if self.ownership.may_change(caller, owner) else owner)
         self.store.require_room_for_samples(caller, sample_count)
 
     def check_append(self, sample_set_id: str, sample_count: int, *, finish_upload: bool = False, uid: str | None = None,

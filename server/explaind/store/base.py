@@ -66,8 +66,13 @@ def sample_set_uid(sample_set_id: str, create_time: float) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"explaind:sample-set:{sample_set_id}:{create_time!r}"))
 
 
-def sample_set_id_taken(sample_set_id: str) -> AlreadyExists:
-    """The error for a CreateSampleSet under the id of a set that exists."""
+def sample_set_id_taken(sample_set_id: str, foreign_owner: str | None = None) -> AlreadyExists:
+    """The error for a CreateSampleSet under the id of a set that exists; ``foreign_owner``:
+    the set's owner, when the caller may not change the set (appending to it or deleting
+    it would be refused)."""
+    if foreign_owner is not None:
+        return AlreadyExists(f"sample set {sample_set_id!r} already exists, owned by caller {foreign_owner!r}; choose another id",
+                             field="sample_set_id")
     return AlreadyExists(f"sample set {sample_set_id!r} already exists; append to it or delete it first", field="sample_set_id")
 
 
