@@ -114,37 +114,34 @@ def test_the_gc_pauses_bench_prints_each_variant_s_collections_and_predict_s_lat
     assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
 
 
-def test_the_png_encoding_bench_prints_each_job_image_s_ratio_and_that_its_pixels_are_the_same():
-    run = _run(str(BENCH / "png_encoding.py"), "--pairs", "2", "--grid-images", "3", "--repeats", "1")
-    assert run.returncode == 0, run.stderr
-    ratios = re.findall(r"^  level 1 +[0-9.]+ ms +\d+ bytes   \([0-9.]+x faster, [0-9.]+x the bytes, same pixels: (\w+)\)$", run.stdout, re.M)
-    assert ratios == ["yes", "yes"], run.stdout
+def test_the_png_encoding_bench_prints_each_job_image_s_ratio_and_that_its_pixels_are_the_same(monkeypatch, capsys):
+    out = _printed_in_process(_bench_module("png_encoding", monkeypatch), monkeypatch, capsys, "--pairs", "2", "--grid-images", "3", "--repeats", "1")
+    ratios = re.findall(r"^  level 1 +[0-9.]+ ms +\d+ bytes   \([0-9.]+x faster, [0-9.]+x the bytes, same pixels: (\w+)\)$", out, re.M)
+    assert ratios == ["yes", "yes"], out
     refused = _run(str(BENCH / "png_encoding.py"), "--pairs", "0")
     assert refused.returncode == 2 and "argument --pairs: expected an integer >= 1, got '0'" in refused.stderr
 
 
-def test_the_group_accuracy_bench_prints_its_ratio_and_that_both_ways_give_the_same_accuracies():
-    run = _run(str(BENCH / "group_accuracy.py"), "--samples", "300", "--groups", "30", "--repeats", "1")
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"^evaluate_head on 300 samples in \d+ groups \(median of 1\):$", run.stdout, re.M), run.stdout
-    assert re.search(r"^  one pass \(ours\) +[0-9.]+ s   \([0-9.]+x, same accuracies: yes\)$", run.stdout, re.M), run.stdout
+def test_the_group_accuracy_bench_prints_its_ratio_and_that_both_ways_give_the_same_accuracies(monkeypatch, capsys):
+    out = _printed_in_process(_bench_module("group_accuracy", monkeypatch), monkeypatch, capsys, "--samples", "300", "--groups", "30", "--repeats", "1")
+    assert re.search(r"^evaluate_head on 300 samples in \d+ groups \(median of 1\):$", out, re.M), out
+    assert re.search(r"^  one pass \(ours\) +[0-9.]+ s   \([0-9.]+x, same accuracies: yes\)$", out, re.M), out
 
 
-def test_the_top_neurons_bench_prints_its_ratio_and_that_both_ways_give_the_same_neurons():
+def test_the_top_neurons_bench_prints_its_ratio_and_that_both_ways_give_the_same_neurons(monkeypatch, capsys):
+    bench = _bench_module("top_neurons", monkeypatch)
     for top_k in ("5", "64"):  # topk's path, and the whole-row sort of a large k
-        run = _run(str(BENCH / "top_neurons.py"), "--mistakes", "200", "--neurons", "64", "--nonzero", "0.05", "--top-k", top_k, "--repeats", "1")
-        assert run.returncode == 0, run.stderr
-        assert run.stdout.splitlines()[0] == f"top {top_k} of 200 mistakes x 64 neurons, 5.0% of ω nonzero, both directions (median of 1):", run.stdout
+        out = _printed_in_process(bench, monkeypatch, capsys, "--mistakes", "200", "--neurons", "64", "--nonzero", "0.05", "--top-k", top_k, "--repeats", "1")
+        assert out.splitlines()[0] == f"top {top_k} of 200 mistakes x 64 neurons, 5.0% of ω nonzero, both directions (median of 1):", out
         for name in ("every tie ordered", "topk alone", "counted from D / 3"):
-            assert re.search(rf"^  {name} +[0-9.]+ s   \([0-9.]+x ours\)$", run.stdout, re.M), run.stdout
-        assert re.search(r"^  ours +[0-9.]+ s   \(same neurons: yes\)$", run.stdout, re.M), run.stdout
+            assert re.search(rf"^  {name} +[0-9.]+ s   \([0-9.]+x ours\)$", out, re.M), out
+        assert re.search(r"^  ours +[0-9.]+ s   \(same neurons: yes\)$", out, re.M), out
     # The crossover grid: a line per shape, whose ratios are its times', and the worst of ours.
-    run = _run(str(BENCH / "top_neurons.py"), "--crossover", "--max-elements", "100", "--repeats", "1", "--threads", "2")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[0] == "top_ids, whole-row sort against topk, 2 thread(s), median of 1 (ms):", run.stdout
-    points = re.findall(r"^ +(\d+) +(\d+) +(\d+) (float32|float16) (dense|sparse|ties)" + r" +([0-9.]+)" * 5 + "$", run.stdout, re.M)
+    out = _printed_in_process(bench, monkeypatch, capsys, "--crossover", "--max-elements", "100", "--repeats", "1", "--threads", "2")
+    assert out.splitlines()[0] == "top_ids, whole-row sort against topk, 2 thread(s), median of 1 (ms):", out
+    points = re.findall(r"^ +(\d+) +(\d+) +(\d+) (float32|float16) (dense|sparse|ties)" + r" +([0-9.]+)" * 5 + "$", out, re.M)
     # n = 10 in batches of 1 row (100 scores at most), 5 values of k, 2 dtypes, 3 kinds; n = 100 in one row, 8 values of k.
-    assert len(points) == (5 + 8) * 2 * 3, run.stdout
+    assert len(points) == (5 + 8) * 2 * 3, out
     for _n, _k, _rows, _dtype, _kind, by_sort, by_topk, ours, ratio, ours_over_best in points:
         # Printed to 3 places: the ratios are of the unrounded times (ours timed on its own,
         # whichever way the rule took).
@@ -152,7 +149,7 @@ def test_the_top_neurons_bench_prints_its_ratio_and_that_both_ways_give_the_same
             assert float(ratio) == pytest.approx(float(by_sort) / float(by_topk), rel=0.1, abs=0.02)
         if min(float(by_sort), float(by_topk)) >= 0.01:
             assert float(ours_over_best) == pytest.approx(float(ours) / min(float(by_sort), float(by_topk)), rel=0.1, abs=0.02)
-    assert re.search(r"^ours over the quicker, worst: [0-9.]+x; where the quicker took >= 0.5 ms: [0-9.]+x \(same values and ids: yes\)$", run.stdout, re.M), run.stdout
+    assert re.search(r"^ours over the quicker, worst: [0-9.]+x; where the quicker took >= 0.5 ms: [0-9.]+x \(same values and ids: yes\)$", out, re.M), out
     refused = _run(str(BENCH / "top_neurons.py"), "--nonzero", "0")
     assert refused.returncode == 2 and "argument --nonzero: expected a share in (0, 1], got '0'" in refused.stderr
     refused = _run(str(BENCH / "top_neurons.py"), "--neurons", "64", "--top-k", "65")
@@ -177,6 +174,16 @@ def _bench_module(name: str, monkeypatch):
 
     monkeypatch.syspath_prepend(str(BENCH))
     return importlib.import_module(name)
+
+
+def _printed_in_process(bench, monkeypatch, capsys, *argv: str) -> str:
+    """What ``bench.main()`` given ``argv`` prints, run in this process: a subprocess would
+    import torch again, seconds each (each script's start as a script is the --help test's).
+    Its process-wide torch threads are given back."""
+    monkeypatch.setattr(sys, "argv", [f"{bench.__name__}.py", *argv])
+    with torch_threads():
+        bench.main()
+    return capsys.readouterr().out
 
 
 def _refused_in_process(bench, monkeypatch, capsys, *argv: str) -> str:
@@ -607,12 +614,12 @@ def test_the_ranking_stability_bench_compares_each_count_s_resamples_with_the_re
         stability.mistake_counts("0,all")
 
 
-def test_the_inline_answer_time_bench_prints_a_chunk_s_seconds_and_each_answer_s_as_a_ratio_to_two_chunks():
-    run = _run(str(BENCH / "inline_answer_time.py"), "--mistakes", "8", "--dim", "16", "--classes", "5", "--repeats", "1")
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"^M = 8, D = 16, cpu: slowest chunk of 50 resamples [0-9.]+ ms \(median of 1 runs\)$", run.stdout, re.M), run.stdout
+def test_the_inline_answer_time_bench_prints_a_chunk_s_seconds_and_each_answer_s_as_a_ratio_to_two_chunks(monkeypatch, capsys):
+    out = _printed_in_process(_bench_module("inline_answer_time", monkeypatch), monkeypatch, capsys,
+                              "--mistakes", "8", "--dim", "16", "--classes", "5", "--repeats", "1")
+    assert re.search(r"^M = 8, D = 16, cpu: slowest chunk of 50 resamples [0-9.]+ ms \(median of 1 runs\)$", out, re.M), out
     for name in ("bare", "include_samples"):
-        assert re.search(rf"^  answer {name}: [0-9.]+ MB built and serialised in [0-9.]+ ms; answer / 2 chunks [0-9.]+$", run.stdout, re.M), run.stdout
+        assert re.search(rf"^  answer {name}: [0-9.]+ MB built and serialised in [0-9.]+ ms; answer / 2 chunks [0-9.]+$", out, re.M), out
 
 
 def test_the_stability_cost_bench_prints_each_b_s_seconds_as_a_ratio_to_the_top_k_selection_and_its_peak_memory():
