@@ -115,7 +115,7 @@ def test_the_gc_pauses_bench_prints_each_variant_s_collections_and_predict_s_lat
 
 
 def test_the_png_encoding_bench_prints_each_job_image_s_ratio_and_that_its_pixels_are_the_same(monkeypatch, capsys):
-    out = _printed_in_process(_bench_module("png_encoding", monkeypatch), monkeypatch, capsys, "--pairs", "2", "--grid-images", "3", "--repeats", "1")
+    out = _printed_in_process(_bench_module("png_encoding", monkeypatch), monkeypatch, capsys, "--pairs", "2", "--grid-images", "3", "--repeats", "1").out
     ratios = re.findall(r"^  level 1 +[0-9.]+ ms +\d+ bytes   \([0-9.]+x faster, [0-9.]+x the bytes, same pixels: (\w+)\)$", out, re.M)
     assert ratios == ["yes", "yes"], out
     refused = _run(str(BENCH / "png_encoding.py"), "--pairs", "0")
@@ -123,7 +123,7 @@ def test_the_png_encoding_bench_prints_each_job_image_s_ratio_and_that_its_pixel
 
 
 def test_the_group_accuracy_bench_prints_its_ratio_and_that_both_ways_give_the_same_accuracies(monkeypatch, capsys):
-    out = _printed_in_process(_bench_module("group_accuracy", monkeypatch), monkeypatch, capsys, "--samples", "300", "--groups", "30", "--repeats", "1")
+    out = _printed_in_process(_bench_module("group_accuracy", monkeypatch), monkeypatch, capsys, "--samples", "300", "--groups", "30", "--repeats", "1").out
     assert re.search(r"^evaluate_head on 300 samples in \d+ groups \(median of 1\):$", out, re.M), out
     assert re.search(r"^  one pass \(ours\) +[0-9.]+ s   \([0-9.]+x, same accuracies: yes\)$", out, re.M), out
 
@@ -131,13 +131,13 @@ def test_the_group_accuracy_bench_prints_its_ratio_and_that_both_ways_give_the_s
 def test_the_top_neurons_bench_prints_its_ratio_and_that_both_ways_give_the_same_neurons(monkeypatch, capsys):
     bench = _bench_module("top_neurons", monkeypatch)
     for top_k in ("5", "64"):  # topk's path, and the whole-row sort of a large k
-        out = _printed_in_process(bench, monkeypatch, capsys, "--mistakes", "200", "--neurons", "64", "--nonzero", "0.05", "--top-k", top_k, "--repeats", "1")
+        out = _printed_in_process(bench, monkeypatch, capsys, "--mistakes", "200", "--neurons", "64", "--nonzero", "0.05", "--top-k", top_k, "--repeats", "1").out
         assert out.splitlines()[0] == f"top {top_k} of 200 mistakes x 64 neurons, 5.0% of ω nonzero, both directions (median of 1):", out
         for name in ("every tie ordered", "topk alone", "counted from D / 3"):
             assert re.search(rf"^  {name} +[0-9.]+ s   \([0-9.]+x ours\)$", out, re.M), out
         assert re.search(r"^  ours +[0-9.]+ s   \(same neurons: yes\)$", out, re.M), out
     # The crossover grid: a line per shape, whose ratios are its times', and the worst of ours.
-    out = _printed_in_process(bench, monkeypatch, capsys, "--crossover", "--max-elements", "100", "--repeats", "1", "--threads", "2")
+    out = _printed_in_process(bench, monkeypatch, capsys, "--crossover", "--max-elements", "100", "--repeats", "1", "--threads", "2").out
     assert out.splitlines()[0] == "top_ids, whole-row sort against topk, 2 thread(s), median of 1 (ms):", out
     points = re.findall(r"^ +(\d+) +(\d+) +(\d+) (float32|float16) (dense|sparse|ties)" + r" +([0-9.]+)" * 5 + "$", out, re.M)
     # n = 10 in batches of 1 row (100 scores at most), 5 values of k, 2 dtypes, 3 kinds; n = 100 in one row, 8 values of k.
@@ -176,14 +176,14 @@ def _bench_module(name: str, monkeypatch):
     return importlib.import_module(name)
 
 
-def _printed_in_process(bench, monkeypatch, capsys, *argv: str) -> str:
-    """What ``bench.main()`` given ``argv`` prints, run in this process: a subprocess would
-    import torch again, seconds each (each script's start as a script is the --help test's).
-    Its process-wide torch threads are given back."""
+def _printed_in_process(bench, monkeypatch, capsys, *argv: str):
+    """What ``bench.main()`` given ``argv`` prints (``.out``, ``.err``), run in this process:
+    a subprocess would import torch again, seconds each (each script's start as a script is
+    the --help test's). Its process-wide torch threads are given back."""
     monkeypatch.setattr(sys, "argv", [f"{bench.__name__}.py", *argv])
     with torch_threads():
         bench.main()
-    return capsys.readouterr().out
+    return capsys.readouterr()
 
 
 def _refused_in_process(bench, monkeypatch, capsys, *argv: str) -> str:
@@ -346,36 +346,35 @@ def test_the_excessive_conditioning_bench_summarises_its_images_both_ways_and_re
 
     if not ((classifier_dir("spurious_background") / "model.safetensors").is_file() and (clip_dir() / CHECKPOINT_NAME).is_file()):
         pytest.skip("shipped spurious_background classifier or world CLIP not built yet")
-    script = str(BENCH / "excessive_conditioning.py")
-    run = _run(script, "--count", "60", "--seeds", "0,1", "--steps", "2", "--probe-size", "60")
-    assert run.returncode == 0, run.stderr
+    script, bench = str(BENCH / "excessive_conditioning.py"), _bench_module("excessive_conditioning", monkeypatch)
+    out = _printed_in_process(bench, monkeypatch, capsys, "--count", "60", "--seeds", "0,1", "--steps", "2", "--probe-size", "60").out
     excessive = int(re.search(r"^spurious_background, first 60 test scenes: \d+ mistakes of heart, \d+ ranked neurons, (\d+) excessive$",
-                              run.stdout, re.M)[1])
-    neurons = re.findall(r"^ +(\d+)  \w+ \([0-9.]+\) +\w+ \([0-9.]+\) +[-+][0-9.]+  \w+ +[-+][0-9.]+ +([0-9.]+)$", run.stdout, re.M)
+                              out, re.M)[1])
+    neurons = re.findall(r"^ +(\d+)  \w+ \([0-9.]+\) +\w+ \([0-9.]+\) +[-+][0-9.]+  \w+ +[-+][0-9.]+ +([0-9.]+)$", out, re.M)
     top_percent = {int(neuron): float(level) for neuron, level in neurons}
     rows = [(int(seed), int(neuron), *map(float, scores)) for seed, neuron, *scores in
-            re.findall(r"^ +([01]) +(\d+)" + r" +([-+]?[0-9.]+)" * 6 + "$", run.stdout, re.M)]
-    assert excessive > 0 and len(top_percent) == excessive and len(rows) == 2 * excessive, run.stdout
+            re.findall(r"^ +([01]) +(\d+)" + r" +([-+]?[0-9.]+)" * 6 + "$", out, re.M)]
+    assert excessive > 0 and len(top_percent) == excessive and len(rows) == 2 * excessive, out
     # Each summary is over every (seed, neuron) image each way, and "better" counts the images the top class raises.
     for label, explained, top in (("mean activation α", 2, 3), ("CLIP cosine to the strongest probe shape", 4, 5),
                                   ("CLIP cosine to the strongest background", 6, 7)):
-        summary = re.search(rf"^{label} +([-+]?[0-9.]+) +([-+]?[0-9.]+)  \(better (\d+) of {2 * excessive}\)$", run.stdout, re.M)
-        assert summary, run.stdout
+        summary = re.search(rf"^{label} +([-+]?[0-9.]+) +([-+]?[0-9.]+)  \(better (\d+) of {2 * excessive}\)$", out, re.M)
+        assert summary, out
         mean_explained, mean_top, better = float(summary[1]), float(summary[2]), int(summary[3])
         assert mean_explained == pytest.approx(sum(row[explained] for row in rows) / len(rows), abs=0.01), label
         assert mean_top == pytest.approx(sum(row[top] for row in rows) / len(rows), abs=0.01), label
         # The rows are rounded: a tie among them may have been a win either way.
         assert sum(row[top] > row[explained] for row in rows) <= better <= sum(row[top] >= row[explained] for row in rows), label
     reached = re.search(r"^α at the neuron's top 1 % on probe scenes, per seed +(\d+)/(\d+) (\d+)/(\d+) +(\d+)/(\d+) (\d+)/(\d+)$",
-                        run.stdout, re.M)
-    assert reached and {int(reached[k]) for k in (2, 4, 6, 8)} == {excessive}, run.stdout
+                        out, re.M)
+    assert reached and {int(reached[k]) for k in (2, 4, 6, 8)} == {excessive}, out
     for seed, (explained, top) in enumerate(((1, 5), (3, 7))):
         mine = [row for row in rows if row[0] == seed]
         for column, count in ((2, int(reached[explained])), (3, int(reached[top]))):
             assert (sum(row[column] > top_percent[row[1]] + 0.01 for row in mine) <= count
-                    <= sum(row[column] >= top_percent[row[1]] - 0.01 for row in mine)), run.stdout
+                    <= sum(row[column] >= top_percent[row[1]] - 0.01 for row in mine)), out
 
-    refused = _refused_in_process(_bench_module("excessive_conditioning", monkeypatch), monkeypatch, capsys, "--class", "dragon")
+    refused = _refused_in_process(bench, monkeypatch, capsys, "--class", "dragon")
     assert "argument --class: 'dragon' is not a class of spurious_background" in refused
     refused = _run(script, "--seeds", "0,0")
     assert refused.returncode == 2 and "argument --seeds: expected distinct seeds, got '0,0'" in refused.stderr
@@ -463,24 +462,23 @@ def test_the_illusion_bench_sets_a_plain_grey_image_s_cosine_beside_the_images_p
     assert [line.split() for line in lines[1:]] == [["heart", "2", "0.300", "0.150"], ["circle", "1", "0.300", "-0.200"]]
 
 
-def test_the_illusion_bench_prints_the_core_relevance_table_of_the_neurons_it_visualised():
+def test_the_illusion_bench_prints_the_core_relevance_table_of_the_neurons_it_visualised(monkeypatch, capsys):
     from explaind.world.assets import classifier_dir
 
     name = "spurious_background"  # the one with both kinds of neurons at one per value: shapes and water
     if not (classifier_dir(name) / "model.safetensors").is_file():
         pytest.skip(f"shipped {name} classifier not built yet")
-    run = _run(str(BENCH / "illusion_eval.py"), "--classifiers", name, "--per-value", "1", "--steps", "2",
-               "--probe-size", "200", "--threads", "1", "--per-neuron")
-    assert run.returncode == 0, run.stderr
-    per_neuron = run.stdout.split("\n\nclassifier ", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
-    table = run.stdout.split("(own shape) against context neurons ==\n", 1)[1]
+    out = _printed_in_process(_bench_module("illusion_eval", monkeypatch), monkeypatch, capsys, "--classifiers", name, "--per-value", "1",
+                              "--steps", "2", "--probe-size", "200", "--threads", "1", "--per-neuron").out
+    per_neuron = out.split("\n\nclassifier ", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    table = out.split("(own shape) against context neurons ==\n", 1)[1]
     table, grey_table = table.split("\n\n== CLIP cosine to the conditioned class's prompt: the images against a plain 0.5-grey image ==\n")
     # classifier, attribute=value, neuron, class, ..., core rel, mask, shifted, rest
     neurons = [line.split() for line in per_neuron]
     core = [[float(x) for x in n[-4:]] for n in neurons if n[1] == f"shape={n[3]}"]
     context = [[float(x) for x in n[-4:]] for n in neurons if not n[1].startswith("shape=")]
     rows = {line[:36].strip(): line[36:].split() for line in table.splitlines()[1:]}
-    assert core and context, run.stdout
+    assert core and context, out
     for label, group in (("core: shape on its own class", core), ("context: every other attribute", context)):
         count, relevance, shifted, own_costs_more, rest, mask = rows[label][:6]
         assert count == str(len(group)), table
@@ -548,19 +546,18 @@ def test_the_eval_bench_prints_the_edit_s_change_in_average_and_in_worst_group_a
     assert row == ["spurious_background", "constrain", "0.900", "0.885", "-1.5", "0.400", "0.550", "15.0", "circle/grass", "4"]
 
 
-def test_the_solver_bench_prints_the_faithful_solver_s_agreement_and_speed_up_over_at_least_500_problems():
+def test_the_solver_bench_prints_the_faithful_solver_s_agreement_and_speed_up_over_at_least_500_problems(monkeypatch, capsys):
     # Acceptance 1 as the bench prints it (about 10 s on one thread). The speed-up must be
     # reference / faithful of the seconds printed beside it, up to their rounding.
-    run = _run(str(BENCH / "neuroinspect_solver.py"), "--repeats", "1")
-    assert run.returncode == 0, run.stderr
-    problems = re.search(r"^spurious_background: (\d+) test mistakes \+ (\d+) runner-up targets = (\d+) problems", run.stdout, re.M)
-    assert problems and int(problems[1]) + int(problems[2]) == int(problems[3]) >= 500, run.stdout
-    assert "warning" not in run.stderr, run.stderr
-    reference = float(re.search(r"^reference per-sample loop\s+([0-9.]+)\s+1\.0\s", run.stdout, re.M)[1])
-    seconds, speed_up = map(float, re.search(r"^faithful \(batched\)\s+([0-9.]+)\s+([0-9.]+)\s", run.stdout, re.M).groups())
-    assert abs(speed_up * seconds - reference) <= 0.0005 * speed_up + 0.05 * seconds + 0.0005, run.stdout
-    same = re.search(r"^faithful vs reference: identical top-5 sets ([0-9.]+)% of samples", run.stdout, re.M)
-    assert same and float(same[1]) >= 99, run.stdout
+    run = _printed_in_process(_bench_module("neuroinspect_solver", monkeypatch), monkeypatch, capsys, "--repeats", "1")
+    problems = re.search(r"^spurious_background: (\d+) test mistakes \+ (\d+) runner-up targets = (\d+) problems", run.out, re.M)
+    assert problems and int(problems[1]) + int(problems[2]) == int(problems[3]) >= 500, run.out
+    assert "warning" not in run.err, run.err
+    reference = float(re.search(r"^reference per-sample loop\s+([0-9.]+)\s+1\.0\s", run.out, re.M)[1])
+    seconds, speed_up = map(float, re.search(r"^faithful \(batched\)\s+([0-9.]+)\s+([0-9.]+)\s", run.out, re.M).groups())
+    assert abs(speed_up * seconds - reference) <= 0.0005 * speed_up + 0.05 * seconds + 0.0005, run.out
+    same = re.search(r"^faithful vs reference: identical top-5 sets ([0-9.]+)% of samples", run.out, re.M)
+    assert same and float(same[1]) >= 99, run.out
 
 
 def test_the_ranking_stability_bench_compares_each_count_s_resamples_with_the_reference_ranking(monkeypatch, capsys):
@@ -616,7 +613,7 @@ def test_the_ranking_stability_bench_compares_each_count_s_resamples_with_the_re
 
 def test_the_inline_answer_time_bench_prints_a_chunk_s_seconds_and_each_answer_s_as_a_ratio_to_two_chunks(monkeypatch, capsys):
     out = _printed_in_process(_bench_module("inline_answer_time", monkeypatch), monkeypatch, capsys,
-                              "--mistakes", "8", "--dim", "16", "--classes", "5", "--repeats", "1")
+                              "--mistakes", "8", "--dim", "16", "--classes", "5", "--repeats", "1").out
     assert re.search(r"^M = 8, D = 16, cpu: slowest chunk of 50 resamples [0-9.]+ ms \(median of 1 runs\)$", out, re.M), out
     for name in ("bare", "include_samples"):
         assert re.search(rf"^  answer {name}: [0-9.]+ MB built and serialised in [0-9.]+ ms; answer / 2 chunks [0-9.]+$", out, re.M), out
