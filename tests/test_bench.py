@@ -59,28 +59,25 @@ def test_the_store_sweep_bench_counts_every_hold_of_the_lock():
     assert refused.returncode == 2 and "argument --jobs: expected an integer >= 1, got '0'" in refused.stderr
 
 
-def test_the_soak_bench_measures_a_served_server_and_prints_its_growth():
-    run = _run(str(BENCH / "soak.py"), "--cycles", "2", "--every", "1")
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"^\s+2\s+\d+(\s+[0-9.]+){6}$", run.stdout, re.M), run.stdout
-    assert re.search(r"^growth per 100 cycles, cycles 1-2: rss_mib [-+][0-9.]+  fds [-+][0-9.]+  threads [-+][0-9.]+", run.stdout, re.M), run.stdout
+def test_the_soak_bench_measures_a_served_server_and_prints_its_growth(monkeypatch, capsys):
+    run = _printed_in_process(_bench_module("soak", monkeypatch), monkeypatch, capsys, "--cycles", "2", "--every", "1")
+    assert re.search(r"^\s+2\s+\d+(\s+[0-9.]+){6}$", run.out, re.M), run.out
+    assert re.search(r"^growth per 100 cycles, cycles 1-2: rss_mib [-+][0-9.]+  fds [-+][0-9.]+  threads [-+][0-9.]+", run.out, re.M), run.out
 
 
-def test_the_served_upload_bench_measures_a_large_set_from_upload_to_delete():
-    run = _run(str(BENCH / "upload.py"), "--served", "--images", "30", "--every", "20")
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"^\s+30(\s+[0-9.]+){7}$", run.stdout, re.M), run.stdout
+def test_the_served_upload_bench_measures_a_large_set_from_upload_to_delete(monkeypatch, capsys):
+    run = _printed_in_process(_bench_module("upload", monkeypatch), monkeypatch, capsys, "--served", "--images", "30", "--every", "20")
+    assert re.search(r"^\s+30(\s+[0-9.]+){7}$", run.out, re.M), run.out
     for line in ("ListSamples: first page", "EvaluateSampleSet, features cached", "RankMistakeNeurons (operation, class",
                  "restart with the set stored", "DeleteSampleSet", "restart sweeping its files"):
-        assert re.search(rf"^{re.escape(line)}", run.stdout, re.M), run.stdout
+        assert re.search(rf"^{re.escape(line)}", run.out, re.M), run.out
 
 
-def test_the_request_memory_bench_prints_each_level_s_peak_against_the_documented_bound():
-    run = _run(str(BENCH / "request_memory.py"), "--message-mib", "4", "--workers", "2", "--levels", "1", "3")
-    assert run.returncode == 0, run.stderr
+def test_the_request_memory_bench_prints_each_level_s_peak_against_the_documented_bound(monkeypatch, capsys):
+    run = _printed_in_process(_bench_module("request_memory", monkeypatch), monkeypatch, capsys, "--message-mib", "4", "--workers", "2", "--levels", "1", "3")
     for request in ("Predict", "CreateSampleSet", "AppendSamples"):
         for level in (1, 3):
-            assert re.search(rf"^{request}\s+{level}(\s+[0-9.]+){{8}}$", run.stdout, re.M), run.stdout
+            assert re.search(rf"^{request}\s+{level}(\s+[0-9.]+){{8}}$", run.out, re.M), run.out
     refused = _run(str(BENCH / "request_memory.py"), "--message-mib", "97")
     assert refused.returncode == 2 and "argument --message-mib: at most 96" in refused.stderr
 
@@ -92,24 +89,22 @@ def test_the_request_memory_bench_refuses_one_worker_which_the_server_it_starts_
     assert refused.returncode == 2 and "argument --workers: at least 2, as [server].max_workers must be" in refused.stderr, refused.stderr
 
 
-def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle():
-    run = _run(str(BENCH / "predict_under_load.py"), "--rounds", "1", "--seconds", "0.3", "--eval-images", "64", "--neurons", "1")
-    assert run.returncode == 0, run.stderr
+def test_the_predict_under_load_bench_prints_each_phase_as_a_ratio_to_idle(monkeypatch, capsys):
+    run = _printed_in_process(_bench_module("predict_under_load", monkeypatch), monkeypatch, capsys, "--rounds", "1", "--seconds", "0.3", "--eval-images", "64", "--neurons", "1")
     for phase in ("idle", "visualize", "evaluate"):
         for clients in (1, 8):
-            assert re.search(rf"^  {phase}\s+{clients}(\s+[0-9.]+){{4}}", run.stdout, re.M), run.stdout
-    assert re.search(r"^  visualize\s+1(\s+[0-9.]+){4}\s+[0-9.]+ steps/s$", run.stdout, re.M), run.stdout
+            assert re.search(rf"^  {phase}\s+{clients}(\s+[0-9.]+){{4}}", run.out, re.M), run.out
+    assert re.search(r"^  visualize\s+1(\s+[0-9.]+){4}\s+[0-9.]+ steps/s$", run.out, re.M), run.out
     refused = _run(str(BENCH / "predict_under_load.py"), "--rounds", "0")
     assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
 
 
-def test_the_gc_pauses_bench_prints_each_variant_s_collections_and_predict_s_latency_in_each_phase():
-    run = _run(str(BENCH / "gc_pauses.py"), "--rounds", "1", "--seconds", "0.3", "--no-clip")
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"^  full \(generation 2\): count(\s+\d+){3}$", run.stdout, re.M), run.stdout
-    assert re.search(r"^  full, timed as the server stops \(ms, median\)(\s+[0-9.]+){3}$", run.stdout, re.M), run.stdout
+def test_the_gc_pauses_bench_prints_each_variant_s_collections_and_predict_s_latency_in_each_phase(monkeypatch, capsys):
+    run = _printed_in_process(_bench_module("gc_pauses", monkeypatch), monkeypatch, capsys, "--rounds", "1", "--seconds", "0.3", "--no-clip")
+    assert re.search(r"^  full \(generation 2\): count(\s+\d+){3}$", run.out, re.M), run.out
+    assert re.search(r"^  full, timed as the server stops \(ms, median\)(\s+[0-9.]+){3}$", run.out, re.M), run.out
     for phase in ("idle, 1", "idle, 8", "jobs, 8"):
-        assert re.search(rf"^  {phase} client\(s\)(\s+[0-9.]+ / [0-9.]+ / [0-9.]+){{3}}$", run.stdout, re.M), run.stdout
+        assert re.search(rf"^  {phase} client\(s\)(\s+[0-9.]+ / [0-9.]+ / [0-9.]+){{3}}$", run.out, re.M), run.out
     refused = _run(str(BENCH / "gc_pauses.py"), "--rounds", "0")
     assert refused.returncode == 2 and "argument --rounds: expected an integer >= 1, got '0'" in refused.stderr
 
