@@ -616,13 +616,12 @@ def test_the_inline_answer_time_bench_prints_a_chunk_s_seconds_and_each_answer_s
         assert re.search(rf"^  answer {name}: [0-9.]+ MB built and serialised in [0-9.]+ ms; answer / 2 chunks [0-9.]+$", out, re.M), out
 
 
-def test_the_stability_cost_bench_prints_each_b_s_seconds_as_a_ratio_to_the_top_k_selection_and_its_peak_memory():
-    run = _run(str(BENCH / "stability_cost.py"), "--mistakes", "64", "--dim", "32", "--top-k", "3", "--resamples", "10,20", "--repeats", "1")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[0] == "M = 64, D = 32, k = 3, 1 thread(s), median of 1"
-    assert re.search(r"^top-k selection +[0-9.]+ s +[0-9.]+ x the top-k selection$", run.stdout, re.M), run.stdout
+def test_the_stability_cost_bench_prints_each_b_s_seconds_as_a_ratio_to_the_top_k_selection_and_its_peak_memory(monkeypatch, capsys):
+    run = _printed_in_process(_bench_module("stability_cost", monkeypatch), monkeypatch, capsys, "--mistakes", "64", "--dim", "32", "--top-k", "3", "--resamples", "10,20", "--repeats", "1")
+    assert run.out.splitlines()[0] == "M = 64, D = 32, k = 3, 1 thread(s), median of 1"
+    assert re.search(r"^top-k selection +[0-9.]+ s +[0-9.]+ x the top-k selection$", run.out, re.M), run.out
     peak = "-?[0-9]+ MB" if Path("/proc/self/clear_refs").exists() else "n/a"
     for name in ("stability B=10", "stability B=20"):
-        assert re.search(rf"^{name} +[0-9.]+ s +[0-9.]+ x the top-k selection +{peak}$", run.stdout, re.M), run.stdout
+        assert re.search(rf"^{name} +[0-9.]+ s +[0-9.]+ x the top-k selection +{peak}$", run.out, re.M), run.out
     refused = _run(str(BENCH / "stability_cost.py"), "--dim", "32", "--top-k", "33")
     assert refused.returncode == 2 and "--top-k 33 is above --dim 32" in refused.stderr, refused.stderr
