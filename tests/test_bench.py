@@ -4,8 +4,9 @@ Their timings are not checked here (no timing in a unit test); only that a scrip
 reader copies from the README runs, and says what its options mean, and that the
 acceptance numbers the NeuroInspect benches print follow their definitions (the scripts'
 functions imported, on small hand-built cases). Each script starts as a script in the
---help test; the runs whose output is checked call its main() in this process, which has
-torch imported already (a subprocess took seconds to import it again)."""
+--help test; most runs whose output is checked call its main() in this process, which has
+torch imported already (a subprocess took seconds to import it again); store_sweep's and
+neuroinspect_scale's still run as scripts."""
 
 import collections
 import os
