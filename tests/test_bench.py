@@ -177,11 +177,28 @@ def _bench_module(name: str, monkeypatch):
 def _printed_in_process(bench, monkeypatch, capsys, *argv: str):
     """What ``bench.main()`` given ``argv`` prints (``.out``, ``.err``), run in this process:
     a subprocess would import torch again, seconds each (each script's start as a script is
-    the --help test's). Its process-wide torch threads are given back."""
+    the --help test's). Its process-wide torch threads are given back; the processes it
+    starts (servers) get one thread each, as a script run by ``_run`` gave them."""
     monkeypatch.setattr(sys, "argv", [f"{bench.__name__}.py", *argv])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with torch_threads():
         bench.main()
     return capsys.readouterr()
+
+
+def test_a_bench_run_in_process_starts_its_servers_on_one_thread_as_a_script_run_did(monkeypatch, capsys):
+    # _run gave the script, and so the servers it starts, OMP_NUM_THREADS=1; main() in this
+    # process passed on the test process's environment, and a server of [runtime].num_threads
+    # 0 took a thread per core where the suite ran without it.
+    import types
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def main():
+        print(subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('OMP_NUM_THREADS'))"],
+                             capture_output=True, text=True, check=True).stdout, end="")
+
+    assert _printed_in_process(types.SimpleNamespace(__name__="server_starter", main=main), monkeypatch, capsys).out == "1\n"
 
 
 def _refused_in_process(bench, monkeypatch, capsys, *argv: str) -> str:
