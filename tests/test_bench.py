@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,13 @@ def test_the_served_upload_bench_measures_a_large_set_from_upload_to_delete(monk
         assert re.search(rf"^{re.escape(line)}", run.out, re.M), run.out
 
 
-def test_the_request_memory_bench_prints_each_level_s_peak_against_the_documented_bound(monkeypatch, capsys):
+def test_the_request_memory_bench_prints_each_level_s_peak_against_the_documented_bound(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its data dir goes
     run = _printed_in_process(_bench_module("request_memory", monkeypatch), monkeypatch, capsys, "--message-mib", "4", "--workers", "2", "--levels", "1", "3")
     for request in ("Predict", "CreateSampleSet", "AppendSamples"):
         for level in (1, 3):
             assert re.search(rf"^{request}\s+{level}(\s+[0-9.]+){{8}}$", run.out, re.M), run.out
+    assert not list(tmp_path.iterdir())  # its server's data dir, 19 MB, was left behind at every run
     refused = _run(str(BENCH / "request_memory.py"), "--message-mib", "97")
     assert refused.returncode == 2 and "argument --message-mib: at most 96" in refused.stderr
 
