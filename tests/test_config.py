@@ -120,12 +120,16 @@ def test_input_sizes_take_the_largest_image_side_and_refuse_one_more(tmp_path, c
             config_with(tmp_path, classifier_dir, key, refused)
 
 
+@pytest.mark.parametrize(("value", "problem"), [(10**400 - 1, r"must be at most 1.8e\+308, got an integer of 400 digits$"),
+                                              # Below the float's range, not above it: "at most 1.8e+308" was false of it.
+                                              (1 - 10**400, r"must be at least -1.8e\+308, got a negative integer of 400 digits$")],
+                         ids=["above", "below"])
 @pytest.mark.parametrize("key", ["server.grace_period_s", "server.upload_idle_timeout_s"])
-def test_an_integer_no_float_holds_is_refused_by_name(tmp_path, classifier_dir, key):
+def test_an_integer_no_float_holds_is_refused_by_name(tmp_path, classifier_dir, key, value, problem):
     # Python's TOML reader takes integers of any size: float() of one was an OverflowError traceback.
     section, _, name = key.partition(".")
-    with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} must be at most 1.8e\+308, got an integer of 400 digits$"):
-        config_with(tmp_path, classifier_dir, key, 10**400 - 1)
+    with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} {problem}"):
+        config_with(tmp_path, classifier_dir, key, value)
 
 
 @pytest.mark.parametrize("name", PORTS)
@@ -712,6 +716,7 @@ def test_an_unset_illusion_epsilon_is_the_one_the_clip_s_directory_recommends(tm
     ("{", "not JSON"),
     (b'{"illusion_epsilon": 1} # \xe9', "cannot read it: 'utf-8' codec can't decode"),
     ("[1.0]", "must be a JSON object, got \\[1.0\\]"),
+    ("[true, null]", "must be a JSON object, got \\[true, null\\]$"),  # as JSON writes it, not Python's [True, None]
     ('{"illusion_epsilon": "1"}', 'illusion_epsilon must be a number, got "1"'),
     ('{"illusion_epsilon": true}', "illusion_epsilon must be a number, got true$"),  # JSON's true is no 1; shown as JSON writes it
     ('{"illusion_epsilon": -0.5}', "illusion_epsilon must be in \\[0, 1000.0\\], got -0.5"),

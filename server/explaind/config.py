@@ -600,7 +600,8 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
             if isinstance(expected, int) and not isinstance(value, int):
                 raise ConfigError(f"{where} must be an integer, got {shown}")
             if isinstance(expected, float) and isinstance(value, int) and abs(value) > _FLOAT_MAX:  # float() of it was a traceback
-                raise ConfigError(f"{where} must be at most {_FLOAT_MAX:.3g}, got an integer of {len(str(abs(value)))} digits")
+                side, limit, described = ("at least", -_FLOAT_MAX, "a negative integer") if value < 0 else ("at most", _FLOAT_MAX, "an integer")
+                raise ConfigError(f"{where} must be {side} {limit:.3g}, got {described} of {len(str(abs(value)))} digits")
             value = type(expected)(value)
         elif isinstance(expected, dict):
             if not isinstance(value, dict):
