@@ -291,6 +291,8 @@ def test_visualize_runs_under_no_grad_and_refuses_malformed_pairs(world_model):
     ):
         with pytest.raises(error, match=message):
             illusion.visualize(pairs, method="no_clip", steps=1)
+    # A repeat is the same neuron with the same class: one neuron with two classes, or one class with two neurons, is two images.
+    assert len(illusion.visualize([(3, 1), (3, 2), (4, 1)], method="no_clip", steps=1).images) == 3
     with pytest.raises(ValueError, match=r"mask_dim must lie in \[0, 1\]"):
         illusion.visualize([(3, 1)], method="no_clip", steps=1, mask_dim=5)
     with pytest.raises(TypeError, match=r"callback_on_step_end must be callable or None, got 1 \(int\)"):  # was after the first step
