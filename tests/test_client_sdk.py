@@ -1592,6 +1592,36 @@ def test_a_wait_or_watch_unavailable_to_its_end_says_it_tried_over_its_whole_out
         server.stop(0)
 
 
+class _AnsweringOnceThenRestarting(_RestartingOperations):
+    """A :class:`_RestartingOperations` whose first WaitOperation is answered, the job
+    still running, then the server restarts for good."""
+
+    def WaitOperation(self, request, context):
+        if self.asked:
+            return super().WaitOperation(request, context)
+        self.asked.append("WaitOperation")
+        self.ready_at = float("inf")
+        return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
+
+
+def test_a_wait_s_unavailable_note_counts_the_tries_since_the_server_last_answered(monkeypatch):
+    # The outage starts after the answer: its tries and time, not the answered call's too.
+    from explaind.client import UnavailableError
+
+    clock = _skipping_sdk_clock(monkeypatch)
+    servicer = _AnsweringOnceThenRestarting(clock)
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+    try:
+        with Client(target, timeout=1) as client:
+            client._reached = True  # as after the call that started the job
+            with pytest.raises(UnavailableError, match="restarting") as unavailable:
+                Operation(client, _running_operation("operations/x")).wait(timeout=200)
+            tries = len(servicer.asked) - 1  # the first was answered
+            assert tries > 1 and re.match(rf"the call was tried {tries} times over ", unavailable.value.__notes__[0]), unavailable.value.__notes__
+    finally:
+        server.stop(0)
+
+
 class _RestartingAfterAnUpdate(_RestartingOperations):
     """A :class:`_RestartingOperations` whose first watch stream sends the job running,
     then the server restarts for ``outage_s`` (of its clock)."""
