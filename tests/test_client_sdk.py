@@ -3936,6 +3936,34 @@ def test_a_busy_server_answering_waits_at_once_is_polled_backing_off_to_at_most_
     assert asked == pytest.approx([30.5 - sum(clock.pauses[:i]) for i in range(9)], abs=1e-5)
 
 
+def test_a_busy_server_s_polling_starts_again_from_the_shortest_pause_after_a_wait_it_held(monkeypatch):
+    # A wait the server held for its whole step found a waiting slot: a later answer at once
+    # is a new spell of busyness, polled from BUSY_WAIT_MIN_PAUSE_S again, not from where the
+    # last spell's backoff had got to.
+    from explaind.client import _client, _operations
+    from explaind.client._operations import Operation
+
+    clock = _FakeClock()
+    for module in (_client, _operations):
+        monkeypatch.setattr(module, "time", clock)
+    asked = []
+
+    class BusyThenNotServer:
+        _retry = True
+        _pause = staticmethod(Client._pause)
+
+        def _call(self, service, method, request, **kwargs):
+            asked.append(request.timeout.ToTimedelta().total_seconds())
+            if len(asked) == 4:  # held for the whole wait asked, a step of the wait's
+                clock.now += asked[-1]
+            done = len(asked) == 6
+            state = operations_pb2.OPERATION_STATE_SUCCEEDED if done else operations_pb2.OPERATION_STATE_RUNNING
+            return operations_pb2.WaitOperationResponse(operation=_operation_message(request.name, done=done, state=state))
+
+    assert Operation(BusyThenNotServer(), _operation_message(state=operations_pb2.OPERATION_STATE_RUNNING)).wait(timeout=1000).done
+    assert clock.pauses == pytest.approx([0.1, 0.2, 0.4, 0.1])
+
+
 class _Stream:
     """A stand-in WatchOperation stream of ``updates``, which records its cancel."""
 
