@@ -1594,30 +1594,42 @@ def test_a_wait_or_watch_unavailable_to_its_end_says_it_tried_over_its_whole_out
 
 class _AnsweringOnceThenRestarting(_RestartingOperations):
     """A :class:`_RestartingOperations` whose first WaitOperation is answered, the job
-    still running, then the server restarts for good."""
+    still running, then the server restarts for good; with ``refusing_first``, refused
+    for want of room (RESOURCE_EXHAUSTED with a retry delay) before that answer."""
+
+    def __init__(self, clock: _SkippingClock, *, refusing_first: bool) -> None:
+        super().__init__(clock)
+        self.refusing = _LoadingSampleSets(float("inf"), retry_delay_s=0.1, clock=clock, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.refusals_left = int(refusing_first)
 
     def WaitOperation(self, request, context):
-        if self.asked:
+        if self.ready_at:
             return super().WaitOperation(request, context)
         self.asked.append("WaitOperation")
+        if self.refusals_left:
+            self.refusals_left -= 1
+            self.refusing._attempt("WaitOperation", context)
         self.ready_at = float("inf")
         return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
 
 
-def test_a_wait_s_unavailable_note_counts_the_tries_since_the_server_last_answered(monkeypatch):
-    # The outage starts after the answer: its tries and time, not the answered call's too.
+@pytest.mark.parametrize("refusing_first", [False, True], ids=["answered", "refused, then answered"])
+def test_a_wait_s_unavailable_note_counts_the_tries_since_the_server_last_answered(monkeypatch, refusing_first):
+    # The outage starts after the answer: its tries and time, not the answered call's too,
+    # nor a refusal before it (the note said the server was "without room for it once").
     from explaind.client import UnavailableError
 
     clock = _skipping_sdk_clock(monkeypatch)
-    servicer = _AnsweringOnceThenRestarting(clock)
+    servicer = _AnsweringOnceThenRestarting(clock, refusing_first=refusing_first)
     server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
     try:
         with Client(target, timeout=1) as client:
             client._reached = True  # as after the call that started the job
             with pytest.raises(UnavailableError, match="restarting") as unavailable:
                 Operation(client, _running_operation("operations/x")).wait(timeout=200)
-            tries = len(servicer.asked) - 1  # the first was answered
-            assert tries > 1 and re.match(rf"the call was tried {tries} times over ", unavailable.value.__notes__[0]), unavailable.value.__notes__
+            tries = len(servicer.asked) - 1 - refusing_first  # the refused and the answered are no tries of the outage
+            assert tries > 1 and re.match(rf"the call was tried {tries} times over \d+\.\ds, the server at {re.escape(target)} unavailable each time ",
+                                          unavailable.value.__notes__[0]), unavailable.value.__notes__
     finally:
         server.stop(0)
 
