@@ -1593,9 +1593,10 @@ def test_a_wait_or_watch_unavailable_to_its_end_says_it_tried_over_its_whole_out
 
 
 class _AnsweringOnceThenRestarting(_RestartingOperations):
-    """A :class:`_RestartingOperations` whose first WaitOperation is answered, the job
-    still running, then the server restarts for good; with ``refusing_first``, refused
-    for want of room (RESOURCE_EXHAUSTED with a retry delay) before that answer."""
+    """A :class:`_RestartingOperations` whose first WaitOperation is held for the whole
+    wait asked and answered, the job still running, then the server restarts for good;
+    with ``refusing_first``, refused for want of room (RESOURCE_EXHAUSTED with a retry
+    delay) before that answer."""
 
     def __init__(self, clock: _SkippingClock, *, refusing_first: bool) -> None:
         super().__init__(clock)
@@ -1609,14 +1610,15 @@ class _AnsweringOnceThenRestarting(_RestartingOperations):
         if self.refusals_left:
             self.refusals_left -= 1
             self.refusing._attempt("WaitOperation", context)
+        self.clock.now += request.timeout.ToTimedelta().total_seconds()
         self.ready_at = float("inf")
         return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
 
 
 @pytest.mark.parametrize("refusing_first", [False, True], ids=["answered", "refused, then answered"])
 def test_a_wait_s_unavailable_note_counts_the_tries_since_the_server_last_answered(monkeypatch, refusing_first):
-    # The outage starts after the answer: its tries and time, not the answered call's too,
-    # nor a refusal before it (the note said the server was "without room for it once").
+    # The outage starts after the answer: its tries and time, not the answered call's 60 s
+    # too, nor a refusal before it (the note said the server was "without room for it once").
     from explaind.client import UnavailableError
 
     clock = _skipping_sdk_clock(monkeypatch)
@@ -1628,8 +1630,9 @@ def test_a_wait_s_unavailable_note_counts_the_tries_since_the_server_last_answer
             with pytest.raises(UnavailableError, match="restarting") as unavailable:
                 Operation(client, _running_operation("operations/x")).wait(timeout=200)
             tries = len(servicer.asked) - 1 - refusing_first  # the refused and the answered are no tries of the outage
-            assert tries > 1 and re.match(rf"the call was tried {tries} times over \d+\.\ds, the server at {re.escape(target)} unavailable each time ",
-                                          unavailable.value.__notes__[0]), unavailable.value.__notes__
+            said = re.match(rf"the call was tried {tries} times over (\d+\.\d)s, the server at {re.escape(target)} unavailable each time ",
+                            unavailable.value.__notes__[0])
+            assert tries > 1 and said and 130 < float(said[1]) < 150, unavailable.value.__notes__  # the outage's 140 s, not the wait's 200
     finally:
         server.stop(0)
 
