@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -120,16 +121,21 @@ def test_input_sizes_take_the_largest_image_side_and_refuse_one_more(tmp_path, c
             config_with(tmp_path, classifier_dir, key, refused)
 
 
-@pytest.mark.parametrize(("value", "problem"), [(10**400 - 1, r"must be at most 1.8e\+308, got an integer of 400 digits$"),
-                                              # Below the float's range, not above it: "at most 1.8e+308" was false of it.
-                                              (1 - 10**400, r"must be at least -1.8e\+308, got a negative integer of 400 digits$")],
-                         ids=["above", "below"])
-@pytest.mark.parametrize("key", ["server.grace_period_s", "server.upload_idle_timeout_s"])
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("server.grace_period_s", 10**400 - 1, r"must be at most 86400.0, got inf$"),
+    ("server.grace_period_s", 1 - 10**400, r"must be at least 0, got -inf$"),  # not "at most": it is below
+    ("server.upload_idle_timeout_s", 1 - 10**400, r"must be at least 0, got -inf$"),
+], ids=["above", "below", "below-unbounded-key"])
 def test_an_integer_no_float_holds_is_refused_by_name(tmp_path, classifier_dir, key, value, problem):
     # Python's TOML reader takes integers of any size: float() of one was an OverflowError traceback.
     section, _, name = key.partition(".")
     with pytest.raises(ConfigError, match=rf"c.toml: \[{section}\]\.{name} {problem}"):
         config_with(tmp_path, classifier_dir, key, value)
+
+
+def test_an_integer_no_float_holds_reads_as_toml_s_infinite_float_where_a_key_takes_it(tmp_path, classifier_dir):
+    # As upload_idle_timeout_s = 1e400 (inf: never) is taken, so is the integer 10**400.
+    assert config_with(tmp_path, classifier_dir, "server.upload_idle_timeout_s", 10**400).server.upload_idle_timeout_s == math.inf
 
 
 @pytest.mark.parametrize("name", PORTS)

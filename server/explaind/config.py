@@ -599,9 +599,10 @@ def _parse_section(path: Path, name: str, default: Any, body: Any) -> Any:
                 raise ConfigError(f"{where} must be a number, got {shown}")
             if isinstance(expected, int) and not isinstance(value, int):
                 raise ConfigError(f"{where} must be an integer, got {shown}")
-            if isinstance(expected, float) and isinstance(value, int) and abs(value) > _FLOAT_MAX:  # float() of it was a traceback
-                side, limit, described = ("at least", -_FLOAT_MAX, "a negative integer") if value < 0 else ("at most", _FLOAT_MAX, "an integer")
-                raise ConfigError(f"{where} must be {side} {limit:.3g}, got {described} of {len(str(abs(value)))} digits")
+            if isinstance(expected, float) and isinstance(value, int) and abs(value) > _FLOAT_MAX:
+                # float() of it was an OverflowError traceback; read as TOML's 1e400 is, the
+                # key's own bounds then speak ("must be at least 0, got -inf")
+                value = math.inf if value > 0 else -math.inf
             value = type(expected)(value)
         elif isinstance(expected, dict):
             if not isinstance(value, dict):
