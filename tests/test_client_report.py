@@ -1226,6 +1226,23 @@ def test_a_ranking_of_few_mistakes_is_read_with_a_caution_and_one_of_ten_without
     assert "few-mistakes" not in render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, mistake_count=10)))
 
 
+def test_a_page_visualising_fewer_neurons_than_it_ranks_says_how_many_and_why():
+    # `report --neurons 3` ranked 22 neurons and drew 3 with no word on the other 19: a
+    # reader of the shared page could not tell a choice from a failure.
+    import dataclasses
+
+    report = _edited_report()  # neurons 7 and 8 ranked, 7 visualised
+    page = render_report(report)
+    assert ("<p class='muted' id='visualization-limited'>Visualised: the top 1 of the 2 ranked neurons, as many as the report "
+            "was asked for (--neurons); the rest are in the ranking above, without a link.</p>") in page
+    (shown,) = report.visualizations
+    every = dataclasses.replace(report, visualizations=[shown, dataclasses.replace(shown, neuron=8)])
+    assert "visualization-limited" not in render_report(every)
+    # A failure says why the rest are missing in its own words, not as a choice.
+    failed = dataclasses.replace(report, visualization_error=OperationError("the data dir is full", grpc.StatusCode.RESOURCE_EXHAUSTED))
+    assert "visualization-limited" not in render_report(failed) and "id='visualization-failed'" in render_report(failed)
+
+
 def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
     # A job failing in the second request of 64 pairs must not cost the first one's images;
     # resources it lacks other than the device's memory for its pairs are not retried.

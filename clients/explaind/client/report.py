@@ -709,6 +709,7 @@ def render_report(report: MistakeReport) -> str:
         f"<tr><th scope='row'>predicted instead as</th><td class='names'>{predicted}</td></tr></table>",
         "<h2>Ranked neurons</h2>",
     ]
+    shown = {v.neuron for v in report.visualizations}
     if (few := few_mistakes_note(ranking.mistake_count)) is not None:
         parts.append(f"<p id='few-mistakes' class='warning'>{escape(few[0].upper() + few[1:])}.</p>")
     if ranking.neurons:
@@ -716,7 +717,6 @@ def render_report(report: MistakeReport) -> str:
         stable = ranking.stability_resamples > 0
         parts.append("<table><thead><tr><th>neuron</th><th class='text'>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th>"
                      f"<th>importance</th>{'<th>stability</th>' if stable else ''}<th class='text'>top classes</th></tr></thead><tbody>")
-        shown = {v.neuron for v in report.visualizations}
         for n in ranking.neurons:
             neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
             parts.append(
@@ -768,6 +768,10 @@ def render_report(report: MistakeReport) -> str:
                 f"<tr><th scope='row'>mask area</th><td>{v.mask_fraction:.0%}</td></tr></table></figure>"
             )
         parts.append(f"</div>{_VISUALIZATION_LEGEND}")
+        if report.visualization_error is None and len(shown) < len(ranking.neurons):  # asked for fewer (--neurons), not stopped
+            parts.append(f"<p class='muted' id='visualization-limited'>Visualised: the top {len(shown)} of the {len(ranking.neurons)} "
+                         "ranked neurons, as many as the report was asked for (--neurons); the rest are in the ranking above, "
+                         "without a link.</p>")
     elif report.no_visualization_reason or report.visualization_error:
         parts.append("<h2>What the ranked neurons respond to</h2>")
         if report.no_visualization_reason:
