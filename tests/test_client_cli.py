@@ -122,6 +122,8 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["predict", __file__, "--top-k", "0"], "--top-k: expected an integer >= 1, got '0'"),
         (["predict", __file__, "--max-in-flight", "0"], "--max-in-flight: expected an integer >= 1, got '0'"),
         (["report", "--class", "heart", "--neurons", "-19"], "--neurons: expected an integer >= 0, got '-19'"),
+        # Past the server's limit: refused only after the ranking and the edit had run, a head version stored.
+        (["report", "--class", "heart", "--steps", "10001"], "--steps: expected an integer in [1, 10000] (the server's limit), got '10001'"),
         (["info", "--timeout", "-1"], "--timeout: expected a number of seconds > 0, got '-1'"),
         (["head-versions", "promote"], "head-versions promote: give a version id"),
         (["head-versions", "list", "v1"], "head-versions list takes no version id"),

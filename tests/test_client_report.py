@@ -868,6 +868,13 @@ def test_a_wrong_option_of_the_callers_fails_the_report_before_its_visualisation
             with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got {value!r}$"):
                 build_report(recorded, "heart", "options", **options)
             assert recorded.calls == []
+        # Steps past the server's limit were refused by the visualisations, after the ranking
+        # and an edit stored as a head version; 0 is the server's default, 400.
+        for steps in (10_001, -1, 2.5, True):
+            recorded = Recorded(client)
+            with pytest.raises(ValueError, match=rf"^steps must be an integer in \[0, 10000\] \(0: the server's default, 400\), got {steps!r}$"):
+                build_report(recorded, "heart", "options", steps=steps)
+            assert recorded.calls == []
         # An id that is no string named GetSampleSet's argument: "sample_set_id must be a string".
         for name in ("evaluation_sample_set_id", "validation_sample_set_id"):
             recorded = Recorded(client)

@@ -27,7 +27,7 @@ from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
 from ._interrupted import followed_ranking, following, started_job
-from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
+from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, MAX_VISUALIZATION_STEPS, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
                             RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note)
 from ._types import escape_controls
 
@@ -117,7 +117,8 @@ def build_report(
     5th sample), and is evaluated on data it did not train on:
     ``evaluation_sample_set_id``, else that validation data; ``group_attribute`` adds
     per-group accuracy (e.g. "background"). ``stability_resamples`` (0..1000; 0: none) gives
-    each ranked neuron its stability, a column of the page's ranking.
+    each ranked neuron its stability, a column of the page's ranking. ``steps`` (0..10000,
+    the server's limit; 0: its default, 400) is each visualisation's.
 
     The edit is stored as a head version (not promoted), which ``keep_edit=False`` deletes
     as soon as it is evaluated: the report keeps its numbers, ``edit_kept`` is False and
@@ -140,6 +141,8 @@ def build_report(
     for name, count in (("edit_neurons", edit_neurons), ("max_neurons", max_neurons)):
         if count is not None and not (_is_index(count) and count >= 1):  # a slice of the ranking: -1 would edit all but the last
             raise ValueError(f"{name} must be a positive integer, got {count!r}")
+    if not (_is_index(steps) and 0 <= steps <= MAX_VISUALIZATION_STEPS):  # the server's refusal came after the ranking and a stored edit
+        raise ValueError(f"steps must be an integer in [0, {MAX_VISUALIZATION_STEPS}] (0: the server's default, 400), got {steps!r}")
     for field, named in (("evaluation_sample_set_id", evaluation_sample_set_id), ("validation_sample_set_id", validation_sample_set_id)):
         if not isinstance(named, str):  # client.sample_set's own error would name its sample_set_id
             raise TypeError(f"{field} must be a string, got {named!r}")
