@@ -124,6 +124,10 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["report", "--class", "heart", "--neurons", "-19"], "--neurons: expected an integer >= 0, got '-19'"),
         # Past the server's limit: refused only after the ranking and the edit had run, a head version stored.
         (["report", "--class", "heart", "--steps", "10001"], "--steps: expected an integer in [1, 10000] (the server's limit), got '10001'"),
+        (["report", "--class", "heart", "--steps", "99999999999"], "--steps: expected an integer in [1, 10000] (the server's limit), got '99999999999'"),
+        # Past an int32, an option of its own least value says its own range, not the field's negative one.
+        (["report", "--class", "heart", "--neurons", "99999999999"], "--neurons: 99999999999 is out of range [0, 2147483647]"),
+        (["operations", "list", "--limit", "99999999999"], "--limit: 99999999999 is out of range [1, 2147483647]"),
         (["info", "--timeout", "-1"], "--timeout: expected a number of seconds > 0, got '-1'"),
         (["head-versions", "promote"], "head-versions promote: give a version id"),
         (["head-versions", "list", "v1"], "head-versions list takes no version id"),
@@ -175,10 +179,9 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--target-ratio=-inf"], "--target-ratio: expected a finite number or auto, got '-inf'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--learning-rate", "fast"], "--learning-rate: expected a finite number, got 'fast'"),
         (["edit-head", "s", "--class", "heart", "--neurons", "3", "--max-epochs", "-1"], "--max-epochs: expected an integer >= 0, got '-1'"),
-        (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range"),
         (["rank", "s", "--stability", "-1"], "--stability: expected an integer >= 0, got '-1'"),
         (["rank", "s", "--stability", "2.5"], "--stability: expected an integer >= 0, got '2.5'"),
-        (["rank", "s", "--stability", "99999999999"], "--stability: 99999999999 is out of range"),
+        (["rank", "s", "--stability", "99999999999"], "--stability: 99999999999 is out of range [0, 2147483647]"),
         (["report", "--class", "heart", "--stability", "-1"], "--stability: expected an integer >= 0, got '-1'"),
         (["demo", "--count", "0"], "--count: expected an integer >= 1, got '0'"),
         # A port that is no number was argparse's "invalid int value", Python's type name (one out of range: the config's words).

@@ -363,16 +363,19 @@ def _path(value: str) -> str:
     return value
 
 
-def _integer(value: str, bits: int | None = 32) -> int:
+def _integer(value: str, bits: int | None = 32, low: int | None = None) -> int:
     """argparse type: an integer that a request's int32 (int64) field holds; protobuf
     refuses a larger one with a ValueError, which reached the user as a traceback.
-    ``bits`` None: any integer, for a setting the config bounds in its own words."""
+    ``bits`` None: any integer, for a setting the config bounds in its own words; ``low``:
+    the option's own least value, which the range stated names rather than the field's."""
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {_quoted(value)}") from None
-    if bits is not None and not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
-        raise argparse.ArgumentTypeError(f"{value} is out of range [{-(2 ** (bits - 1))}, {2 ** (bits - 1) - 1}]")
+    if bits is not None:
+        lowest = -(2 ** (bits - 1)) if low is None else low
+        if not lowest <= number < 2 ** (bits - 1):
+            raise argparse.ArgumentTypeError(f"{value} is out of range [{lowest}, {2 ** (bits - 1) - 1}]")
     return number
 
 
@@ -447,21 +450,21 @@ def _non_negative_int(value: str) -> int:
     """argparse type: an integer >= 0."""
     if not value.isdecimal():
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {_quoted(value)}")
-    return _integer(value)
+    return _integer(value, low=0)
 
 
 def _positive_int(value: str) -> int:
     """argparse type: an integer >= 1."""
     if not value.isdecimal() or int(value) < 1:  # not isdigit(): "²" is a digit that int() does not read
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {_quoted(value)}")
-    return _integer(value)
+    return _integer(value, low=1)
 
 
 def _report_steps(value: str) -> int:
     """argparse type: a report's visualisation steps, in [1, the server's limit]; one past it
     was refused only after the ranking and the edit had run, leaving a head version stored."""
-    steps = _positive_int(value)
-    if steps > MAX_VISUALIZATION_STEPS:
+    steps = int(value) if value.isdecimal() else 0
+    if not 1 <= steps <= MAX_VISUALIZATION_STEPS:
         raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_VISUALIZATION_STEPS}] (the server's limit), got {_quoted(value)}")
     return steps
 
