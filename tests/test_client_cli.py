@@ -3621,14 +3621,15 @@ def test_a_report_s_errors_said_in_its_own_words_keep_the_server_s_details():
 
 def test_a_report_s_visualisation_error_kept_whole_names_the_option_that_set_its_field(capsys, monkeypatch, tmp_path):
     # Rebuilt from its code, the error lost its field: "--steps 20000" failed the visualisations
-    # (steps is at most 10000) with no word of the report's option that set it.
+    # (steps is at most 10000) with no word of the report's option that set it. (This CLI now
+    # refuses 20000 itself; a server of a lower limit refuses 5000 the same way.)
     import grpc
 
     import explaind.client.report as report_module
     from explaind.client._errors import operation_error
 
-    refused = operation_error(grpc.StatusCode.INVALID_ARGUMENT, "steps: 20000 is not in [1, 10000] (0 means 400)",
-                              [("steps", "20000 is not in [1, 10000] (0 means 400)")])
+    refused = operation_error(grpc.StatusCode.INVALID_ARGUMENT, "steps: 5000 is not in [1, 1000] (0 means 400)",
+                              [("steps", "5000 is not in [1, 1000] (0 means 400)")])
     ranking = types.SimpleNamespace(mistake_count=3, neurons=[1], class_name="heart")
     report = types.SimpleNamespace(edit=None, edit_kept=False, edit_command="", edit_discard_error=None, ranking=ranking, visualizations=[],
                                    evaluated_on="", no_edit_reason="", edit_at_head_version_limit=False, no_visualization_reason="",
@@ -3636,7 +3637,7 @@ def test_a_report_s_visualisation_error_kept_whole_names_the_option_that_set_its
     monkeypatch.setattr(report_module, "build_report", lambda *args, **kwargs: report)
     monkeypatch.setattr(report_module, "render_report", lambda report: "<html>")
     argv = ["--target", "127.0.0.1:1", "report", "--class", "x", "--sample-set", "s", "--out", str(tmp_path / "r.html"), "--json"]
-    error, err = _json_failure(capsys, [*argv, "--steps", "20000"])
+    error, err = _json_failure(capsys, [*argv, "--steps", "5000"])
     assert (error["code"], error["field"], error["option"], error["option_defaulted"]) == ("INVALID_ARGUMENT", "steps", "--steps", False)
     assert err.endswith("\n  (steps is --steps here)\n"), err
     error, err = _json_failure(capsys, argv)  # the default's (were it out of range): said to be left out
