@@ -122,9 +122,7 @@ def test_a_bad_world_spec_is_a_usage_error(capsys, spec, message):
         (["predict", __file__, "--top-k", "0"], "--top-k: expected an integer >= 1, got '0'"),
         (["predict", __file__, "--max-in-flight", "0"], "--max-in-flight: expected an integer >= 1, got '0'"),
         (["report", "--class", "heart", "--neurons", "-19"], "--neurons: expected an integer >= 0, got '-19'"),
-        # Past the server's limit: refused only after the ranking and the edit had run, a head version stored.
-        (["report", "--class", "heart", "--steps", "10001"], "--steps: expected an integer in [1, 10000] (the server's limit), got '10001'"),
-        (["report", "--class", "heart", "--steps", "99999999999"], "--steps: expected an integer in [1, 10000] (the server's limit), got '99999999999'"),
+        (["report", "--class", "heart", "--steps", "99999999999"], "--steps: 99999999999 is out of range [1, 2147483647]"),
         # Past an int32, an option of its own least value says its own range, not the field's negative one.
         (["report", "--class", "heart", "--neurons", "99999999999"], "--neurons: 99999999999 is out of range [0, 2147483647]"),
         (["operations", "list", "--limit", "99999999999"], "--limit: 99999999999 is out of range [1, 2147483647]"),
@@ -3621,8 +3619,8 @@ def test_a_report_s_errors_said_in_its_own_words_keep_the_server_s_details():
 
 def test_a_report_s_visualisation_error_kept_whole_names_the_option_that_set_its_field(capsys, monkeypatch, tmp_path):
     # Rebuilt from its code, the error lost its field: "--steps 20000" failed the visualisations
-    # (steps is at most 10000) with no word of the report's option that set it. (This CLI now
-    # refuses 20000 itself; a server of a lower limit refuses 5000 the same way.)
+    # (steps is at most 10000) with no word of the report's option that set it. (The report
+    # now asks the server's limit first; its visualisations' refusal is the fallback.)
     import grpc
 
     import explaind.client.report as report_module

@@ -869,10 +869,16 @@ def test_a_wrong_option_of_the_callers_fails_the_report_before_its_visualisation
                 build_report(recorded, "heart", "options", **options)
             assert recorded.calls == []
         # Steps past the server's limit were refused by the visualisations, after the ranking
-        # and an edit stored as a head version; 0 is the server's default, 400.
-        for steps in (10_001, -1, 2.5, True):
+        # and an edit stored as a head version: now in the server's words, asked its limit
+        # first; 0 is the server's default, 400.
+        assert client.model_metadata().limits.max_visualization_steps == 10_000
+        recorded = Recorded(client)
+        with pytest.raises(InvalidArgumentError, match=r"^INVALID_ARGUMENT: steps: 10001 is not in \[1, 10000\] \(0 means 400\)$") as refused:
+            build_report(recorded, "heart", "options", steps=10_001)
+        assert refused.value.field == "steps" and recorded.calls == ["model_metadata"]
+        for steps in (-1, 2.5, True):
             recorded = Recorded(client)
-            with pytest.raises(ValueError, match=rf"^steps must be an integer in \[0, 10000\] \(0: the server's default, 400\), got {steps!r}$"):
+            with pytest.raises(ValueError, match=rf"^steps must be an integer >= 0 \(0: the server's default, 400\), got {steps!r}$"):
                 build_report(recorded, "heart", "options", steps=steps)
             assert recorded.calls == []
         # An id that is no string named GetSampleSet's argument: "sample_set_id must be a string".
@@ -1231,6 +1237,31 @@ def test_a_ranking_of_few_mistakes_is_read_with_a_caution_and_one_of_ten_without
             "mistakes drawn (docs/neuroinspect.md, How many mistakes a ranking needs).</p>") in few
     assert few.index("few-mistakes") > few.index("<h2>Ranked neurons</h2>")
     assert "few-mistakes" not in render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, mistake_count=10)))
+
+
+def test_a_report_s_steps_are_held_to_the_limit_its_server_tells_or_an_older_server_s_10000():
+    # The CLI held --steps to a copy of this server's 10000: it refused what a server of a
+    # higher limit takes, and let a lower one's refusal come after the ranking and the edit.
+    from explaind.client._types import RequestLimits
+
+    class Ranked(Exception):
+        pass
+
+    class Server:
+        def __init__(self, limit):
+            self.limits = RequestLimits(0, 0, 0, 0, max_visualization_steps=limit)
+
+        def model_metadata(self):
+            return SimpleNamespace(limits=self.limits)
+
+        def __getattr__(self, name):  # the ranking: past the check
+            raise Ranked(name)
+
+    for limit, refused, taken in ((500, 501, 500), (50_000, 50_001, 20_000), (0, 10_001, 10_000)):  # 0: a server older than the field
+        with pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: steps: {refused} is not in \[1, {limit or 10_000}\] \(0 means 400\)$"):
+            build_report(Server(limit), "heart", "s", steps=refused)
+        with pytest.raises(Ranked):
+            build_report(Server(limit), "heart", "s", steps=taken)
 
 
 def test_a_page_visualising_fewer_neurons_than_it_ranks_says_how_many_and_why():

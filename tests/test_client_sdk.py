@@ -4512,6 +4512,7 @@ def test_a_sample_sets_summary_has_its_name_times_and_upload_state(client):
 def test_model_metadata_has_each_of_the_servers_fields_in_its_place(client):
     from explaind.client import RequestLimits
     from explaind.config import default_config
+    from explaind.engine.neuroinspect import MAX_VISUALIZATION_STEPS
     from explaind.imaging import MAX_IMAGE_SIDE
 
     config = default_config()  # the test server's, but for its classifier
@@ -4519,7 +4520,8 @@ def test_model_metadata_has_each_of_the_servers_fields_in_its_place(client):
     assert (meta.name, meta.loader, meta.device, meta.interpolation) == ("world:balanced", "world", config.runtime.device, "bilinear")
     assert meta.supports_visualization  # a PyTorch classifier: its neurons can be visualised
     assert meta.limits == RequestLimits(config.server.max_message_bytes, config.server.max_pixels_per_request,
-                                        config.batching.max_images_per_request, MAX_IMAGE_SIDE, 0, 0)  # no callers_file: no share
+                                        config.batching.max_images_per_request, MAX_IMAGE_SIDE, 0, 0,  # no callers_file: no share
+                                        max_visualization_steps=MAX_VISUALIZATION_STEPS)
     assert (meta.components["classifier"].source, meta.components["classifier"].detail) == (meta.source, "world:balanced (world)")
 
 

@@ -958,7 +958,7 @@ class Client:
             limits=RequestLimits(
                 response.limits.max_message_bytes, response.limits.max_pixels_per_request, response.limits.max_images_per_request,
                 response.limits.max_image_side, response.limits.max_samples_per_caller, response.limits.max_calls_per_caller,
-                response.limits.max_head_versions_per_caller,
+                response.limits.max_head_versions_per_caller, response.limits.max_visualization_steps,
             ),
             resize_size=c.resize_size,
             interpolation=c.interpolation,

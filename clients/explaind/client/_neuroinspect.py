@@ -39,9 +39,9 @@ FEW_MISTAKES = 10
 # server 0.11 s for 4,096 mistakes (docs/neuroinspect.md). The RPC and SDK ask for none
 # unless told: a pipeline pays only for what it reads.
 DEFAULT_STABILITY_RESAMPLES = 200
-# The most steps a visualisation may take, the server's limit (VisualizeNeurons refuses more):
-# the report checks it before its ranking and edit, which it would otherwise run and store for nothing.
-MAX_VISUALIZATION_STEPS = 10_000
+# The most steps a visualisation may take on a server that predates
+# RequestLimits.max_visualization_steps (every such server's, since VisualizeNeurons began).
+STEPS_LIMIT_OF_OLDER_SERVERS = 10_000
 # What stopped a server's ranking's resamples early (stability_resamples_requested set):
 # an operation's run time limit ([jobs].max_run_seconds) or an inline call's deadline,
 # which the response does not tell apart.

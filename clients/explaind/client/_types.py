@@ -168,6 +168,9 @@ class RequestLimits:
     # Head versions of the served model one named caller's edits may hold
     # ([server].max_head_versions_per_caller); 0: no such limit, or an older server.
     max_head_versions_per_caller: int = 0
+    # Optimisation steps of one visualisation (VisualizeNeurons' steps); 0 from an older server,
+    # whose limit was 10000 (neuroinspect.STEPS_LIMIT_OF_OLDER_SERVERS).
+    max_visualization_steps: int = 0
 
 
 @dataclass(frozen=True, repr=False)

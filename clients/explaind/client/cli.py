@@ -60,7 +60,7 @@ from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, Opera
                       UnauthenticatedError, UnavailableError, listed_items, reworded)
 from ._images import image_folder
 from ._interrupted import followed_ranking, interrupt_being_followed, started_job
-from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES, MAX_VISUALIZATION_STEPS, repeated_pair
+from ._neuroinspect import DEFAULT_STABILITY_RESAMPLES, repeated_pair
 from ._operations import OPERATION_STATES, Operation, cancel_outcome
 from ._types import ModelMetadata, escape_controls
 
@@ -458,15 +458,6 @@ def _positive_int(value: str) -> int:
     if not value.isdecimal() or int(value) < 1:  # not isdigit(): "²" is a digit that int() does not read
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {_quoted(value)}")
     return _integer(value, low=1)
-
-
-def _report_steps(value: str) -> int:
-    """argparse type: a report's visualisation steps, in [1, the server's limit]; one past it
-    was refused only after the ranking and the edit had run, leaving a head version stored."""
-    steps = int(value) if value.isdecimal() else 0
-    if not 1 <= steps <= MAX_VISUALIZATION_STEPS:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_VISUALIZATION_STEPS}] (the server's limit), got {_quoted(value)}")
-    return steps
 
 
 def _number_or_nan(value: str) -> float:
@@ -2057,7 +2048,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--sample-set", dest="sample_set", help="sample set id (default: the newest sample set)")
     report.add_argument("--out", type=_path, default="report.html", help="HTML file to write")
     report.add_argument("--neurons", dest="neurons_visualized", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
-    report.add_argument("--steps", type=_report_steps, default=100, help=f"visualisation steps, at most {MAX_VISUALIZATION_STEPS}")
+    report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps, at most the server's limit (10000)")
     report.add_argument("--stability", type=_non_negative_int, default=DEFAULT_STABILITY_RESAMPLES, metavar="N", help=_STABILITY_HELP)
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
     report.add_argument(

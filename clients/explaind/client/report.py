@@ -27,7 +27,7 @@ from ._client import Client, _is_index
 from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, OperationError, ResourceExhaustedError, error_from_code
 from ._images import IMAGE_BOX, image_data_uri
 from ._interrupted import followed_ranking, following, started_job
-from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, MAX_VISUALIZATION_STEPS, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
+from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, STEPS_LIMIT_OF_OLDER_SERVERS, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
                             RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note)
 from ._types import escape_controls
 
@@ -117,8 +117,9 @@ def build_report(
     5th sample), and is evaluated on data it did not train on:
     ``evaluation_sample_set_id``, else that validation data; ``group_attribute`` adds
     per-group accuracy (e.g. "background"). ``stability_resamples`` (0..1000; 0: none) gives
-    each ranked neuron its stability, a column of the page's ranking. ``steps`` (0..10000,
-    the server's limit; 0: its default, 400) is each visualisation's.
+    each ranked neuron its stability, a column of the page's ranking. ``steps`` (0: the
+    server's default, 400) is each visualisation's, at most the server's limit
+    (``limits.max_visualization_steps``): one past it is INVALID_ARGUMENT before any work.
 
     The edit is stored as a head version (not promoted), which ``keep_edit=False`` deletes
     as soon as it is evaluated: the report keeps its numbers, ``edit_kept`` is False and
@@ -141,13 +142,14 @@ def build_report(
     for name, count in (("edit_neurons", edit_neurons), ("max_neurons", max_neurons)):
         if count is not None and not (_is_index(count) and count >= 1):  # a slice of the ranking: -1 would edit all but the last
             raise ValueError(f"{name} must be a positive integer, got {count!r}")
-    if not (_is_index(steps) and 0 <= steps <= MAX_VISUALIZATION_STEPS):  # the server's refusal came after the ranking and a stored edit
-        raise ValueError(f"steps must be an integer in [0, {MAX_VISUALIZATION_STEPS}] (0: the server's default, 400), got {steps!r}")
+    if not (_is_index(steps) and steps >= 0):
+        raise ValueError(f"steps must be an integer >= 0 (0: the server's default, 400), got {steps!r}")
     for field, named in (("evaluation_sample_set_id", evaluation_sample_set_id), ("validation_sample_set_id", validation_sample_set_id)):
         if not isinstance(named, str):  # client.sample_set's own error would name its sample_set_id
             raise TypeError(f"{field} must be a string, got {named!r}")
         if named:
             _require_sample_set(client, named, field)
+    _require_visualization_steps(client, steps)
     ranking = followed_ranking(client, sample_set_id, target_class, started_by=REPORT_WORDS, progress=progress,
                                stability_resamples=stability_resamples)
     edit, evaluated_on, no_edit_reason, edit_command = None, "", "", ""
@@ -401,6 +403,15 @@ def _out_of_device_memory(error: ExplaindError) -> bool:
     a full queue, say, is RESOURCE_EXHAUSTED on no field, as is memory that ran out where
     fewer pairs would not help (moving CLIP onto the device, optimising a single image)."""
     return isinstance(error, ResourceExhaustedError) and error.field == "pairs"
+
+
+def _require_visualization_steps(client: Client, steps: int) -> None:
+    """Fail now, in the server's words, if ``steps`` is past the server's limit: its
+    visualisations would refuse it only after the ranking and a stored edit."""
+    limit = client.model_metadata().limits.max_visualization_steps or STEPS_LIMIT_OF_OLDER_SERVERS
+    if steps > limit:
+        message = f"{steps} is not in [1, {limit}] (0 means 400)"
+        raise error_from_code(grpc.StatusCode.INVALID_ARGUMENT, f"steps: {message}", [("steps", message)])
 
 
 # Request fields build_report's caller chose: the edit refusing one of them is the caller's mistake.

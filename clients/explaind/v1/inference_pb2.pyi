@@ -62,7 +62,7 @@ class GetModelMetadataResponse(_message.Message):
     def __init__(self, classifier: _Optional[_Union[ClassifierInfo, _Mapping[str, _Any]]] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping[str, _Any]]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping[str, _Any]]] = ..., limits: _Optional[_Union[RequestLimits, _Mapping[str, _Any]]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_pixels_per_request", "max_images_per_request", "max_image_side", "max_samples_per_caller", "max_calls_per_caller", "max_head_versions_per_caller")
+    __slots__ = ("max_message_bytes", "max_pixels_per_request", "max_images_per_request", "max_image_side", "max_samples_per_caller", "max_calls_per_caller", "max_head_versions_per_caller", "max_visualization_steps")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class RequestLimits(_message.Message):
     MAX_SAMPLES_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
     MAX_CALLS_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
     MAX_HEAD_VERSIONS_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
+    MAX_VISUALIZATION_STEPS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_pixels_per_request: int
     max_images_per_request: int
@@ -77,7 +78,8 @@ class RequestLimits(_message.Message):
     max_samples_per_caller: int
     max_calls_per_caller: int
     max_head_versions_per_caller: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels_per_request: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_samples_per_caller: _Optional[int] = ..., max_calls_per_caller: _Optional[int] = ..., max_head_versions_per_caller: _Optional[int] = ...) -> None: ...
+    max_visualization_steps: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels_per_request: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_samples_per_caller: _Optional[int] = ..., max_calls_per_caller: _Optional[int] = ..., max_head_versions_per_caller: _Optional[int] = ..., max_visualization_steps: _Optional[int] = ...) -> None: ...
 
 class ClassifierInfo(_message.Message):
     __slots__ = ("name", "loader", "source", "class_names", "feature_layer", "head", "feature_dim", "image_size", "model_version", "backend", "device", "supports_features", "resize_size", "interpolation", "supports_visualization", "normalization", "jpeg_reduced_decode")

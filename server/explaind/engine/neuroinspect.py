@@ -119,6 +119,8 @@ MAX_TARGET_RATIO = 1e6
 # attributes of a few values (a background, a colour); one of a value per sample (a file
 # name) would make each version's evaluation, stored and listed, as large as its set.
 MAX_EDIT_GROUPS = 10_000
+# Optimisation steps one visualisation may take (RequestLimits.max_visualization_steps tells clients).
+MAX_VISUALIZATION_STEPS = 10_000
 LOADED = "loaded"
 # The key of a promoted edit's details naming the version it replaced as the served one.
 _SERVED_BEFORE = "served_before"
@@ -565,8 +567,8 @@ class NeuroInspectEngine:
         clip = self._engine.components.get("clip")
         if method == "clip_illusion" and (clip is None or not clip.loaded):
             raise FailedPrecondition(f"clip_illusion needs CLIP, which is not loaded ({clip.detail if clip else 'not configured'}); use no_clip or feature_visualization", field="method")
-        if not 1 <= steps <= 10_000:
-            raise InvalidArgument(f"{steps} is not in [1, 10000] (0 means 400)", field="steps")
+        if not 1 <= steps <= MAX_VISUALIZATION_STEPS:
+            raise InvalidArgument(f"{steps} is not in [1, {MAX_VISUALIZATION_STEPS}] (0 means 400)", field="steps")
         _bounded(gamma, "gamma", high=MAX_LOSS_WEIGHT)
         _bounded(epsilon, "epsilon", high=MAX_LOSS_WEIGHT)
         _bounded(learning_rate, "learning_rate", low_open=True, high=10.0)

@@ -13,6 +13,7 @@ import torch
 from explaind.v1 import inference_pb2, inference_pb2_grpc
 
 from ..engine import BatchOutput, Engine, PredictOutput, unusable_image
+from ..engine.neuroinspect import MAX_VISUALIZATION_STEPS
 from ..errors import Cancelled, DeadlineExceeded, ExplaindError, InvalidArgument, Unavailable
 from ..imaging import MAX_IMAGE_SIDE, InputGeometry, PixelBudget, stacked_batch
 from ..messages import array_to_tensor
@@ -154,7 +155,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 max_message_bytes=server.max_message_bytes, max_pixels_per_request=server.max_pixels_per_request,
                 max_images_per_request=batching.max_images_per_request, max_image_side=MAX_IMAGE_SIDE,
                 max_samples_per_caller=server.max_samples_per_caller, max_calls_per_caller=server.calls_per_caller if server.callers_file else 0,
-                max_head_versions_per_caller=server.max_head_versions_per_caller,
+                max_head_versions_per_caller=server.max_head_versions_per_caller, max_visualization_steps=MAX_VISUALIZATION_STEPS,
             ),
             capabilities=convert.CAPABILITIES,
         )
