@@ -5386,3 +5386,23 @@ def test_a_command_stuck_after_sigterm_where_stderr_s_reader_has_gone_still_prin
     assert exits == [143]
     error = json.loads(capsys.readouterr().out)["error"]
     assert (error["code"], error["message"]) == ("INTERRUPTED", "terminated"), error
+
+
+def test_class_names_with_control_and_bidirectional_characters_are_escaped_on_the_terminal(server_factory, capsys, tmp_path):
+    # A class name of the server's config ([classifier].class_names) reached the terminal raw:
+    # U+202E showed the rest of info's and sample-set create's lines reversed, and a C1
+    # control (U+009B, CSI) is the start of a terminal's escape sequence.
+    names = ["circle", "squ\u202eare", "tri\u2067x\u2069", "star", "cross\x9b31m", "heart"]
+    raw = re.compile("[\u202e\u2067\u2069\x9b]")
+    server = server_factory(classifier={"class_names": names})
+    target = ["--target", server.target]
+    image = _png(tmp_path / "a.png", 0)
+    for argv in (["info"], ["sample-set", "create", "named", "--world", "spurious_background:test:60"], ["sample-set", "show", "named"],
+                 ["predict", image, "--top-k", "6"], ["evaluate", "named"], ["rank", "named", "--class", "1", "--stability", "0"],
+                 ["edit-head", "named", "--class", "1", "--neurons", "3"], ["head-versions", "list"]):
+        assert main([*target, *argv]) == 0, argv
+        printed = capsys.readouterr()
+        assert not raw.search(printed.out + printed.err), (argv, printed)
+        assert "squ\\u202eare" in printed.out, (argv, printed.out)  # every line of them names class 1
+    assert main([*target, "info"]) == 0
+    assert "6 classes: circle, squ\\u202eare, tri\\u2067x\\u2069, star, cross\\x9b31m, heart\n" in capsys.readouterr().out

@@ -152,7 +152,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         Top classes are separated by semicolons, as ImageNet's names hold commas."""
         check_limit(limit)
         if not self.mistake_count:
-            return f"no mistakes of {self.class_name} in {self.sample_set_id} ({counted(self.sample_count, 'sample')}): nothing to explain"
+            return escape_controls(f"no mistakes of {self.class_name} in {self.sample_set_id} ({counted(self.sample_count, 'sample')}): nothing to explain")
         top = f"top {self.top_k}" if self.top_k else "top k"
         unknown = "" if self.top_k else ", k not reported by this server"
         lines = [f"{counted(self.mistake_count, 'mistake')} of {self.class_name} in {self.sample_set_id}; "
@@ -163,7 +163,7 @@ class NeuronRanking(AbbreviatedRepr, ComparedByValue):
         lines.append(f"predicted as: {predicted}; {self.converged_count} of {counted(self.mistake_count, 'counterfactual')} flipped the prediction")
         if (note := few_mistakes_note(self.mistake_count)) is not None:
             lines.append(note)
-        return "\n".join(lines)
+        return "\n".join(map(escape_controls, lines))  # class names as the server's config wrote them: a control or bidi character not run
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         """A notebook cell ending in a ranking shows its summary, not a repr of thousands of
@@ -244,7 +244,7 @@ class NeuronVisualizations(AbbreviatedRepr):
         lines = [f"{count} neuron{'' if count == 1 else 's'} visualised with {self._made_with()}, against head {self.model_version}:"]
         for v in self.visualizations:
             similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
-            lines.append(f"neuron {v.neuron:>3} as {v.class_name}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
+            lines.append(f"neuron {v.neuron:>3} as {escape_controls(v.class_name)}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
                          f"CLIP similarity {similarity}, mask area {v.mask_fraction:.0%}{' !' if self._flips(v) else ''}")
         if warning := self._flipped_warning():
             lines.append(warning)
@@ -312,7 +312,7 @@ class HeadVersion(AbbreviatedRepr):
         accuracy = f", accuracy {self.evaluation.accuracy:.3f}" if self.evaluation else ""
         if self.evaluation and self.parent_evaluation:
             accuracy += f" (was {self.parent_evaluation.accuracy:.3f})"
-        neurons = f" {self.class_name} neurons {self.neurons}" if self.neurons else ""
+        neurons = f" {escape_controls(self.class_name)} neurons {self.neurons}" if self.neurons else ""
         owner = f" (by {self.owner})" if self.owner else ""
         return f"{'*' if self.active else ' '} {self.version_id} {self.model_version} {self.method}{neurons}{accuracy}{owner}"
 
@@ -352,7 +352,8 @@ class HeadEdit(AbbreviatedRepr):
         lines = [f"stored head version (best epoch {self.best_epoch} of {self.epochs_run}{towards}; {served}):", version.summary()]
         before, after = version.parent_evaluation, version.evaluation
         if before and after:
-            lines.append(f"  worst class {before.worst_class} {before.worst_class_accuracy:.3f} -> {after.worst_class} {after.worst_class_accuracy:.3f}")
+            lines.append(f"  worst class {escape_controls(before.worst_class)} {before.worst_class_accuracy:.3f} -> "
+                         f"{escape_controls(after.worst_class)} {after.worst_class_accuracy:.3f}")
             if after.group_accuracy:
                 lines.append(f"  worst group {escape_controls(before.worst_group)} {before.worst_group_accuracy:.3f} -> "
                              f"{escape_controls(after.worst_group)} {after.worst_group_accuracy:.3f}")

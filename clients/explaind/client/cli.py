@@ -323,7 +323,7 @@ def _print_prediction(name: str, prediction: Prediction, width: int) -> None:
     too), its name escaped (:func:`_shown_file_name`) and padded to ``width`` columns (not
     characters: a file named in CJK shifted its predictions)."""
     name = _shown_file_name(name)
-    ranked = ", ".join(f"{label} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
+    ranked = ", ".join(f"{escape_controls(label)} {p:.2f}" for label, p in zip(prediction.labels, prediction.probabilities, strict=True))
     print(f"{name}{' ' * (width - _display_width(name))}  {ranked}", flush=True)
 
 
@@ -866,7 +866,7 @@ def _first_classes(texts: list[str], more: str) -> str:
 
 def _print_metadata(meta: ModelMetadata) -> None:
     print(f"classifier  {meta.name} ({meta.loader}), version {meta.model_version}, backend {meta.backend} on {meta.device}")
-    print(f"            {len(meta.class_names)} classes: {_first_classes(meta.class_names, ' (--json lists them all)')}")
+    print(f"            {len(meta.class_names)} classes: {_first_classes([escape_controls(n) for n in meta.class_names], ' (--json lists them all)')}")
     fit = f"shorter side resized to {meta.resize_size}, centre crop" if meta.resize_size else "images stretched to it"
     fit += f", {meta.interpolation}" if meta.interpolation else ""
     fit += ", JPEG files decoded at reduced scale" if meta.jpeg_reduced_decode else ""
@@ -908,7 +908,7 @@ def _counts_by_name(names: list[str], counts: dict[int, int]) -> dict[str, int]:
 
 def _named_counts(client: Client, counts: dict[int, int]) -> str:
     """The counts as "circle 20, heart 3": the first ``_CLASSES_SHOWN`` classes and how many more."""
-    counted = [f"{name} {count}" for name, count in _counts_by_name(_served_class_names(client), counts).items()]
+    counted = [f"{escape_controls(name)} {count}" for name, count in _counts_by_name(_served_class_names(client), counts).items()]
     return _first_classes(counted, " classes") or "none"
 
 
@@ -1041,15 +1041,16 @@ CONFUSIONS_SHOWN = 5
 
 def _print_evaluation(report: Evaluation) -> None:
     print(f"accuracy {report.accuracy:.3f} on {counted(report.sample_count, 'sample')} (model {report.model_version})")
-    absent = [name for name, count in report.class_counts.items() if not count]
+    # Class names as the server's config wrote them: a control or bidi character escaped (escape_controls), not run.
+    absent = [escape_controls(name) for name, count in report.class_counts.items() if not count]
     listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
     scored = list(report.class_accuracy.items())
     heading = "per class"
     if len(scored) > _CLASSES_SHOWN:  # the classes to look at first: the worst, stable in class order
         heading = f"per class, the {_CLASSES_SHOWN} lowest of {len(scored)} (evaluate --json gives all)"
         scored = sorted(scored, key=lambda item: item[1])[:_CLASSES_SHOWN]
-    print(f"{heading}: " + ", ".join(f"{name} {acc:.2f}" for name, acc in scored) + (f"; no samples of {listed}" if absent else ""))
-    names = report.class_names
+    print(f"{heading}: " + ", ".join(f"{escape_controls(name)} {acc:.2f}" for name, acc in scored) + (f"; no samples of {listed}" if absent else ""))
+    names = [escape_controls(name) for name in report.class_names]
     # Where the mistakes concentrate: the class to explain first (explaind rank --class).
     confusions = [(label, predicted, count) for label, predicted, count in report.confusion_cells.tolist() if label != predicted]
     if confusions:
