@@ -23,10 +23,14 @@ import torch
 import explaind.client.report as report_module
 from explaind.client import Client, InvalidArgumentError, OperationError, ResourceExhaustedError
 from explaind.client._neuroinspect import HeadEvaluation
+from explaind.client._types import RequestLimits
 from explaind.client.report import _evaluation_rows, build_report, render_report
 from explaind.world import assets
 
 from conftest import ServerProcess, stderr_nobody_reads, write_config
+
+# A fake server's GetModelMetadata limits: none said, as an older server's (the report holds steps to 10000).
+_UNSAID_LIMITS = RequestLimits(0, 0, 0, 0)
 
 
 def evaluation(classes: dict[str, float], groups: dict[str, float]) -> HeadEvaluation:
@@ -510,7 +514,7 @@ def _interrupted_start_client(job: str, repeat_state: str):
         _start_ranking=lambda *a, **k: ranking,
         edit_head=interrupted_once if job == "edit_head" else lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(refused)),
         visualize_neurons=interrupted_once,
-        model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world", capabilities=("request_id",)),
+        model_metadata=lambda: SimpleNamespace(limits=_UNSAID_LIMITS, components={}, supports_visualization=True, loader="world", capabilities=("request_id",)),
         target="localhost:50051", _arguments={"tls": False, "root_certificates": None, "certificate_chain": None, "private_key": None})
     return client, request_ids, cancels
 
@@ -912,7 +916,7 @@ def test_every_ranked_neuron_is_visualised_in_requests_of_at_most_64_pairs():
     edited = []
 
     client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking, visualize_neurons=visualize_neurons, edit_head=edit_head,
-                             model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
+                             model_metadata=lambda: SimpleNamespace(limits=_UNSAID_LIMITS, components={}, supports_visualization=True, loader="world"))
     report = build_report(client, "heart", "s", steps=2)
     assert [len(pairs) for pairs in requests] == [64, 6] and [v.neuron for v in report.visualizations] == list(range(70))
     requests.clear()
@@ -939,7 +943,7 @@ def test_only_the_head_version_limit_s_refusal_leaves_the_page_without_an_edit_a
              "delete versions it no longer needs (explaind head-versions delete)")
     client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking,
                              visualize_neurons=lambda pairs, **o: SimpleNamespace(result=lambda progress: SimpleNamespace(visualizations=[])),
-                             model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
+                             model_metadata=lambda: SimpleNamespace(limits=_UNSAID_LIMITS, components={}, supports_visualization=True, loader="world"))
     # A server with error reasons says which limit in the reason, whatever its message
     # says; one older than them (no ErrorInfo) in the message alone, naming the setting.
     reworded = "no room for another head version of this caller's"
@@ -982,7 +986,7 @@ def test_an_excessive_neuron_is_visualised_on_its_top_class_and_the_others_on_th
     refused = InvalidArgumentError("sample_set_id: needs at least 5 samples")
     client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
                              edit_head=lambda *a, **k: (_ for _ in ()).throw(refused),
-                             model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
+                             model_metadata=lambda: SimpleNamespace(limits=_UNSAID_LIMITS, components={}, supports_visualization=True, loader="world"))
     build_report(client, "heart", "s", steps=2)
     assert requests == [[(0, None), (1, "heart"), (2, "heart"), (3, None)]]
 
@@ -1190,7 +1194,7 @@ def test_the_report_asks_for_its_ranking_s_stability():
     asked = []
     ranking = NeuronRanking("s", "m", 5, "heart", "faithful", 100, 0, 0, [], {}, [], None)
     client = SimpleNamespace(_start_ranking=lambda *a, **k: asked.append(k["stability_resamples"]) or ranking,
-                             model_metadata=lambda: SimpleNamespace(components={}, supports_visualization=True, loader="world"))
+                             model_metadata=lambda: SimpleNamespace(limits=_UNSAID_LIMITS, components={}, supports_visualization=True, loader="world"))
     build_report(client, "heart", "s")
     build_report(client, "heart", "s", stability_resamples=0)
     assert asked == [DEFAULT_STABILITY_RESAMPLES, 0] and DEFAULT_STABILITY_RESAMPLES > 0
@@ -1242,8 +1246,6 @@ def test_a_ranking_of_few_mistakes_is_read_with_a_caution_and_one_of_ten_without
 def test_a_report_s_steps_are_held_to_the_limit_its_server_tells_or_an_older_server_s_10000():
     # The CLI held --steps to a copy of this server's 10000: it refused what a server of a
     # higher limit takes, and let a lower one's refusal come after the ranking and the edit.
-    from explaind.client._types import RequestLimits
-
     class Ranked(Exception):
         pass
 
@@ -1303,7 +1305,7 @@ def test_visualisations_made_before_a_server_failure_are_kept_beside_it():
     refused = OperationError("sample_set_id: the held-out fifth has no sample of class 'heart'", grpc.StatusCode.INVALID_ARGUMENT)
     client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
                              edit_head=lambda *a, **k: SimpleNamespace(result=lambda progress: (_ for _ in ()).throw(refused)),
-                             model_metadata=lambda: SimpleNamespace(components={"clip": SimpleNamespace(loaded=False)}, supports_visualization=True, loader="world"))
+                             model_metadata=lambda: SimpleNamespace(limits=_UNSAID_LIMITS, components={"clip": SimpleNamespace(loaded=False)}, supports_visualization=True, loader="world"))
     report = build_report(client, "heart", "s", steps=2)
     assert [v.neuron for v in report.visualizations] == list(range(64)) and report.visualization_error is failure
     assert methods == ["no_clip", "no_clip"]  # CLIP configured but not loaded: clip_illusion would be refused
@@ -1720,7 +1722,7 @@ def test_a_report_pairs_each_visualisation_with_the_epsilon_of_the_request_that_
 
     client = SimpleNamespace(_start_ranking=lambda *a, **k: ranking, visualize_neurons=visualize_neurons,
                              edit_head=lambda *a, **k: (_ for _ in ()).throw(InvalidArgumentError("sample_set_id: needs at least 5 samples")),
-                             model_metadata=lambda: SimpleNamespace(components={"clip": SimpleNamespace(loaded=True)}, supports_visualization=True, loader="world"))
+                             model_metadata=lambda: SimpleNamespace(limits=_UNSAID_LIMITS, components={"clip": SimpleNamespace(loaded=True)}, supports_visualization=True, loader="world"))
     report = build_report(client, "tench", "s", steps=2)
     assert [v.neuron for v in report.visualizations] == list(range(65)) and [r.epsilon for r in report.visualization_results] == [0.05, 0.5]
     page = render_report(report)
