@@ -8468,6 +8468,29 @@ def test_a_store_from_before_versioning_is_migrated_naming_the_uploads_an_old_co
     from explaind.store.sqlite import SCHEMA_VERSION
     assert _user_version(tmp_path) == SCHEMA_VERSION
 
+def test_a_migration_of_an_existing_store_is_logged_and_a_new_or_current_store_logs_none(tmp_path, caplog):
+    # An operator upgrading could not tell from the log that the store was migrated: the
+    # line went (8609b274) as if schema 0 were only ever a new file.
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    with closing(sqlite3.connect(old / "explaind.sqlite3", isolation_level=None)) as db:  # a release's before versions
+        db.execute("CREATE TABLE sample_sets (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, "
+                   "update_time REAL NOT NULL)")
+
+    def migration_lines(data_dir: Path) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="explaind.store.sqlite"):
+            SQLiteStore(data_dir).close()
+        return [record.getMessage() for record in caplog.records if "migrated" in record.getMessage()]
+
+    assert migration_lines(old) == [f"store {old}: migrated from schema 0 (none recorded: a release before 2026-12-03) "
+                                    f"to {SCHEMA_VERSION}"]
+    assert migration_lines(old) == [] and _user_version(old) == SCHEMA_VERSION
+    assert migration_lines(new) == [] and _user_version(new) == SCHEMA_VERSION
+
+
 def test_an_artifact_whose_file_a_sweep_removes_while_it_is_read_is_not_found(tmp_path, monkeypatch):
     # The file was checked, then opened: a sweep in between made GetArtifact INTERNAL.
     store = SQLiteStore(tmp_path)
@@ -10431,7 +10454,7 @@ def test_opening_a_store_reads_none_of_its_operations(tmp_path):
     from explaind.store.sqlite import SCHEMA_VERSION
 
     small, large = _store_of_many(tmp_path / "small", 12), _store_of_many(tmp_path / "large", 300)
-    small_steps, large_steps = (vm_steps(store, lambda: store._migrate(SCHEMA_VERSION)) for store in (small, large))  # what opening runs
+    small_steps, large_steps = (vm_steps(store, lambda: store._migrate(SCHEMA_VERSION, existing=True)) for store in (small, large))  # what opening runs
     assert large_steps < 2 * small_steps, (small_steps, large_steps)
     assert large._referenced([f"{i:064x}" for i in (0, 299, 300)]) == {f"{i:064x}" for i in (0, 299)}
 

@@ -430,8 +430,9 @@ class SQLiteStore:
                 self._dir_lock.close()
                 raise StoreOpenError(f"the data dir {self.data_dir} was written by a newer explaind (store schema {version}; this release "
                                      f"reads {SCHEMA_VERSION} and older): run that release, or this one on a copy restored from before")
+            existing = self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None  # not a new file
             self._db.executescript(_SCHEMA)
-            self._migrate(version)
+            self._migrate(version, existing=existing)
             if next((p for p in self.blob_dir.rglob("*") if p.is_file()), None) is None and (referenced := self._db.execute(
                     """SELECT digest FROM samples UNION ALL SELECT weights_digest FROM head_versions WHERE weights_digest != ''
                        UNION ALL SELECT digest FROM job_artifacts LIMIT 1""").fetchone()):
@@ -454,9 +455,10 @@ class SQLiteStore:
                         "there is room ([server].data_dir_reserve_bytes), so a full file system may stop deletes",
                         self.data_dir, free, reserve_bytes)
 
-    def _migrate(self, version: int) -> None:
+    def _migrate(self, version: int, *, existing: bool) -> None:
         """Bring a store of schema ``version`` to SCHEMA_VERSION, in one transaction (the
-        tables _SCHEMA adds exist by now)."""
+        tables _SCHEMA adds exist by now); an ``existing`` store's migration is logged, as
+        an operator upgrading wants to know it happened (a new file's is not)."""
         with self._transaction() as db:
             if version < 1 and "uploading" in {row[1] for row in db.execute("PRAGMA table_info(sample_sets)")}:
                 # For a day (2026-12-01) an unfinished upload was a column of sample_sets, which
@@ -484,6 +486,9 @@ class SQLiteStore:
             db.execute("DELETE FROM deleted_job_requests WHERE request_id IN (SELECT request_id FROM job_requests)")
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                if existing:
+                    log.info("store %s: migrated from schema %d%s to %d", self.data_dir, version,
+                             " (none recorded: a release before 2026-12-03)" if version == 0 else "", SCHEMA_VERSION)
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
