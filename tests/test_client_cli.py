@@ -33,7 +33,7 @@ from PIL import Image
 
 from conftest import ServerProcess, free_port, until_running, write_config
 from explaind.client import Client, EvaluatedMistake, Operation, PlaintextTokenWarning
-from explaind.client.cli import SAFE_FILE_NAME_CHARS, main
+from explaind.client.cli import REQUEST_ID_IGNORED, SAFE_FILE_NAME_CHARS, main
 from explaind.client.report import DEFAULT_STABILITY_RESAMPLES
 from explaind.v1 import inference_pb2_grpc, neuroinspect_pb2_grpc, sample_sets_pb2_grpc
 
@@ -1243,6 +1243,15 @@ def test_a_job_command_whose_server_does_not_say_whose_queued_job_it_got_says_ei
         f"operations/x, started by this run or by an earlier one with this --request-id (the server does not say which), is queued; {then}")
 
 
+@pytest.mark.parametrize(("waiting", "then"), [(True, ""), (False, "; explaind operations wait operations/x waits for it")])
+def test_a_job_command_whose_server_ignores_request_id_says_it_started_the_job_and_that_a_rerun_starts_another(waiting, then):
+    from explaind.client.cli import _announcement
+
+    operation = types.SimpleNamespace(name="operations/x", state="queued", done=False, requested_again=False)
+    assert _announcement(operation, waiting=waiting, rerun=True, unsaid=REQUEST_ID_IGNORED) == (
+        f"started operations/x; this server ignores --request-id (an older release): running this again starts another job{then}")
+
+
 def test_an_older_server_s_queued_job_under_a_given_request_id_is_not_said_to_be_started_by_this_run(server, capsys, monkeypatch):
     # A server that does not list requested_again answers an earlier run's queued job under the --request-id as it does a
     # new one: the words said "started operations/...", claiming it for this run.
@@ -1264,10 +1273,12 @@ def test_an_older_server_s_queued_job_under_a_given_request_id_is_not_said_to_be
 
 
 @pytest.mark.parametrize(("state", "rerun", "requested_again", "capabilities", "unsaid"), [
-    ("queued", True, False, (), "the server does not say which"),  # an older server: the words cannot say whose
+    ("queued", True, False, ("request_id",), "the server does not say which"),  # an older server: the words cannot say whose
+    # One older still starts a job for every run: this run's, and a rerun's another (the words said either run's might be).
+    ("queued", True, False, (), REQUEST_ID_IGNORED),
     # The capabilities unread: nor then, and the server was not found to be an older one (the words said it was).
     ("queued", True, False, None, "whether the server says which could not be asked: UNAVAILABLE: connection refused"),
-    ("queued", True, False, ("requested_again",), ""),  # the server says it is new
+    ("queued", True, False, ("request_id", "requested_again"), ""),  # the server says it is new
     ("queued", True, True, (), ""),  # it was said to be an earlier run's
     ("queued", False, False, (), ""),  # no --request-id: this run's
     ("running", True, False, (), ""),  # running, or ended, the server's queued-or-new answer does not arise: an earlier run's

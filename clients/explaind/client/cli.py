@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar, cast, overload
 from explaind.class_names import class_name_key
 from explaind.wording import counted
 
-from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, REQUESTED_AGAIN_CAPABILITY, Client
+from ._client import DEFAULT_PREDICT_IN_FLIGHT, DEFAULT_TARGET, PARTIAL_FAILURE_CAPABILITY, REQUEST_ID_CAPABILITY, REQUESTED_AGAIN_CAPABILITY, Client
 from ._errors import (DeadlineExceededError, ExplaindError, NotFoundError, OperationError, PlaintextTokenWarning,
                       UnauthenticatedError, UnavailableError, listed_items, reworded)
 from ._images import image_folder
@@ -1192,13 +1192,20 @@ def _started_by_earlier_run(operation: Operation[Any], rerun: bool) -> bool:
     return rerun and (operation.state != "queued" or operation.requested_again)
 
 
+# What _earlier_run_unsaid answers for a server that does not list the request_id capability
+# (an older release): it starts a new job for every run, so the job is this run's, and the
+# --request-id given to make a rerun safe is not.
+REQUEST_ID_IGNORED = "this server ignores --request-id (an older release): running this again starts another job"
+
+
 def _earlier_run_unsaid(client: Client, operation: Operation[Any], rerun: bool) -> str:
     """Why a job command's queued ``operation``, got under the --request-id the user gave
     (``rerun``), may be an earlier run's without the server saying so ("" when it would
     say): one that does not list the requested_again capability (an older server)
     answers an earlier run's queued job as it does a new one, so "started" would claim it
     for this run. Where asking for that list fails, the server may say it or not: the
-    words say that the asking failed, not that the server is an older one."""
+    words say that the asking failed, not that the server is an older one. One that does
+    not list request_id either: REQUEST_ID_IGNORED."""
     if not rerun or operation.state != "queued" or operation.requested_again:
         return ""
     # Its name not said yet: a Ctrl-C in the call cancels the job, as one inside its start does.
@@ -1207,6 +1214,8 @@ def _earlier_run_unsaid(client: Client, operation: Operation[Any], rerun: bool) 
             capabilities = client.model_metadata().capabilities
         except ExplaindError as error:
             return f"whether the server says which could not be asked: {error}"
+    if REQUEST_ID_CAPABILITY not in capabilities:
+        return REQUEST_ID_IGNORED
     return "" if REQUESTED_AGAIN_CAPABILITY in capabilities else "the server does not say which"
 
 
@@ -1215,6 +1224,8 @@ def _announcement(operation: Operation[Any], waiting: bool, rerun: bool, unsaid:
     earlier one (:func:`_started_by_earlier_run`), queued, running or ended; or, queued,
     by either, where the server does not say which (``unsaid``, why: :func:`_earlier_run_unsaid`)."""
     wait = f"explaind operations wait {operation.name} waits for it"
+    if unsaid == REQUEST_ID_IGNORED:
+        return f"started {operation.name}; {unsaid}" + ("" if waiting else f"; {wait}")
     if unsaid:
         return (f"{operation.name}, started by this run or by an earlier one with this --request-id ({unsaid}), "
                 f"is queued; {'waiting for it' if waiting else wait}")
