@@ -8491,6 +8491,24 @@ def test_a_migration_of_an_existing_store_is_logged_and_a_new_or_current_store_l
     assert migration_lines(new) == [] and _user_version(new) == SCHEMA_VERSION
 
 
+def test_a_new_store_whose_creation_was_cut_short_is_not_logged_as_migrated_from_an_older_release(tmp_path, monkeypatch, caplog):
+    # Its tables were made before its version: a first start that failed in between (a full disk, a kill) left a schema 0
+    # store, which the next start logged as migrated from a release before versions.
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    def cut_short(self, version, *, existing):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SQLiteStore, "_migrate", cut_short)
+        with pytest.raises(StoreOpenError, match="disk I/O error"):
+            SQLiteStore(tmp_path)
+    with caplog.at_level(logging.INFO, logger="explaind.store.sqlite"):
+        SQLiteStore(tmp_path).close()
+    assert [record.getMessage() for record in caplog.records if "migrated" in record.getMessage()] == []
+    assert _user_version(tmp_path) == SCHEMA_VERSION
+
+
 def test_an_artifact_whose_file_a_sweep_removes_while_it_is_read_is_not_found(tmp_path, monkeypatch):
     # The file was checked, then opened: a sweep in between made GetArtifact INTERNAL.
     store = SQLiteStore(tmp_path)

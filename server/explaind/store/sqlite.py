@@ -431,6 +431,8 @@ class SQLiteStore:
                 raise StoreOpenError(f"the data dir {self.data_dir} was written by a newer explaind (store schema {version}; this release "
                                      f"reads {SCHEMA_VERSION} and older): run that release, or this one on a copy restored from before")
             existing = self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None  # not a new file
+            if not existing:  # versioned before its tables: one cut short (a full disk, a kill) would read as an older release's store
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._db.executescript(_SCHEMA)
             self._migrate(version, existing=existing)
             if next((p for p in self.blob_dir.rglob("*") if p.is_file()), None) is None and (referenced := self._db.execute(
