@@ -8,6 +8,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -8489,6 +8490,27 @@ def test_a_migration_of_an_existing_store_is_logged_and_a_new_or_current_store_l
                                     f"to {SCHEMA_VERSION}"]
     assert migration_lines(old) == [] and _user_version(old) == SCHEMA_VERSION
     assert migration_lines(new) == [] and _user_version(new) == SCHEMA_VERSION
+
+
+def test_a_migration_whose_commit_fails_is_not_logged_as_done(tmp_path, monkeypatch, caplog):
+    # The line was logged before the migration's COMMIT, which a full file system fails (WAL writes its pages then): the
+    # log said the store was migrated, then that it could not be opened, and the store was still the older one.
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # a release's before versions
+        db.execute("CREATE TABLE sample_sets (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL, "
+                   "update_time REAL NOT NULL)")
+
+    class CommitFails(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return super().execute(sql, *args)
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="explaind.store.sqlite"):
+        patch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, factory=CommitFails))
+        with pytest.raises(StoreOpenError, match="database or disk is full"):
+            SQLiteStore(tmp_path)
+    assert [record.getMessage() for record in caplog.records if "migrated" in record.getMessage()] == []
+    assert _user_version(tmp_path) == 0
 
 
 def test_a_new_store_whose_creation_was_cut_short_is_not_logged_as_migrated_from_an_older_release(tmp_path, monkeypatch, caplog):

@@ -488,9 +488,9 @@ class SQLiteStore:
             db.execute("DELETE FROM deleted_job_requests WHERE request_id IN (SELECT request_id FROM job_requests)")
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                if existing:
-                    log.info("store %s: migrated from schema %d%s to %d", self.data_dir, version,
-                             " (none recorded: a release before 2026-12-03)" if version == 0 else "", SCHEMA_VERSION)
+        if existing and version < SCHEMA_VERSION:  # once committed: a full file system fails the COMMIT
+            log.info("store %s: migrated from schema %d%s to %d", self.data_dir, version,
+                     " (none recorded: a release before 2026-12-03)" if version == 0 else "", SCHEMA_VERSION)
 
     def _lock_data_dir(self) -> IO[str]:
         """Hold an exclusive lock on the data dir while open. Two servers on one store would
