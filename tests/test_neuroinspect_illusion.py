@@ -37,12 +37,14 @@ def illusion(world_model, tiny_clip):
 
 
 def test_batched_pairs_give_images_masks_and_scores(illusion, world_model):
-    result = illusion.visualize([(5, None), (17, 2), (5, 4)], steps=4)
+    top_class = int(world_model.fc.weight[:, 5].argmax())
+    other_class = (top_class + 1) % world_model.fc.out_features  # neuron 5 again, conditioned otherwise: no repeated pair
+    result = illusion.visualize([(5, None), (17, 2), (5, other_class)], steps=4)
     assert result.images.shape == result.masked_images.shape == (3, 3, 64, 64)
     assert result.masks.shape == (3, 64, 64) and result.masks.dtype == torch.bool
     assert 0 <= result.images.min() and result.images.max() <= 1
     assert result.neurons.tolist() == [5, 17, 5] and result.steps == 4 and not result.cancelled
-    assert result.classes.tolist() == [int(world_model.fc.weight[:, 5].argmax()), 2, 4]
+    assert result.classes.tolist() == [top_class, 2, other_class]
     # Kept regions are untouched, the rest dimmed to mask_dim.
     keep = result.masks.unsqueeze(1).expand_as(result.images)
     assert torch.equal(result.masked_images[keep], result.images[keep])
