@@ -1577,12 +1577,11 @@ def test_predict_prints_the_files_answered_before_a_failing_request_then_its_err
     assert printed.err.splitlines()[-1] == f"  that is file {bad}"
 
 
-def test_predict_writes_each_line_out_before_the_next_request(server, tmp_path, monkeypatch):
-    # Printed but not flushed, a line to a pipe (block-buffered: `explaind predict ... | tee`)
-    # reached its reader only once the buffer filled or the command ended.
-    goods, _ = _files_of_two_requests(server, tmp_path)
+def _written_before_the_second_request(monkeypatch, argv: list[str]) -> tuple[str, io.BytesIO]:
+    """What a buffered standard output, as to a pipe (`explaind predict ... | tee`), had
+    passed on when the command sent its second request, and all it wrote by its end."""
     written = io.BytesIO()
-    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8"))  # buffered, as to a pipe
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8"))
     out_at_the_second_request = []
     call_at = Client._call_at
 
@@ -1592,8 +1591,17 @@ def test_predict_writes_each_line_out_before_the_next_request(server, tmp_path, 
         return call_at(self, offset, *args, **kwargs)
 
     monkeypatch.setattr(Client, "_call_at", noting_the_output)
-    assert main(["--target", server.target, "predict", *goods, "--max-in-flight", "1"]) == 0
-    assert [line.split()[0] for line in out_at_the_second_request[0].splitlines()] == goods[:-1]
+    assert main(argv) == 0
+    sys.stdout.flush()
+    return out_at_the_second_request[0], written
+
+
+def test_predict_writes_each_line_out_before_the_next_request(server, tmp_path, monkeypatch):
+    # Printed but not flushed, a line to a pipe reached its reader only once the buffer
+    # filled or the command ended.
+    goods, _ = _files_of_two_requests(server, tmp_path)
+    before, _ = _written_before_the_second_request(monkeypatch, ["--target", server.target, "predict", *goods, "--max-in-flight", "1"])
+    assert [line.split()[0] for line in before.splitlines()] == goods[:-1]
 
 
 def test_predict_interrupted_keeps_the_lines_of_the_files_answered_before(server, capsys, tmp_path, monkeypatch):
@@ -1624,20 +1632,9 @@ def test_predict_json_lines_writes_each_file_s_entry_before_the_last_request_is_
     goods, _ = _files_of_two_requests(server, tmp_path)
     assert main(["--target", server.target, "predict", *goods, "--max-in-flight", "1", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    written = io.BytesIO()
-    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8"))  # buffered, as to a pipe
-    out_at_the_last_request = []
-    call_at = Client._call_at
-
-    def noting_the_output(self, offset, *args, **kwargs):
-        if offset:
-            out_at_the_last_request.append(written.getvalue().decode())
-        return call_at(self, offset, *args, **kwargs)
-
-    monkeypatch.setattr(Client, "_call_at", noting_the_output)
-    assert main(["--target", server.target, "predict", *goods, "--max-in-flight", "1", "--json-lines"]) == 0
-    assert _json_lines(out_at_the_last_request[0]) == listed[:-1]
-    sys.stdout.flush()
+    before, written = _written_before_the_second_request(
+        monkeypatch, ["--target", server.target, "predict", *goods, "--max-in-flight", "1", "--json-lines"])
+    assert _json_lines(before) == listed[:-1]  # the two requests' second is the last
     assert _json_lines(written.getvalue().decode()) == listed  # each line the entry of --json's list, in order
 
 
