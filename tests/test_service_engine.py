@@ -7767,6 +7767,30 @@ def test_a_full_data_dir_releases_its_reserve_to_start_and_to_delete(tmp_path, m
     assert reserve.stat().st_size == size + 5 and reserve.stat().st_blocks * 512 >= size
 
 
+def test_a_reserve_configured_larger_than_the_free_space_refuses_nothing_and_keeps_the_one_held(tmp_path, monkeypatch, caplog):
+    # A reserve grown past the free space released the smaller one held at start-up, logged
+    # "the data dir is full", and refused every upload until the volume held twice the new size.
+    from explaind.store.sqlite import RESERVE_FILE
+
+    reserve = tmp_path / RESERVE_FILE
+    SQLiteStore(tmp_path, reserve_bytes=1 << 20).close()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=16 << 20))
+    with caplog.at_level(logging.WARNING, "explaind.store.sqlite"):
+        store = SQLiteStore(tmp_path, reserve_bytes=1 << 40)
+    try:
+        with store.writing_blobs() as put:
+            store.create_sample_set("s", "", _samples(put, b"image"))
+        assert reserve.stat().st_size == 1 << 20 and "is full" not in caplog.text
+        assert (f"has {16 << 20} bytes free, less than twice its reserve of {1 << 40} bytes: the {1 << 20} bytes set aside "
+                "under an earlier setting stay until there is room") in caplog.text
+    finally:
+        store.close()
+    monkeypatch.undo()
+    SQLiteStore(tmp_path, reserve_bytes=2 << 20).close()  # room for the size configured now: it replaces the one held
+    assert reserve.stat().st_size == 2 << 20
+
+
 def test_the_server_s_sweep_sets_a_released_reserve_aside_again(tmp_path):
     from explaind.service import ExplaindServer
     from explaind.store.sqlite import RESERVE_FILE

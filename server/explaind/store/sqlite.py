@@ -410,7 +410,9 @@ class SQLiteStore:
         self._unrecorded_runs: dict[str, set[str]] = {}
         if not reserve_bytes:
             self._reserve.unlink(missing_ok=True)  # set aside under an earlier configuration
-        elif self._free_bytes() < reserve_bytes:
+        elif self._free_bytes() < min(reserve_bytes, self._held_reserve_bytes()):
+            # Full by the reserve held, not by one configured larger since: released, that
+            # one would refuse new files until the volume held twice the new size.
             self._release_reserve("at start-up")
         path = self.data_dir / "explaind.sqlite3"
         if not (path.is_file() and path.stat().st_size) and (stored := next((p for p in self.blob_dir.rglob("*") if p.is_file()), None)):
@@ -451,11 +453,13 @@ class SQLiteStore:
             # As the first writes' errors say (explaind.service.server): "file is not a database" said nothing of what to do.
             raise StoreOpenError(f"cannot open the store {path}: {error}{full}{store_remedy(error)}") from None
         self.keep_reserve()
-        if reserve_bytes and not self._reserve_released and not self._reserve.exists() and (free := self._free_bytes()) < 2 * reserve_bytes:
+        held = self._held_reserve_bytes()
+        if reserve_bytes and not self._reserve_released and held != reserve_bytes and (free := self._free_bytes()) < 2 * reserve_bytes:
             # Said once here, not at every sweep (a failed allocation with room has said why).
-            log.warning("the data dir %s has %d bytes free, less than twice its reserve of %d bytes: no reserve is set aside until "
+            kept = f"the {held} bytes set aside under an earlier setting stay" if held else "no reserve is set aside"
+            log.warning("the data dir %s has %d bytes free, less than twice its reserve of %d bytes: %s until "
                         "there is room ([server].data_dir_reserve_bytes), so a full file system may stop deletes",
-                        self.data_dir, free, reserve_bytes)
+                        self.data_dir, free, reserve_bytes, kept)
 
     def _migrate(self, version: int, *, existing: bool) -> None:
         """Bring a store of schema ``version`` to SCHEMA_VERSION, in one transaction (the
@@ -519,12 +523,20 @@ class SQLiteStore:
     def _free_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free
 
+    def _held_reserve_bytes(self) -> int:
+        """The size of the reserve set aside, 0 without one: another than the configured
+        one where the setting changed since it was set aside."""
+        try:
+            return self._reserve.stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def keep_reserve(self) -> None:
         """Set the reserve aside (again) once the file system has room for it and as much
         again: at start-up, at each sweep after a release, when deletes freed space, and
         before a new file is refused for want of it (space freed outside the server)."""
-        if not self._reserve_bytes or self._reserve.exists() or self._free_bytes() < 2 * self._reserve_bytes:
-            return
+        if not self._reserve_bytes or self._held_reserve_bytes() == self._reserve_bytes or self._free_bytes() < 2 * self._reserve_bytes:
+            return  # one of another size (the setting changed) is replaced once there is room
         temporary = self._reserve.with_name(f"{RESERVE_FILE}.{self._scratch_tag}.tmp")
         try:
             with open(temporary, "wb") as file:
