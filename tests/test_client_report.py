@@ -1274,7 +1274,7 @@ def test_a_page_visualising_fewer_neurons_than_it_ranks_says_how_many_and_why():
     report = _edited_report()  # neurons 7 and 8 ranked, 7 visualised
     page = render_report(report)
     assert ("<p class='muted' id='visualization-limited'>Visualised: the top 1 of the 2 ranked neurons, as many as the report "
-            "was asked for (--neurons); the rest are in the ranking above, without a link.</p>") in page
+            "was asked for (explaind report's --neurons, build_report's max_neurons); the rest are in the ranking above, without a link.</p>") in page
     (shown,) = report.visualizations
     every = dataclasses.replace(report, visualizations=[shown, dataclasses.replace(shown, neuron=8)])
     assert "visualization-limited" not in render_report(every)

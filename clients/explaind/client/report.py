@@ -782,10 +782,11 @@ def render_report(report: MistakeReport) -> str:
                 f"<tr><th scope='row'>mask area</th><td>{v.mask_fraction:.0%}</td></tr></table></figure>"
             )
         parts.append(f"</div>{_VISUALIZATION_LEGEND}")
-        if report.visualization_error is None and len(shown) < len(ranking.neurons):  # asked for fewer (--neurons), not stopped
+        if report.visualization_error is None and len(shown) < len(ranking.neurons):  # asked for fewer, not stopped
+            # Both ways of asking named: a page build_report made in a program had no --neurons.
             parts.append(f"<p class='muted' id='visualization-limited'>Visualised: the top {len(shown)} of the {len(ranking.neurons)} "
-                         "ranked neurons, as many as the report was asked for (--neurons); the rest are in the ranking above, "
-                         "without a link.</p>")
+                         "ranked neurons, as many as the report was asked for (explaind report's --neurons, build_report's "
+                         "max_neurons); the rest are in the ranking above, without a link.</p>")
     elif report.no_visualization_reason or report.visualization_error:
         parts.append("<h2>What the ranked neurons respond to</h2>")
         if report.no_visualization_reason:
