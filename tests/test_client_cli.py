@@ -4793,6 +4793,9 @@ def test_info_says_how_images_are_fitted_what_the_model_cannot_do_and_the_reques
     # The per-caller limits a newer server says, each as --json has it: a caller refused at one finds it here.
     assert printed(dataclasses.replace(meta, limits=RequestLimits(4 * 2**20, 3 * 2**20, 64, 4096, 1000, 32, 20)))[2].endswith(
         "1000 samples in one caller's sets, 20 head versions of one caller's edits, 32 Predict or upload calls of one named caller at once")
+    # The steps a report's --steps may ask, which a newer server says.
+    assert printed(dataclasses.replace(meta, limits=RequestLimits(4 * 2**20, 3 * 2**20, 64, 4096, max_visualization_steps=10000)))[2].endswith(
+        "sides up to 4096 px, 10000 steps per visualisation")
     # An older server says no limits (0): no line of zeros.
     assert printed(dataclasses.replace(meta, supports_features=False, resize_size=0, interpolation="", limits=RequestLimits(0, 0, 0, 0))) == [
         "            inference only: no penultimate features, so no ranking or head edits", "            input 224x224 (images stretched to it)"]

@@ -888,7 +888,8 @@ def _print_metadata(meta: ModelMetadata) -> None:
               f"per request, {limits.max_images_per_request} images (or samples) per request, sides up to {limits.max_image_side} px"
               + (f", {limits.max_samples_per_caller} samples in one caller's sets" if limits.max_samples_per_caller else "")
               + (f", {limits.max_head_versions_per_caller} head versions of one caller's edits" if limits.max_head_versions_per_caller else "")
-              + (f", {limits.max_calls_per_caller} Predict or upload calls of one named caller at once" if limits.max_calls_per_caller else ""))
+              + (f", {limits.max_calls_per_caller} Predict or upload calls of one named caller at once" if limits.max_calls_per_caller else "")
+              + (f", {limits.max_visualization_steps} steps per visualisation" if limits.max_visualization_steps else ""))
     if meta.capabilities:  # what makes retries safe and what its answers say (README: the SDK's retries); an older server lists none
         print(f"supports    {', '.join(meta.capabilities)}")
 
@@ -2060,7 +2061,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--sample-set", dest="sample_set", help="sample set id (default: the newest sample set)")
     report.add_argument("--out", type=_path, default="report.html", help="HTML file to write")
     report.add_argument("--neurons", dest="neurons_visualized", type=_non_negative_int, default=0, help="ranked neurons to visualise, from the top; 0: every one")
-    report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps, at most the server's limit (10000)")
+    report.add_argument("--steps", type=_positive_int, default=100, help="visualisation steps, at most the server's limit (explaind info; 10000 on every release to date)")
     report.add_argument("--stability", type=_non_negative_int, default=DEFAULT_STABILITY_RESAMPLES, metavar="N", help=_STABILITY_HELP)
     report.add_argument("--group-attribute", dest="group_attribute", default="", help="sample attribute for per-group accuracy, e.g. background")
     report.add_argument(
