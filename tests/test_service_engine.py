@@ -7744,6 +7744,11 @@ def test_a_full_data_dir_releases_its_reserve_to_start_and_to_delete(tmp_path, m
     monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
     with pytest.raises(StoreOpenError, match=re.escape(f"disk I/O error; its file system is full ({size - 1} bytes free): free space there")):
         SQLiteStore(tmp_path, reserve_bytes=size)
+    # A reserve configured far beyond the free space (any size is taken) does not make every failure a full disk's.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1 << 30))
+    with pytest.raises(StoreOpenError) as refused:
+        SQLiteStore(tmp_path, reserve_bytes=1 << 40)
+    assert "disk I/O error" in str(refused.value) and "is full" not in str(refused.value)
     monkeypatch.undo()
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size * 3 // 2))
     caplog.clear()

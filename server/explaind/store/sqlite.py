@@ -449,7 +449,10 @@ class SQLiteStore:
         except (sqlite3.Error, ResourceExhausted) as error:  # the latter: a migration's write found the file system full
             self._dir_lock.close()
             free = self._free_bytes()
-            full = f"; its file system is full ({free} bytes free): free space there" if free < max(reserve_bytes, 1 << 20) else ""
+            # Full: less than the reserve, or than a WAL's worth where the reserve is larger (one
+            # configured at terabytes does not make every failure to open a full disk's).
+            full_below = min(max(reserve_bytes, 1 << 20), WAL_SIZE_LIMIT_BYTES)
+            full = f"; its file system is full ({free} bytes free): free space there" if free < full_below else ""
             # As the first writes' errors say (explaind.service.server): "file is not a database" said nothing of what to do.
             raise StoreOpenError(f"cannot open the store {path}: {error}{full}{store_remedy(error)}") from None
         self.keep_reserve()
