@@ -394,6 +394,41 @@ def test_a_result_whose_server_is_unavailable_until_its_timeout_raises_unavailab
         server.stop(0)
 
 
+class _OverrunningWaitThenRestarting(_RestartingOperations):
+    """A :class:`_RestartingOperations` restarting for good, whose WaitOperation holds its
+    caller a second past the wait asked before failing UNAVAILABLE (on ``clock``)."""
+
+    def WaitOperation(self, request, context):
+        self.asked.append("WaitOperation")
+        self.clock.now += request.timeout.ToTimedelta().total_seconds() + 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+
+def test_an_awaited_result_s_last_look_says_it_tried_over_the_whole_outage(monkeypatch):
+    # A step's wait overrunning the result's timeout leaves the last step no time: it looks
+    # once, through refresh, whose own tally made the note count its tries alone ("tried
+    # 5 times over 0.8s" after 12 s without an answer), not the earlier step's too.
+    clock = _skipping_sdk_clock(monkeypatch)
+    servicer = _OverrunningWaitThenRestarting(clock)
+    servicer.ready_at = float("inf")
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def await_result() -> Any:
+        async with AsyncClient(target, timeout=1) as client:
+            client.client._reached = True  # as after the call that started the job
+            with pytest.raises(UnavailableError, match="restarting") as unavailable:
+                await client.result(Operation(client.client, _running_operation("operations/x")), timeout=_async.RESULT_STEP_S + 0.5)
+            return unavailable.value
+
+    try:
+        error = asyncio.run(await_result())
+        assert servicer.asked[0] == "WaitOperation" and set(servicer.asked[1:]) == {"GetOperation"}, servicer.asked
+        said = re.match(rf"the call was tried {len(servicer.asked)} times over ([\d.]+)s, ", error.__notes__[-1])
+        assert said and float(said[1]) > _async.RESULT_STEP_S + 1, error.__notes__  # the wait's 11 s, then the look's
+    finally:
+        server.stop(0)
+
+
 def test_an_awaited_result_whose_client_never_reached_the_server_is_said_unavailable_at_once(monkeypatch):
     # Its client unavailable from the first call (a wrong address, for all it knows: an
     # operation built on a new client), each step's wait failed at once and the next was asked

@@ -95,6 +95,12 @@ class RetryTally:
     attempts: int = 0
     refusals: int = 0
 
+    def starting(self, now: float) -> None:
+        """A call begins at ``now``: where the server answered the last try, an outage
+        would start with it."""
+        if not self.attempts:
+            self.started = now
+
     def answered(self) -> None:
         """The server answered: the count starts again with the next try (a wait's, whose
         ``started`` it then sets)."""
@@ -469,7 +475,11 @@ class Operation(Generic[ResultT]):
         """:meth:`wait`, its calls' tries since the server last answered counted in
         ``outage``: an awaited result's, carried across its steps' waits (see RetryTally)."""
         if timeout is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
-            return self if self.done else self.refresh()
+            if not self.done:  # one look, its tries counted in ``outage`` too (an awaited result's last step's)
+                outage.starting(time.monotonic())
+                self._read(None, outage)
+                outage.answered()
+            return self
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = BUSY_WAIT_MIN_PAUSE_S
         while not self.done:
@@ -479,8 +489,7 @@ class Operation(Generic[ResultT]):
             step = min(remaining, WAIT_STEP_S)
             request = operations_pb2.WaitOperationRequest(name=self.name, timeout=duration_pb2.Duration(seconds=int(step), nanos=int(step % 1 * 1e9)))
             asked = time.monotonic()
-            if not outage.attempts:  # the server answered the last try: an outage starts with this call
-                outage.started = asked
+            outage.starting(asked)
             # The call may take a little longer than the server's wait; retries may not.
             try:
                 response = self._client._call("operations", "WaitOperation", request, timeout=step + WAIT_CALL_MARGIN_S, retry_until=deadline,
