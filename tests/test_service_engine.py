@@ -3568,6 +3568,30 @@ def test_the_checks_before_an_upload_decodes_its_images_count_samples_against_th
         engine.close()
 
 
+def test_a_create_past_the_check_to_an_id_another_caller_took_is_told_to_choose_another(tmp_path, classifier_dir):
+    # Two creates of one id passing check_create at once: the store's own check told the
+    # one that lost, of another caller's set, "append to it or delete it first", which
+    # it may not do. Worded as check_create words it now, for the owner, an admin, another.
+    callers = tmp_path / "callers"
+    callers.write_text("monitoring tokenMON\nanalyst tokenANA\nroot tokenROOT\n")
+    config = default_config().replace("classifier", path=str(classifier_dir)).replace(
+        "server", data_dir=str(tmp_path / "data"), callers_file=str(callers), admins=("root",))
+    engine = Engine(config, SQLiteStore(tmp_path / "data"), Metrics())
+    engine.load()
+    sample = NewSample.from_array(np.zeros((8, 8, 3), np.uint8), 0)
+    try:
+        engine.create_sample_set("train", "", [sample], caller="monitoring")
+        for caller, advice in (("analyst", "exists, owned by caller 'monitoring'; choose another id"),
+                               ("monitoring", "exists; append to it or delete it first"), ("root", "exists; append to it or delete it first")):
+            for create in (lambda: engine.check_create("train", 1, caller=caller),
+                           lambda: engine.create_sample_set("train", "", [sample], caller=caller)):  # the store's check
+                with pytest.raises(AlreadyExists) as taken:
+                    create()
+                assert (taken.value.field, taken.value.description) == ("sample_set_id", f"sample set 'train' already {advice}")
+    finally:
+        engine.close()
+
+
 def test_an_evaluation_sent_again_is_answered_with_its_job_even_once_its_set_is_gone(engine):
     # A retry of an EvaluateSampleSet whose answer was lost gets the operation the first
     # started, not NOT_FOUND for the set that operation has since finished with.

@@ -29,7 +29,7 @@ import torch
 
 from ..config import Config
 from ..decode_memory import CallContext, DecodeMemory, trim_arenas
-from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PreconditionViolation
+from ..errors import AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PreconditionViolation
 from ..imaging import DecodeOutOfMemory, PixelBudget, decode_encoded, encode_png, image_grid, stacked_batch, to_uint8_hwc
 from ..jobs import JobContext, JobManager, JobSnapshot
 from ..methods.neuroinspect._ranking import top_ids
@@ -753,7 +753,8 @@ class Engine:
         with self.store.writing_blobs() as put:
             return self.store.create_sample_set(sample_set_id, display_name, self._store_samples(samples, put, caller_waits), uploading=uploading,
                                                 request=request, on_repeat=partial(self._sample_set_request_repeated, "CreateSampleSet"), owner=caller,
-                                                before_write=partial(require_caller, caller_waits, "nothing was stored"))
+                                                before_write=partial(require_caller, caller_waits, "nothing was stored"),
+                                                id_taken=self._sample_set_id_taken(sample_set_id, caller))
 
     def check_create(self, sample_set_id: str, sample_count: int, *, caller: str | None = None) -> None:
         """The checks of a new set of ``sample_count`` samples that read none of its images:
@@ -766,8 +767,14 @@ class Engine:
             except NotFound:
                 pass
             else:
-                raise sample_set_id_taken(sample_set_id, None if self.ownership.may_change(caller, owner) else owner)
+                raise self._sample_set_id_taken(sample_set_id, caller)(owner)
         self.store.require_room_for_samples(caller, sample_count)
+
+    def _sample_set_id_taken(self, sample_set_id: str, caller: str | None) -> Callable[[str | None], AlreadyExists]:
+        """The AlreadyExists telling ``caller`` that a set of the owner given holds
+        ``sample_set_id``: to choose another id where it may not change that set. Asked
+        before a create's images are decoded, and by the store as it creates (a race)."""
+        return lambda owner: sample_set_id_taken(sample_set_id, None if self.ownership.may_change(caller, owner) else owner)
 
     def check_append(self, sample_set_id: str, sample_count: int, *, finish_upload: bool = False, uid: str | None = None,
                      caller: str | None = None) -> None:

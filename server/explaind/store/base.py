@@ -211,9 +211,12 @@ class Store(Protocol):
     # ``before_write()``, called first in that transaction, may raise to write nothing: a
     # caller that stopped waiting while the request waited for the store (its retry may
     # have made the set, which its upload then deleted) gets no set made after all.
+    # ``id_taken(its_owner)``: the AlreadyExists for an id a set holds, worded for the
+    # caller (sample_set_id_taken's); without, that of a caller that may change the set.
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
                           request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None,
-                          before_write: Callable[[], object] | None = None) -> SampleSetInfo: ...
+                          before_write: Callable[[], object] | None = None,
+                          id_taken: Callable[[str | None], AlreadyExists] | None = None) -> SampleSetInfo: ...
     # With ``uid``, only to the set of that uid: another (deleted and created again since,
     # by another client say) raises FailedPrecondition naming sample_set_uid. So does delete.
     # ``check_owner`` (explaind.ownership) may refuse the set, given its owner; so in delete.

@@ -873,15 +873,17 @@ class SQLiteStore:
 
     def create_sample_set(self, sample_set_id: str, display_name: str, samples: Sequence[SampleRecord], *, uploading: bool = False,
                           request: RequestKey | None = None, on_repeat: OnRepeat | None = None, owner: str | None = None,
-                          before_write: Callable[[], object] | None = None) -> SampleSetInfo:
+                          before_write: Callable[[], object] | None = None,
+                          id_taken: Callable[[str | None], AlreadyExists] | None = None) -> SampleSetInfo:
         now = self.now()
         with self._transaction() as db:
             if before_write is not None:
                 before_write()
             if (repeated := self._repeated_request(db, request, on_repeat)) is not None:
                 return self._info(self._require_set(db, repeated))
-            if db.execute("SELECT 1 FROM sample_sets WHERE id = ?", (sample_set_id,)).fetchone():
-                raise sample_set_id_taken(sample_set_id)
+            if (taken := db.execute("SELECT owner FROM sample_sets LEFT JOIN sample_set_owners ON set_id = id WHERE id = ?",
+                                    (sample_set_id,)).fetchone()):
+                raise sample_set_id_taken(sample_set_id) if id_taken is None else id_taken(taken[0])
             self._refuse_while_reserve_released()
             self._require_room_for_samples(db, owner, len(samples))
             db.execute("INSERT INTO sample_sets (id, display_name, create_time, update_time) VALUES (?, ?, ?, ?)", (sample_set_id, display_name, now, now))
