@@ -70,6 +70,18 @@ def test_an_unchanged_worst_is_named_once_and_no_groups_means_no_group_rows():
     assert not [label for label in rows if "group" in label]
 
 
+def test_a_worst_row_of_classes_or_groups_that_all_tie_names_none():
+    # Every class at 1.000 read "worst class (circle) 1.000 -> 1.000": the server names the
+    # first of those tied (HeadEvaluation.worst_class), which is no worse than the rest.
+    before = evaluation({"circle": 0.5, "heart": 1.0}, {"circle/water": 0.5, "heart/grass": 1.0})
+    after = evaluation({"circle": 1.0, "heart": 1.0}, {"circle/water": 1.0, "heart/grass": 1.0})
+    rows = table(_evaluation_rows(before, after))
+    assert rows["worst class (circle → none: all 2 tie)"] == ["0.500", "1.000", "+0.500"]
+    assert rows["worst group (circle/water → none: all 2 tie)"] == ["0.500", "1.000", "+0.500"]
+    assert "worst class (none: all 2 tie)" in table(_evaluation_rows(after, after))
+    assert "worst class (circle)" in table(_evaluation_rows(*[evaluation({"circle": 1.0}, {})] * 2))  # the one class
+
+
 def test_a_set_of_many_classes_shows_the_edited_class_and_the_largest_changes_then_the_rest_as_a_mean():
     # An ImageNet-sized evaluation gave the table a row per class, a thousand of them.
     names = [f"c{i}" for i in range(100)]

@@ -561,19 +561,30 @@ def _mean(values: list[float]) -> float:
     return sum(numbers) / len(numbers) if numbers else math.nan
 
 
+def _worst_of(accuracy: dict[str, float], worst: str) -> str:
+    """``worst``, the one of ``accuracy`` the server named worst (the first of those
+    tied), or that none is, every one tying: the table named one of equals as worst."""
+    if len(accuracy) > 1 and len(set(accuracy.values())) == 1:
+        return f"none: all {len(accuracy)} tie"
+    return worst
+
+
 def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class: str = "") -> str:
     """Overall, worst-class and worst-group accuracy (each version's own worst, which may
-    be different classes or groups), then every group that was worst in either version
-    and every class, before and after. Beyond ``_CLASS_ROWS`` classes: the edited class
-    and those whose accuracy changed most, then the mean of the rest."""
+    be different classes or groups, or none where all tie), then every group that was
+    worst in either version and every class, before and after. Beyond ``_CLASS_ROWS``
+    classes: the edited class and those whose accuracy changed most, then the mean of
+    the rest."""
 
     def worst(kind: str, old: str, new: str) -> str:
         return f"worst {kind} ({old})" if old == new else f"worst {kind} ({old} → {new})"
 
     rows = [("overall accuracy", before.accuracy, after.accuracy),
-            (worst("class", before.worst_class, after.worst_class), before.worst_class_accuracy, after.worst_class_accuracy)]
+            (worst("class", _worst_of(before.class_accuracy, before.worst_class), _worst_of(after.class_accuracy, after.worst_class)),
+             before.worst_class_accuracy, after.worst_class_accuracy)]
     if after.worst_group:
-        rows.append((worst("group", before.worst_group, after.worst_group), before.worst_group_accuracy, after.worst_group_accuracy))
+        rows.append((worst("group", _worst_of(before.group_accuracy, before.worst_group), _worst_of(after.group_accuracy, after.worst_group)),
+                     before.worst_group_accuracy, after.worst_group_accuracy))
         rows += [(f"group {group}", before.group_accuracy.get(group, math.nan), after.group_accuracy.get(group, math.nan))
                  for group in dict.fromkeys((before.worst_group, after.worst_group)) if group]
     classes = [(name, before.class_accuracy.get(name, math.nan), value) for name, value in after.class_accuracy.items()]
