@@ -599,7 +599,7 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
     client, _, _ = _interrupted_start_client("edit_head", "succeeded")
     # "cancel cut short": a second Ctrl-C stopped the cancel (or it failed): the job runs on, and
     # waiting for it would hold the user, who pressed Ctrl-C twice, for nothing.
-    running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False, cancel_requested=ending != "cancel cut short",
+    running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False, cancel_requested=ending != "cancel cut short", _left_for_another_run=False,
                               result=lambda download: SimpleNamespace(version=SimpleNamespace(version_id="v7")))
     waits: list[float] = []
     notes_while_waiting: list[str] = []
@@ -641,6 +641,11 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_waits_for_the_cancelled
             "delete VERSION deletes it")
     assert notes_while_waiting == ([] if ending == "cancel cut short" else [
         f"operations/0123456789abcdef may still store the suggested edit as a head version (waiting for it to end was cut short): {find}"])
+    # The cancel's note, said while the job ran, says how it ended where it ended in the wait: it read "it ends at its next check".
+    assert raised.value.__notes__[0] == {"succeeded": "operations/0123456789abcdef succeeded before its cancel took effect",
+                                         "succeeded, not kept": "operations/0123456789abcdef succeeded before its cancel took effect",
+                                         "cancelled": "cancelled operations/0123456789abcdef"}.get(
+        ending, "cancel requested for operations/0123456789abcdef (running); it ends at its next check")
     assert raised.value.__notes__[1:] == {
         "succeeded": ["head version v7, the suggested edit, stays stored (not served); explaind head-versions delete v7 if it is not wanted"],
         "succeeded, not kept": [f"head version v7, the suggested edit, was not kept; {_EDIT_COMMAND} stores it again"],
@@ -657,7 +662,7 @@ def test_a_report_interrupted_in_its_running_edit_s_wait_stays_interrupted_where
     # The line saying the report waits up to 5 s for the cancelled edit failed with BrokenPipeError, which took the
     # interrupt's place: the CLI exited 141, as for a closed stdout, saying nothing of the version the edit may store.
     client, _, _ = _interrupted_start_client("edit_head", "succeeded")
-    running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False, cancel_requested=True)
+    running = SimpleNamespace(name="operations/0123456789abcdef", state="running", done=False, cancel_requested=True, _left_for_another_run=False)
     waits: list[float] = []
     running.wait = waits.append  # it has not ended when the wait is over
 

@@ -29,6 +29,7 @@ from ._images import IMAGE_BOX, image_data_uri
 from ._interrupted import followed_ranking, following, started_job
 from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, STEPS_LIMIT_OF_OLDER_SERVERS, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
                             RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note)
+from ._operations import cancel_outcome
 from ._types import escape_controls
 
 if TYPE_CHECKING:
@@ -260,7 +261,8 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
     """Wait, at most :data:`CANCELLED_EDIT_WAIT_S` (a second Ctrl-C stops it), for the edit's
     job whose cancel was only requested (it was running) to end: it may still succeed and
     store a version. False, with a note on ``interrupt`` saying how to find and delete that
-    version, where it had not ended. One whose cancel failed or was cut short (a second
+    version, where it had not ended; where it had, the cancel's note ("it ends at its next
+    check") says how it ended. One whose cancel failed or was cut short (a second
     Ctrl-C) runs on: it is not waited for, its note said at once. While waiting, that note
     is on ``interrupt`` already, for an exit cutting the wait short (the CLI's, where a
     SIGTERM's command does not end in time) to say."""
@@ -269,6 +271,7 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
         return (f"{operation.name} may still store the suggested edit as a head version ({why}): explaind operations get "
                 f"{operation.name} names the version once it has succeeded, and explaind head-versions delete VERSION deletes it")
 
+    requested = cancel_outcome(operation)  # as the cancel's note says it of the running job
     meanwhile = None
     if not operation.cancel_requested:
         why = "its cancel failed"
@@ -287,6 +290,9 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
             why = f"waiting for it to end failed ({error})"
     if not operation.done:
         interrupt.add_note(may_store(why))
+    elif requested in interrupt.__notes__:
+        ended = cancel_outcome(operation) if operation.state == "cancelled" else f"{operation.name} {operation.state} before its cancel took effect"
+        interrupt.__notes__[interrupt.__notes__.index(requested)] = ended
     if meanwhile is not None:  # gone after its successor came: an exit reading the notes between finds one
         interrupt.__notes__.remove(meanwhile)
     return operation.done
