@@ -290,7 +290,7 @@ def _ended_after_cancel(operation: Operation[HeadEdit], interrupt: KeyboardInter
             why = f"waiting for it to end failed ({error})"
     if not operation.done:
         interrupt.add_note(may_store(why))
-    elif requested in interrupt.__notes__:
+    elif requested in getattr(interrupt, "__notes__", ()):  # no note where the cancel said none
         ended = cancel_outcome(operation) if operation.state == "cancelled" else f"{operation.name} {operation.state} before its cancel took effect"
         interrupt.__notes__[interrupt.__notes__.index(requested)] = ended
     if meanwhile is not None:  # gone after its successor came: an exit reading the notes between finds one
