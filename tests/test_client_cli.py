@@ -3380,7 +3380,7 @@ def test_a_class_without_mistakes_is_ranked_and_reported_as_nothing_to_explain(s
     page = tmp_path / "report.html"
     assert main(["--target", server.target, "report", "--class", name, "--sample-set", "all-right", "--out", str(page)]) == 0
     assert "wrote" in capsys.readouterr().out and f"<p id='no-mistakes'>The classifier makes no mistakes on {name}" in page.read_text()
-    assert "<th>neuron</th>" not in page.read_text()  # an empty table of ranked neurons stood above it
+    assert "<th scope='col'>neuron</th>" not in page.read_text()  # an empty table of ranked neurons stood above it
 
 
 def test_a_report_on_too_few_samples_for_an_edit_says_why_it_suggests_none(server, capsys, world_images, tmp_path):
@@ -3579,7 +3579,7 @@ def test_a_report_with_discard_edit_keeps_no_head_version_and_says_how_to_store_
         assert value["head_version_kept"] is False and version not in before
         assert command.startswith(f"explaind edit-head discarded --class {name} --neurons ") and " --seed 0 " in command
         assert f"head version {version} is not kept (--discard-edit); to store the edit again: {command}\n" in printed.err
-        assert "<span id='edit-not-kept'>" in page.read_text() and "<table class='evaluation'>" in page.read_text()
+        assert "<span id='edit-not-kept'>" in page.read_text() and "<table class='evaluation' " in page.read_text()
         assert main(argv) == 0  # without --json, the same on stdout
         assert re.search(r"^head version v\d+ is not kept \(--discard-edit\); to store the edit again: explaind edit-head discarded ",
                          capsys.readouterr().out, flags=re.M)
@@ -3679,7 +3679,7 @@ def test_a_report_whose_edit_cannot_be_discarded_writes_its_page_and_fails_namin
     assert printed.err.endswith(f"error: UNAVAILABLE: {message}\n")
     error = json.loads(printed.out)["error"]
     assert (error["code"], error["message"], error["notes"]) == ("UNAVAILABLE", message, [])
-    assert "<span id='edit-discard-failed' class='warning'>" in page.read_text() and "<table class='evaluation'>" in page.read_text()
+    assert "<span id='edit-discard-failed' class='warning'>" in page.read_text() and "<table class='evaluation' " in page.read_text()
 
 
 @pytest.mark.parametrize("command", [["report", "--class", "heart"], ["rank", "s", "--class", "heart"]])
@@ -3703,7 +3703,7 @@ def test_a_report_without_sample_set_explains_the_newest_with_the_options_given(
                  "--validation-sample-set", "newest-validation", "--group-attribute", "background", "--stability", "20"]) == 0
     printed = capsys.readouterr()
     assert "using the newest sample set, newest\n" in printed.err and page.exists()
-    assert "<th>stability</th>" in page.read_text() and "the share of 20 bootstrap resamples" in page.read_text()
+    assert "<th scope='col'>stability</th>" in page.read_text() and "the share of 20 bootstrap resamples" in page.read_text()
     edit = re.search(r"^suggested head edit (v\d+), evaluated on sample set newest-validation \(24 samples\); they also chose the best epoch",
                      printed.out, flags=re.M)
     assert edit, printed.out

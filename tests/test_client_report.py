@@ -283,7 +283,7 @@ def test_a_report_told_not_to_keep_its_edit_deletes_it_and_gives_the_command_tha
         assert (f"<span id='edit-not-kept'>Stored as head version <b>{version.version_id}</b> (from {version.parent_version_id}) to be "
                 "evaluated, then deleted as the report was asked: not kept.</span>") in page
         assert f"<code id='edit-command'>{discarded.edit_command.replace(chr(39), '&#x27;')}</code>" in page
-        assert "<table class='evaluation'>" in page and "head-versions promote" not in page
+        assert "<table class='evaluation' " in page and "head-versions promote" not in page
         # The command stores the same head (model_version holds a hash of its weights): its seed fixes the minibatch order.
         # Run where EXPLAIND_TARGET names another server, it reaches the report's: it went to that one.
         monkeypatch.setenv("EXPLAIND_TARGET", "127.0.0.1:1")
@@ -439,7 +439,7 @@ def test_a_report_whose_edit_cannot_be_deleted_keeps_it_and_says_why(client, mon
     assert (f"<span id='edit-discard-failed' class='warning'>Stored as head version <b>{version}</b> (from {served}); deleting it, as the "
             f"report was asked, failed ({html.escape(str(report.edit_discard_error))}), so it stays stored:</span> "
             f"<code>explaind head-versions delete {version}</code> once it can be.") in page
-    assert "<table class='evaluation'>" in page and "not served" not in page  # it was served: that is why it stays
+    assert "<table class='evaluation' " in page and "not served" not in page  # it was served: that is why it stays
 
 
 def test_a_report_whose_edit_someone_else_deleted_first_counts_it_as_discarded(client, monkeypatch):
@@ -1168,20 +1168,20 @@ def test_an_edit_without_its_parent_s_evaluation_is_suggested_without_a_comparis
     report = dataclasses.replace(report, edit=dataclasses.replace(report.edit, version=dataclasses.replace(report.edit.version, parent_evaluation=None)))
     page = render_report(report)
     assert "<h2>Suggested head edit</h2>" in page and "explaind head-versions promote v2tench" in page
-    assert "<th>metric</th>" not in page and "evaluated-on" not in page and page.endswith("</body></html>")
+    assert "<th scope='col'>metric</th>" not in page and "evaluated-on" not in page and page.endswith("</body></html>")
 
 
 def test_the_page_reads_each_number_in_its_own_column():
     page = render_report(_edited_report())
     # The ranking: each ratio under its heading, ω signed; only a shown neuron links to its images.
-    assert "<tr><td><a href='#neuron-7'>7</a></td><td class='text'>both</td><td>25%</td><td>75%</td><td>-1.000</td><td>0.900</td>" in page
-    assert "<tr><td>8</td><td class='text'>insufficient</td><td>50%</td><td>0%</td><td>+0.250</td><td>1.200</td>" in page
+    assert "<tr><th scope='row'><a href='#neuron-7'>7</a></th><td class='text'>both</td><td>25%</td><td>75%</td><td>-1.000</td><td>0.900</td>" in page
+    assert "<tr><th scope='row'>8</th><td class='text'>insufficient</td><td>50%</td><td>0%</td><td>+0.250</td><td>1.200</td>" in page
     assert "#neuron-8" not in page
     # The neuron's card: its ranked importance beside the image's own measures.
     rows = table(page)
     assert rows["importance"] == ["0.900"] and rows["activation α"] == ["1.000"] and rows["mask area"] == ["50%"]
     # The edit: its parent's numbers, then its own, then the change.
-    assert "<tr><th>metric</th><th>v1tench</th><th>v2tench</th><th>change</th></tr>" in page
+    assert "<tr><th scope='col'>metric</th><th scope='col'>v1tench</th><th scope='col'>v2tench</th><th scope='col'>change</th></tr>" in page
     assert rows["overall accuracy"] == ["0.500", "0.625", "+0.125"] and rows["class goldfish"] == ["0.750", "0.500", "-0.250"]
 
 
@@ -1191,12 +1191,12 @@ def test_a_ranking_with_resamples_shows_each_neuron_s_stability_in_a_column_the_
     report = _edited_report()
     neurons = [dataclasses.replace(n, stability=share) for n, share in zip(report.ranking.neurons, (1.0, 0.25))]
     page = render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=neurons, stability_resamples=200)))
-    assert "<th>importance</th><th>stability</th><th class='text'>top classes</th>" in page
+    assert "<th scope='col'>importance</th><th scope='col'>stability</th><th scope='col' class='text'>top classes</th>" in page
     assert "<td>-1.000</td><td>0.900</td><td>100%</td><td class='names'>tench</td>" in page and "<td>1.200</td><td>25%</td>" in page
     assert "<b>stability</b>: the share of 200 bootstrap resamples of the mistakes" in page
     assert "stability" not in render_report(report)  # none asked for (or an older server): no column of zeros
     one = render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=neurons, stability_resamples=1)))
-    assert "<th>stability</th>" in one and "the share of 1 bootstrap resamples" in one  # one is some
+    assert "<th scope='col'>stability</th>" in one and "the share of 1 bootstrap resamples" in one  # one is some
     stopped = render_report(dataclasses.replace(report, ranking=dataclasses.replace(
         report.ranking, neurons=neurons, stability_resamples=50, stability_resamples_requested=200)))
     assert "the share of 50 bootstrap resamples (of 200 asked: a time limit stopped the rest) of the mistakes" in stopped
@@ -1246,7 +1246,7 @@ def test_mistakes_without_a_neuron_past_the_cut_say_so_instead_of_a_table():
     report = _imagenet_sized_report(64, {"goldfish": 2}, ["tench"])
     page = render_report(dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=[]), visualizations=[]))
     assert "<p id='no-neurons'>No neuron passed the cut ratio; nothing to visualise or edit.</p>" in page
-    assert "no-mistakes" not in page and "<th>neuron</th>" not in page
+    assert "no-mistakes" not in page and "<th scope='col'>neuron</th>" not in page
 
 
 def test_a_ranking_of_few_mistakes_is_read_with_a_caution_and_one_of_ten_without():
@@ -1652,8 +1652,124 @@ def test_each_number_is_announced_with_the_label_of_its_row():
     page = render_report(_edited_report())
     for label in ("samples in the set", "predicted instead as", "activation α", "mask area", "overall accuracy", "class goldfish"):
         assert f"<tr><th scope='row'>{label}</th><td" in page
-    # Every row of the mistakes (4), the neuron's card (6) and the edit's (4) tables; the ranking's are led by their neuron.
-    assert page.count("<th scope='row'>") == 4 + 6 + 4
+    # Every row of the mistakes (4), the ranking (2, led by its neuron), the neuron's card (6) and the edit's (4) tables.
+    assert page.count("<th scope='row'>") == 4 + 2 + 6 + 4
+
+
+class _Element:
+    """One element of a parsed page: its tag, attributes, children and text (its own and its children's)."""
+
+    def __init__(self, tag: str, attrs: dict[str, str | None], parent: "_Element | None"):
+        self.tag, self.attrs, self.parent, self.children, self.text = tag, attrs, parent, [], ""
+
+    def walk(self) -> Iterator["_Element"]:
+        """Every element inside this one, in the page's order."""
+        for child in self.children:
+            yield child
+            yield from child.walk()
+
+    def iter(self, tag: str) -> Iterator["_Element"]:
+        return (element for element in self.walk() if element.tag == tag)
+
+
+def _parsed(page: str) -> _Element:
+    """``page`` as a tree of elements, by html.parser, as a screen reader's browser would build it."""
+    from html.parser import HTMLParser
+
+    void = {"meta", "img", "br"}
+
+    class Tree(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.root = self.current = _Element("#document", {}, None)
+
+        def handle_starttag(self, tag, attrs):
+            element = _Element(tag, dict(attrs), self.current)
+            self.current.children.append(element)
+            if tag not in void:
+                self.current = element
+
+        def handle_endtag(self, tag):
+            assert self.current.tag == tag, f"</{tag}> closes <{self.current.tag}>"
+            self.current = self.current.parent
+
+        def handle_data(self, data):
+            element = self.current
+            while element is not None:
+                element.text += data
+                element = element.parent
+
+    tree = Tree()
+    tree.feed(page)
+    tree.close()
+    assert tree.current is tree.root, f"<{tree.current.tag}> left open"
+    return tree.root
+
+
+def _full_report():
+    """_edited_report with every part a page can show at once: stability, a flipped visualisation, the edit's table."""
+    import dataclasses
+
+    report = _edited_report()
+    neurons = [dataclasses.replace(n, stability=0.5) for n in report.ranking.neurons]
+    flipped = _visualized([(7, -0.1)], epsilon=0.05)
+    return dataclasses.replace(report, ranking=dataclasses.replace(report.ranking, neurons=neurons, stability_resamples=200),
+                               visualizations=flipped.visualizations, visualization_results=[flipped])
+
+
+def _table_names_read_aloud(page: str) -> list[str]:
+    """The names of ``page``'s tables, having checked what WCAG 2.1 AA asks of the page's
+    structure: a language and a title, one h1 and no heading level skipped, each table
+    named and each of its cells under a header whose scope says which, links that say where
+    they go, nothing said only in a tooltip, and each image's alt naming its neuron and class."""
+    (page_element,) = _parsed(page).iter("html")
+    assert page_element.attrs["lang"] == "en"
+    (title,) = page_element.iter("title")
+    assert title.text.strip()
+    headings = [int(element.tag[1]) for element in page_element.walk() if re.fullmatch(r"h[1-6]", element.tag)]
+    assert headings[0] == 1 and headings.count(1) == 1
+    assert all(level <= previous + 1 for previous, level in zip(headings, headings[1:])), headings
+    names = []
+    for table_element in page_element.iter("table"):
+        captions = list(table_element.iter("caption"))
+        names.append((table_element.attrs.get("aria-label") or "").strip() or (captions[0].text.strip() if captions else ""))
+        assert names[-1], table_element.text[:60]
+        for header in table_element.iter("th"):
+            assert header.attrs.get("scope") == ("col" if header.parent.parent.tag == "thead" else "row"), header.text
+        for row in table_element.iter("tr"):
+            if row.parent.tag != "thead":
+                assert row.children[0].tag == "th", row.text  # every number read with its row's label
+    ids = {element.attrs["id"] for element in page_element.walk() if "id" in element.attrs}
+    for link in page_element.iter("a"):
+        assert link.text.strip() and link.attrs["href"].lstrip("#") in ids, link.attrs
+    assert not [element.tag for element in page_element.walk() if "title" in element.attrs]
+    for image in page_element.iter("img"):
+        assert re.fullmatch(rf"neuron {image.attrs['data-neuron']}, class .+: (an image optimised|the same image, the regions).*", image.attrs["alt"])
+    return names
+
+
+def test_the_page_s_structure_reads_aloud_as_wcag_aa_asks():
+    # Its tables had no name and the ranking's and the edit's column headings no scope: a
+    # screen reader listing the page's tables read "table, table, table", and a number in
+    # the ranking was read without the neuron of its row.
+    assert _table_names_read_aloud(render_report(_full_report())) == [
+        "the mistakes on class tench", "neurons ranked by the mistakes on class tench", "neuron 7, class tench: measures",
+        "accuracy of head version v1tench and of the edited v2tench"]
+
+
+def test_a_served_report_s_page_reads_aloud_as_wcag_aa_asks(client):
+    from explaind.world.scenarios import get_scenario
+
+    batch = get_scenario("spurious_background").dataset("test", size=100).all()
+    client.create_sample_set(batch.images, batch.labels, sample_set_id="read-aloud",
+                             attributes=[{"background": str(b)} for b in batch.attributes["background"]])
+    report = build_report(client, "heart", "read-aloud", max_neurons=2, steps=2, group_attribute="background")
+    assert report.visualizations and report.edit is not None  # every kind of table on the page
+    names = _table_names_read_aloud(render_report(report))
+    version = report.edit.version
+    assert names == ["the mistakes on class heart", "neurons ranked by the mistakes on class heart",
+                     *(f"neuron {v.neuron}, class {v.class_name}: measures" for v in report.visualizations),
+                     f"accuracy of head version {version.parent_version_id} and of the edited {version.version_id}"]
 
 
 def _visualized(neurons_similarities: list[tuple[int, float]], epsilon: float | None, method: str = "clip_illusion"):

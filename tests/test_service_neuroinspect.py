@@ -3462,7 +3462,7 @@ def test_report_is_one_self_contained_page_that_chromium_renders(client, server,
             decoded = Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1])))
             assert decoded.size == (64, 64) and "data-upscaled" in image  # shown as crisp pixels in the 128 px box
     for neuron in ranking.neurons:  # each row links to its neuron's images
-        assert f"<tr><td><a href='#neuron-{neuron.neuron}'>{neuron.neuron}</a></td>" in page and f"id='neuron-{neuron.neuron}'" in page
+        assert f"<tr><th scope='row'><a href='#neuron-{neuron.neuron}'>{neuron.neuron}</a></th>" in page and f"id='neuron-{neuron.neuron}'" in page
     assert "id='ranking-legend'" in page and "id='visualization-legend'" in page  # what the numbers mean
     assert "Suggested head edit" in page and "overall accuracy" in page
     stored = re.search(r"<code>explaind head-versions promote (v\d+)</code>", page).group(1)

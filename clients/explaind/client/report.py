@@ -733,7 +733,7 @@ def render_report(report: MistakeReport) -> str:
         f"<h1>Why the classifier gets <em>{escape(ranking.class_name)}</em> wrong</h1>",
         f"<p class='muted'>sample set {escape(ranking.sample_set_id)} · model {escape(ranking.model_version)} · solver {escape(ranking.solver)}</p>",
         _flipped_warning(flipped, len(report.visualizations)),
-        "<h2>Mistakes</h2><table>",
+        f"<h2>Mistakes</h2><table aria-label='the mistakes on class {escape(ranking.class_name)}'>",
         f"<tr><th scope='row'>samples in the set</th><td>{ranking.sample_count}</td></tr>",
         f"<tr><th scope='row'>mistakes on <span class='names'>{escape(ranking.class_name)}</span></th><td>{ranking.mistake_count}</td></tr>",
         f"<tr><th scope='row'>counterfactuals that flip the prediction</th><td>{ranking.converged_count}</td></tr>",
@@ -745,13 +745,17 @@ def render_report(report: MistakeReport) -> str:
         parts.append(f"<p id='few-mistakes' class='warning'>{escape(few[0].upper() + few[1:])}.</p>")
     if ranking.neurons:
         # The header rows in <thead>: printed, each page of a long ranking repeats them over its numbers.
+        # Each row led by its neuron as the row's header: a screen reader reads a number with its neuron and its column.
         stable = ranking.stability_resamples > 0
-        parts.append("<table><thead><tr><th>neuron</th><th class='text'>direction</th><th>insufficient</th><th>excessive</th><th>mean ω</th>"
-                     f"<th>importance</th>{'<th>stability</th>' if stable else ''}<th class='text'>top classes</th></tr></thead><tbody>")
+        stability = "<th scope='col'>stability</th>" if stable else ""
+        parts.append(f"<table aria-label='neurons ranked by the mistakes on class {escape(ranking.class_name)}'><thead><tr>"
+                     "<th scope='col'>neuron</th><th scope='col' class='text'>direction</th><th scope='col'>insufficient</th>"
+                     "<th scope='col'>excessive</th><th scope='col'>mean ω</th><th scope='col'>importance</th>"
+                     f"{stability}<th scope='col' class='text'>top classes</th></tr></thead><tbody>")
         for n in ranking.neurons:
             neuron = f"<a href='#neuron-{n.neuron}'>{n.neuron}</a>" if n.neuron in shown else str(n.neuron)
             parts.append(
-                f"<tr><td>{neuron}</td><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
+                f"<tr><th scope='row'>{neuron}</th><td class='text'>{escape(n.direction)}</td><td>{n.insufficient_ratio:.0%}</td><td>{n.excessive_ratio:.0%}</td>"
                 f"<td>{_signed(n.mean_omega)}</td><td>{_number(n.importance)}</td>{f'<td>{n.stability:.0%}</td>' if stable else ''}"
                 f"<td class='names'>{_class_list(n.top_classes)}</td></tr>"
             )
@@ -793,7 +797,7 @@ def render_report(report: MistakeReport) -> str:
                 f"src='{image_data_uri(image)}'> "
                 f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='{subject}: the same image, the regions where the neuron fires "
                 f"little dimmed' src='{image_data_uri(masked_image)}'>{warning}"
-                f"<table><tr><th scope='row'>activation α</th><td>{_number(v.activation)}</td></tr><tr><th scope='row'>logit</th><td>{_number(v.logit)}</td></tr>"
+                f"<table aria-label='{subject}: measures'><tr><th scope='row'>activation α</th><td>{_number(v.activation)}</td></tr><tr><th scope='row'>logit</th><td>{_number(v.logit)}</td></tr>"
                 f"<tr><th scope='row'>importance</th><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
                 f"<tr><th scope='row'>CLIP similarity</th><td>{_number(v.clip_similarity)}</td></tr><tr><th scope='row'>core relevance</th><td>{_number(v.core_relevance)}</td></tr>"
                 f"<tr><th scope='row'>mask area</th><td>{v.mask_fraction:.0%}</td></tr></table></figure>"
@@ -825,8 +829,9 @@ def render_report(report: MistakeReport) -> str:
             f"{', '.join(map(str, version.neurons))} on the decision for <em>{escape(version.class_name)}</em>. {_edit_storage(report)}</p>"
         )
         if version.evaluation is not None and version.parent_evaluation is not None:
-            parts.append(f"<table class='evaluation'><thead><tr><th>metric</th><th>{escape(version.parent_version_id)}</th><th>{escape(version.version_id)}</th>"
-                         "<th>change</th></tr></thead><tbody>")
+            parts.append(f"<table class='evaluation' aria-label='accuracy of head version {escape(version.parent_version_id)} and of the edited "
+                         f"{escape(version.version_id)}'><thead><tr><th scope='col'>metric</th><th scope='col'>{escape(version.parent_version_id)}</th>"
+                         f"<th scope='col'>{escape(version.version_id)}</th><th scope='col'>change</th></tr></thead><tbody>")
             parts.append(_evaluation_rows(version.parent_evaluation, version.evaluation, version.class_name))
             parts.append(f"</tbody></table><p class='muted' id='evaluated-on'>Evaluated on {escape(report.evaluated_on)}.</p>")
     elif ranking.neurons and report.edit_at_head_version_limit:
