@@ -1717,6 +1717,21 @@ def _full_report():
                                visualizations=flipped.visualizations, visualization_results=[flipped])
 
 
+def _table_name_read_aloud(table_element: _Element) -> str:
+    """The name of a parsed table, having checked that it has one (its aria-label or
+    caption) and that each of its cells is under a header whose scope says which: its
+    column headings in its thead, and a heading leading each other row."""
+    captions = list(table_element.iter("caption"))
+    name = (table_element.attrs.get("aria-label") or "").strip() or (captions[0].text.strip() if captions else "")
+    assert name, table_element.text[:60]
+    for header in table_element.iter("th"):
+        assert header.attrs.get("scope") == ("col" if header.parent.parent.tag == "thead" else "row"), header.text
+    for row in table_element.iter("tr"):
+        if row.parent.tag != "thead":
+            assert row.children[0].tag == "th", row.text  # every number read with its row's label
+    return name
+
+
 def _table_names_read_aloud(page: str) -> list[str]:
     """The names of ``page``'s tables, having checked what WCAG 2.1 AA asks of the page's
     structure: a language and a title, one h1 and no heading level skipped, each table
@@ -1729,16 +1744,7 @@ def _table_names_read_aloud(page: str) -> list[str]:
     headings = [int(element.tag[1]) for element in page_element.walk() if re.fullmatch(r"h[1-6]", element.tag)]
     assert headings[0] == 1 and headings.count(1) == 1
     assert all(level <= previous + 1 for previous, level in zip(headings, headings[1:])), headings
-    names = []
-    for table_element in page_element.iter("table"):
-        captions = list(table_element.iter("caption"))
-        names.append((table_element.attrs.get("aria-label") or "").strip() or (captions[0].text.strip() if captions else ""))
-        assert names[-1], table_element.text[:60]
-        for header in table_element.iter("th"):
-            assert header.attrs.get("scope") == ("col" if header.parent.parent.tag == "thead" else "row"), header.text
-        for row in table_element.iter("tr"):
-            if row.parent.tag != "thead":
-                assert row.children[0].tag == "th", row.text  # every number read with its row's label
+    names = [_table_name_read_aloud(table_element) for table_element in page_element.iter("table")]
     ids = {element.attrs["id"] for element in page_element.walk() if "id" in element.attrs}
     for link in page_element.iter("a"):
         assert link.text.strip() and link.attrs["href"].lstrip("#") in ids, link.attrs

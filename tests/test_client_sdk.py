@@ -3706,6 +3706,23 @@ def test_visualizations_show_their_images_in_a_notebook():
     assert page.count("<tr>") == 3 and "clip_illusion, 40 steps" in page
 
 
+def test_a_notebook_s_table_of_visualizations_reads_aloud_as_the_report_s_tables_do():
+    # The table had no name, its column headings no scope and its rows no heading: a screen
+    # reader moving down the activations read "2.5" without the neuron of its row, where the
+    # report's tables (test_client_report's check, the same here) name their neuron.
+    from test_client_report import _parsed, _table_name_read_aloud
+
+    from explaind.client import NeuronVisualization, NeuronVisualizations
+
+    shown = NeuronVisualization(neuron=8, class_index=1, class_name="square", image=None, masked_image=None, activation=2.5,
+                                logit=20.1, clip_similarity=-0.5, core_relevance=0.1, mask_fraction=0.25)
+    result = NeuronVisualizations(model_version="m'1", method="clip_illusion", steps=40, visualizations=[shown], epsilon=0.25)
+    (table,) = _parsed(result._repr_html_()).iter("table")
+    assert _table_name_read_aloud(table) == "1 neuron visualised with clip_illusion, 40 steps (epsilon 0.25), against head m'1"
+    assert [header.text for header in table.iter("th")] == [
+        "neuron", "class", "activation", "logit", "CLIP similarity", "mask", "image", "masked", "8 !"]
+
+
 def test_visualizations_whose_clip_similarity_plus_epsilon_is_not_positive_are_flagged_in_their_summary_and_notebook_table():
     # CLIP-Illusion's loss −(cos + ε)(α_n + γ l_c) rewards a lower activation where
     # cos + ε ≤ 0: such an image is meaningless, and nothing said so. One at exactly 0.
@@ -3730,7 +3747,7 @@ def test_visualizations_whose_clip_similarity_plus_epsilon_is_not_positive_are_f
         warning,
     ]
     page = result._repr_html_()
-    assert "<td>8</td>" in page and "<td>21 !</td>" in page and "<td>34 !</td>" in page
+    assert "<th scope='row'>8</th>" in page and "<th scope='row'>21 !</th>" in page and "<th scope='row'>34 !</th>" in page
     assert page.endswith(f"</table><p>{html.escape(warning)}</p>") and "(gamma 0.5, epsilon 0.25, learning rate 0.009, seed 7)" in page
     # With a larger ε, or none (another method, an older server), nothing is flagged.
     for healthy_result in (dataclasses.replace(result, epsilon=0.5 + 1 / 64), dataclasses.replace(result, method="no_clip", epsilon=None)):

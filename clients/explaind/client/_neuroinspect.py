@@ -236,12 +236,17 @@ class NeuronVisualizations(AbbreviatedRepr):
                 "the loss rewarded a lower activation; raise epsilon (visualize_neurons(epsilon=...), explaind visualize --epsilon, "
                 "or the server's [clip].illusion_epsilon)")
 
+    def _described(self) -> str:
+        """What the result holds: "3 neurons visualised with clip_illusion, 40 steps, against
+        head m.1" (the summary's first line, the notebook table's name)."""
+        count = len(self.visualizations)
+        return f"{count} neuron{'' if count == 1 else 's'} visualised with {self._made_with()}, against head {self.model_version}"
+
     def summary(self) -> str:
         """As ``explaind visualize`` prints it: how the images were made, one line per
         visualisation with its scores, and a warning marking those whose clip_similarity
         + epsilon ≤ 0."""
-        count = len(self.visualizations)
-        lines = [f"{count} neuron{'' if count == 1 else 's'} visualised with {self._made_with()}, against head {self.model_version}:"]
+        lines = [f"{self._described()}:"]
         for v in self.visualizations:
             similarity = "n/a (no CLIP)" if math.isnan(v.clip_similarity) else f"{v.clip_similarity:.3f}"
             lines.append(f"neuron {v.neuron:>3} as {escape_controls(v.class_name)}: activation {v.activation:.3f}, logit {v.logit:.3f}, "
@@ -253,15 +258,19 @@ class NeuronVisualizations(AbbreviatedRepr):
     def _repr_html_(self) -> str:
         """A notebook shows the images, not their PIL reprs: a table with one row per
         visualisation (its numbers, image and masked image inlined as PNG), a flipped one
-        marked !, then the warning for those."""
+        marked !, then the warning for those. Marked up as the report's tables: named, each
+        column heading scoped, each row headed by its neuron, so a screen reader reads a
+        number with its neuron and its column."""
         rows = "".join(
-            f"<tr><td>{v.neuron}{' !' if self._flips(v) else ''}</td><td>{html.escape(v.class_name)}</td><td>{v.activation:.3g}</td><td>{v.logit:.3g}</td>"
-            f"<td>{v.clip_similarity:.3g}</td><td>{v.mask_fraction:.0%}</td><td>{_html_image(v.image)}</td><td>{_html_image(v.masked_image)}</td></tr>"
+            f"<tr><th scope='row'>{v.neuron}{' !' if self._flips(v) else ''}</th><td>{html.escape(v.class_name)}</td><td>{v.activation:.3g}</td>"
+            f"<td>{v.logit:.3g}</td><td>{v.clip_similarity:.3g}</td><td>{v.mask_fraction:.0%}</td><td>{_html_image(v.image)}</td>"
+            f"<td>{_html_image(v.masked_image)}</td></tr>"
             for v in self.visualizations)
+        headings = "".join(f"<th scope='col'>{name}</th>" for name in ("neuron", "class", "activation", "logit", "CLIP similarity", "mask", "image", "masked"))
         warning = self._flipped_warning()
         return (f"<p>{html.escape(self._made_with())}, model {html.escape(self.model_version)}</p>"
-                f"<table><tr><th>neuron</th><th>class</th><th>activation</th><th>logit</th><th>CLIP similarity</th><th>mask</th><th>image</th>"
-                f"<th>masked</th></tr>{rows}</table>{f'<p>{html.escape(warning)}</p>' if warning else ''}")
+                f"<table aria-label='{html.escape(self._described())}'><thead><tr>{headings}</tr></thead><tbody>{rows}</tbody></table>"
+                f"{f'<p>{html.escape(warning)}</p>' if warning else ''}")
 
 
 def _html_image(image: Image | None) -> str:
