@@ -3710,17 +3710,28 @@ def test_a_notebook_s_table_of_visualizations_reads_aloud_as_the_report_s_tables
     # The table had no name, its column headings no scope and its rows no heading: a screen
     # reader moving down the activations read "2.5" without the neuron of its row, where the
     # report's tables (test_client_report's check, the same here) name their neuron.
+    # Its images had no alt at all: read out as "image", or as their file of base64.
+    import dataclasses
+
+    from PIL import Image
     from test_client_report import _parsed, _table_name_read_aloud
 
     from explaind.client import NeuronVisualization, NeuronVisualizations
 
-    shown = NeuronVisualization(neuron=8, class_index=1, class_name="square", image=None, masked_image=None, activation=2.5,
+    image = Image.new("RGB", (64, 64), (200, 10, 10))
+    shown = NeuronVisualization(neuron=8, class_index=1, class_name="square's", image=image, masked_image=image, activation=2.5,
                                 logit=20.1, clip_similarity=-0.5, core_relevance=0.1, mask_fraction=0.25)
-    result = NeuronVisualizations(model_version="m'1", method="clip_illusion", steps=40, visualizations=[shown], epsilon=0.25)
-    (table,) = _parsed(result._repr_html_()).iter("table")
-    assert _table_name_read_aloud(table) == "1 neuron visualised with clip_illusion, 40 steps (epsilon 0.25), against head m'1"
+    unread = dataclasses.replace(shown, neuron=21, image=None, masked_image=None, clip_similarity=0.5)  # result(download=False): no image
+    result = NeuronVisualizations(model_version="m'1", method="clip_illusion", steps=40, visualizations=[shown, unread], epsilon=0.25)
+    page = _parsed(result._repr_html_())
+    (table,) = page.iter("table")
+    assert _table_name_read_aloud(table) == "2 neurons visualised with clip_illusion, 40 steps (epsilon 0.25), against head m'1"
     assert [header.text for header in table.iter("th")] == [
-        "neuron", "class", "activation", "logit", "CLIP similarity", "mask", "image", "masked", "8 !"]
+        "neuron", "class", "activation", "logit", "CLIP similarity", "mask", "image", "masked", "8 !", "21"]
+    # The report's words for the same images.
+    assert [image.attrs["alt"] for image in page.iter("img")] == [
+        "neuron 8, class square's: an image optimised to make the neuron fire",
+        "neuron 8, class square's: the same image, the regions where the neuron fires little dimmed"]
 
 
 def test_visualizations_whose_clip_similarity_plus_epsilon_is_not_positive_are_flagged_in_their_summary_and_notebook_table():

@@ -191,6 +191,15 @@ class NeuronVisualization:
     masked_image_artifact: str = ""
 
 
+def visualization_alts(visualization: NeuronVisualization) -> tuple[str, str]:
+    """The alt texts of a visualisation's image and masked image (plain text, to escape),
+    the report's and the notebook's: each names its neuron and class and says what it is,
+    read out alone by a screen reader or where the image is not shown."""
+    subject = f"neuron {visualization.neuron}, class {visualization.class_name}"
+    return (f"{subject}: an image optimised to make the neuron fire",
+            f"{subject}: the same image, the regions where the neuron fires little dimmed")
+
+
 @dataclass(frozen=True, repr=False)
 class NeuronVisualizations(AbbreviatedRepr):
     """Result of ``visualize_neurons``: how the images were made, and one visualisation
@@ -261,11 +270,12 @@ class NeuronVisualizations(AbbreviatedRepr):
         marked !, then the warning for those. Marked up as the report's tables: named, each
         column heading scoped, each row headed by its neuron, so a screen reader reads a
         number with its neuron and its column."""
+        alts = [visualization_alts(v) for v in self.visualizations]
         rows = "".join(
             f"<tr><th scope='row'>{v.neuron}{' !' if self._flips(v) else ''}</th><td>{html.escape(v.class_name)}</td><td>{v.activation:.3g}</td>"
-            f"<td>{v.logit:.3g}</td><td>{v.clip_similarity:.3g}</td><td>{v.mask_fraction:.0%}</td><td>{_html_image(v.image)}</td>"
-            f"<td>{_html_image(v.masked_image)}</td></tr>"
-            for v in self.visualizations)
+            f"<td>{v.logit:.3g}</td><td>{v.clip_similarity:.3g}</td><td>{v.mask_fraction:.0%}</td><td>{_html_image(v.image, image_alt)}</td>"
+            f"<td>{_html_image(v.masked_image, masked_alt)}</td></tr>"
+            for v, (image_alt, masked_alt) in zip(self.visualizations, alts))
         headings = "".join(f"<th scope='col'>{name}</th>" for name in ("neuron", "class", "activation", "logit", "CLIP similarity", "mask", "image", "masked"))
         warning = self._flipped_warning()
         return (f"<p>{html.escape(self._made_with())}, model {html.escape(self.model_version)}</p>"
@@ -273,12 +283,12 @@ class NeuronVisualizations(AbbreviatedRepr):
                 f"{f'<p>{html.escape(warning)}</p>' if warning else ''}")
 
 
-def _html_image(image: Image | None) -> str:
+def _html_image(image: Image | None, alt: str) -> str:
     """An ``<img>`` of ``image`` inlined as the report inlines it, at least its box wide;
     a dash for None (a result read with download=False)."""
     if image is None:
         return "–"
-    return f'<img src="{image_data_uri(image)}" width="{max(image.width, IMAGE_BOX)}" style="image-rendering: pixelated">'
+    return f'<img src="{image_data_uri(image)}" alt="{html.escape(alt)}" width="{max(image.width, IMAGE_BOX)}" style="image-rendering: pixelated">'
 
 
 @dataclass(frozen=True, repr=False)

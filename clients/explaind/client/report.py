@@ -28,7 +28,7 @@ from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, Operati
 from ._images import IMAGE_BOX, image_data_uri
 from ._interrupted import followed_ranking, following, started_job
 from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, STEPS_LIMIT_OF_OLDER_SERVERS, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
-                            RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note)
+                            RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note, visualization_alts)
 from ._operations import cancel_outcome
 from ._types import escape_controls
 
@@ -784,6 +784,7 @@ def render_report(report: MistakeReport) -> str:
             # Each image's alt names its neuron and class and says what it is: read out alone
             # (a screen reader, a page printed without images), "neuron 7 masked" said neither.
             subject = f"neuron {v.neuron}, class {escape(v.class_name)}"
+            image_alt, masked_alt = map(escape, visualization_alts(v))
             result = result_of.get(id(v))
             settings = f"<br><span class='muted settings'>{escape(result._made_with())}</span>" if result is not None else ""
             # Said in words beside the images, not by the card's colour alone.
@@ -793,10 +794,9 @@ def render_report(report: MistakeReport) -> str:
             parts.append(
                 f"<figure class='neuron{' flipped' if warning else ''}' id='neuron-{v.neuron}'><figcaption><b>neuron {v.neuron}</b> · "
                 f"class {escape(v.class_name)}{settings}</figcaption>"
-                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='{subject}: an image optimised to make the neuron fire' "
+                f"<img class='visualization' data-neuron='{v.neuron}'{upscaled} alt='{image_alt}' "
                 f"src='{image_data_uri(image)}'> "
-                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='{subject}: the same image, the regions where the neuron fires "
-                f"little dimmed' src='{image_data_uri(masked_image)}'>{warning}"
+                f"<img class='mask' data-neuron='{v.neuron}'{upscaled} alt='{masked_alt}' src='{image_data_uri(masked_image)}'>{warning}"
                 f"<table aria-label='{subject}: measures'><tr><th scope='row'>activation α</th><td>{_number(v.activation)}</td></tr><tr><th scope='row'>logit</th><td>{_number(v.logit)}</td></tr>"
                 f"<tr><th scope='row'>importance</th><td>{_number(ranked.importance if ranked else math.nan)}</td></tr>"
                 f"<tr><th scope='row'>CLIP similarity</th><td>{_number(v.clip_similarity)}</td></tr><tr><th scope='row'>core relevance</th><td>{_number(v.core_relevance)}</td></tr>"
