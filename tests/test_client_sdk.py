@@ -622,6 +622,59 @@ def test_a_call_that_asks_the_limits_first_waits_out_a_server_down_once_within_i
         server.stop(0)
 
 
+def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_timeout(monkeypatch):
+    # A server still loading that answered the ask for the limits 3.5 s into a timeout of 4
+    # gave the call's first request 4 s more: the call took twice its timeout.
+    class LoadingThenTimed(_LoadingSampleSets, inference_pb2_grpc.InferenceServiceServicer):
+        """Metadata (a batch of 1: one image per Predict) once loaded; each request's time left."""
+
+        left_s: list[float]
+
+        def GetModelMetadata(self, request, context):
+            self._attempt("GetModelMetadata", context)
+            return inference_pb2.GetModelMetadataResponse(batching=inference_pb2.BatchingInfo(max_batch_size=1))
+
+        def Predict(self, request, context):
+            self.left_s.append(context.time_remaining())
+            return inference_pb2.PredictResponse(predictions=[inference_pb2.Prediction() for _ in request.images])
+
+        def CreateSampleSet(self, request, context):
+            from explaind.v1 import sample_sets_pb2
+
+            self.left_s.append(context.time_remaining())
+            set_ = sample_sets_pb2.SampleSet(sample_set_id="s", uid="u", uploading=request.upload_continues)
+            return sample_sets_pb2.CreateSampleSetResponse(sample_set=set_)
+
+        def AppendSamples(self, request, context):
+            from explaind.v1 import sample_sets_pb2
+
+            self.left_s.append(context.time_remaining())
+            set_ = sample_sets_pb2.SampleSet(sample_set_id="s", uid="u", uploading=not request.finish_upload)
+            return sample_sets_pb2.AppendSamplesResponse(sample_set=set_)
+
+    def add_both(servicer, server) -> None:
+        sample_sets_pb2_grpc.add_SampleSetServiceServicer_to_server(servicer, server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+
+    # On a skipping clock: the ask's tries at 0, 0.5, ... 3.5 s (RetryInfo 0.5 s) cost no wall
+    # time; the server is ready from 3.2 s, so the try at 3.5 s is answered, 0.5 s before the end.
+    clock = _skipping_sdk_clock(monkeypatch)
+    servicer = LoadingThenTimed(loading_s=0, retry_delay_s=0.5, clock=clock)
+    server, target = _serve(servicer, add=add_both)
+    try:
+        # predict's own timeout, and an upload's, the client's: each client asks the limits once.
+        for call in (lambda client: client.predict([IMAGE, IMAGE], timeout=4),
+                     lambda client: client.create_sample_set([IMAGE, IMAGE], [0, 0], chunk_size=1)):
+            with Client(target, timeout=4) as client:
+                assert client.sample_set("s").sample_set_id == "s"  # reached once: its loading is waited out
+                servicer.ready_at, servicer.left_s = clock.monotonic() + 3.2, []
+                call(client)
+            first, second = sorted(servicer.left_s)  # a predict's two requests are in flight at once
+            assert 0 < first < 1 and second > 3.5  # 0.5 s, but for gRPC rounding its deadline up
+    finally:
+        server.stop(0)
+
+
 def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once(monkeypatch):
     from explaind.client import UnavailableError
 

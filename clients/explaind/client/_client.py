@@ -993,7 +993,8 @@ class Client:
         server's batch size (``model_metadata().max_batch_size``, one forward pass of its
         model, so that each request's time is one batch's whatever the list's length: 800
         images of 224² in one ran past 30 s on a CPU), and within its image, pixel and
-        message limits, each with ``timeout`` (seconds); a head promoted in between shows
+        message limits, each with ``timeout`` (seconds; the first, what asking those limits
+        left of it, once per client); a head promoted in between shows
         in the predictions' ``model_version``. ``return_features``: each Prediction's
         ``features``, the image's (D,) float32 penultimate features.
 
@@ -1040,12 +1041,12 @@ class Client:
         chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True,
                                      timeout=timeout)
         requests = ((_request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features,
-                              partial_failure=partial_failure), len(chunk))
-                    for chunk in chunks)
+                              partial_failure=partial_failure), len(chunk), chunk_timeout)
+                    for chunk, chunk_timeout in chunks)
         offset = 0  # of the next request's first image in the caller's list
         try:
-            with contextlib.closing(self._pipelined_calls("inference", "Predict", requests, count, 1 if count == 1 else max_in_flight,
-                                                          timeout=timeout)) as responses:
+            with contextlib.closing(self._pipelined_calls("inference", "Predict", requests, count,
+                                                          1 if count == 1 else max_in_flight)) as responses:
                 for response in responses:
                     features = float32_array(response.features) if response.HasField("features") else None
                     for i, p in enumerate(response.predictions):
@@ -1079,10 +1080,10 @@ class Client:
                                   f"{PARTIAL_FAILURE_CAPABILITY!r} capability: an older release, which fails the whole request for one "
                                   "image); upgrade it, or predict without partial_failure")
 
-    def _pipelined_calls(self, service: str, method: str, requests: Iterator[tuple[Any, int]], total: int | None, max_in_flight: int, *,
-                         timeout: float | None) -> Generator[Any, None, None]:
+    def _pipelined_calls(self, service: str, method: str, requests: Iterator[tuple[Any, int, float | None]], total: int | None,
+                         max_in_flight: int) -> Generator[Any, None, None]:
         """The answers, in order, to the requests of a split call (each with its count of
-        items), up to ``max_in_flight`` of them in flight at once in threads of the call's
+        items and its timeout, as :meth:`_request_chunks` gives them), up to ``max_in_flight`` of them in flight at once in threads of the call's
         own, and no more than the server's max_calls_per_caller (one more would be refused)
         nor more items than its max_queued_images_per_caller unless one request alone
         (both known once ``requests``, made by :meth:`_request_chunks`, has read the
@@ -1095,7 +1096,7 @@ class Client:
         itself: they end after."""
         offset = 0
         if max_in_flight == 1:  # no thread to start or hand over to
-            for request, items in requests:
+            for request, items, timeout in requests:
                 yield self._call_at(offset, total, service, method, request, timeout=timeout)
                 offset += items
             return
@@ -1108,7 +1109,7 @@ class Client:
             try:
                 while True:
                     try:
-                        request, items = next(requests)
+                        request, items, timeout = next(requests)
                     except StopIteration:
                         break
                     except Exception as error:  # an image unread: the requests before answer or fail first
@@ -1234,11 +1235,11 @@ class Client:
                            chunk_size: int, display: ProgressDisplay | None, upload_id: str | uuid.UUID | None) -> SampleSet:
         request_ids = _upload_request_ids(upload_id)  # checked before any image is read
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
-        first, last = next(chunks)
+        (first, first_timeout), last = next(chunks)
         request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
                            upload_continues=not last, request_id=next(request_ids))
         try:
-            created = _sample_set(self._call("sample_sets", "CreateSampleSet", request).sample_set)
+            created = _sample_set(self._call("sample_sets", "CreateSampleSet", request, timeout=first_timeout).sample_set)
         except BaseException as error:
             # A Ctrl-C as the answer came, or an answer lost: the set may have been created.
             if request.upload_continues and (not isinstance(error, ExplaindError) or error.code in _NO_ANSWER):
@@ -1255,7 +1256,7 @@ class Client:
         try:
             while True:
                 try:  # reading the next chunk's images may fail here too
-                    chunk, last = next(chunks)
+                    (chunk, chunk_timeout), last = next(chunks)
                 except StopIteration:
                     break
                 except Exception as error:
@@ -1267,7 +1268,7 @@ class Client:
                 # The uid: the set this upload created, never another made under its id meanwhile.
                 append = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=created.sample_set_id, samples=chunk, finish_upload=last,
                                   sample_set_uid=created.uid, request_id=next(request_ids))
-                created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append).sample_set)
+                created = _sample_set(self._call_at(sent, total, "sample_sets", "AppendSamples", append, timeout=chunk_timeout).sample_set)
                 sent, requests = sent + len(chunk), requests + 1
                 _show_upload(display, sent, total, last)
         except BaseException as error:
@@ -1350,12 +1351,12 @@ class Client:
         appended, requests, sending = 0, 0, 0
         try:
             with ProgressDisplay(sample_set_id, unit="sample") if progress else _NO_DISPLAY as display:
-                for chunk in self._request_chunks(samples, chunk_size, _sample_image):
+                for chunk, chunk_timeout in self._request_chunks(samples, chunk_size, _sample_image):
                     # After the first request, the set it appended to: not one made under its id since.
                     request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid,
                                        request_id=next(request_ids))
                     sending = len(chunk)
-                    updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request).sample_set)
+                    updated = _sample_set(self._call_at(appended, total, "sample_sets", "AppendSamples", request, timeout=chunk_timeout).sample_set)
                     appended, uid, requests, sending = appended + len(chunk), updated.uid, requests + 1, 0
                     _show_upload(display, appended, total, appended == total)
         except BaseException as error:
@@ -1367,23 +1368,27 @@ class Client:
         return updated
 
     def _request_chunks(self, items: Iterable[T], max_count: int, image_of: Callable[[T], common_pb2.Image], *,
-                        single: bool = False, batch: bool = False, timeout: float | None = None) -> Iterator[list[T]]:
+                        single: bool = False, batch: bool = False, timeout: float | None = None) -> Iterator[tuple[list[T], float | None]]:
         """Consecutive runs of at most ``max_count`` items (samples or images) and the server's
-        images per request, whose request stays under half the smaller of the client's and
-        the server's message limits (raw 224² arrays are 150 kB each: 512 of them would not
-        fit 64 MiB) and under the server's decoded-pixel limit (512 JPEG photos of 12 MP
+        images per request, each with its request's timeout, whose request stays under half
+        the smaller of the client's and the server's message limits (raw 224² arrays are 150
+        kB each: 512 of them would not fit 64 MiB) and under the server's decoded-pixel limit (512 JPEG photos of 12 MP
         exceed its 128 Mi). An item over either goes alone, for the server to refuse by
         name. Items are taken as the runs are sent, so only one run is in memory; no items
         give one empty run.
         ``single``: there is one item, sent as it is (the common one-image predict skips
         the reads of the server's limits). ``batch``: runs of at most the server's
-        [batching].max_batch_size too (a Predict's). ``timeout``: the requests', for asking
-        the limits too (None: the client's)."""
+        [batching].max_batch_size too (a Predict's). ``timeout``: each request's (None: the
+        client's), the first's shared with the ask for the limits: that request gets what the
+        ask left of it, as a server still loading that answered the ask just in time would
+        otherwise make the call take twice its timeout."""
         _require_count("chunk_size", max_count)
         if single:
-            yield list(items)
+            yield list(items), timeout
             return
+        asking = time.monotonic()
         limits = self._request_limits(timeout)
+        request_timeout: float | None = max((self.timeout if timeout is None else timeout) - (time.monotonic() - asking), 1e-3)
         max_count = min(max_count, limits.max_images_per_request or max_count)  # 0 from an old server: no limit known
         if batch:
             max_count = min(max_count, self._max_batch_size or max_count)
@@ -1394,11 +1399,11 @@ class Client:
         for item in items:
             item_bytes, item_pixels = item.ByteSize() + 8, pixel_count(image_of(item))  # + field tag and length prefix
             if chunk and (len(chunk) == max_count or size + item_bytes > byte_budget or pixels + item_pixels > pixel_budget):
-                yield chunk
-                chunk, size, pixels = [], 0, 0
+                yield chunk, request_timeout
+                chunk, size, pixels, request_timeout = [], 0, 0, timeout
             chunk.append(item)
             size, pixels = size + item_bytes, pixels + item_pixels
-        yield chunk
+        yield chunk, request_timeout
 
     def _call_at(self, offset: int, total: int | None, service: str, method: str, request: Any, **kwargs: Any) -> Any:
         """One request of a split call (items ``offset`` on of ``total``): its failure says
