@@ -429,6 +429,56 @@ def test_an_awaited_result_s_last_look_says_it_tried_over_the_whole_outage(monke
         server.stop(0)
 
 
+class _DeletedAfterItsWait(operations_pb2_grpc.OperationsServiceServicer):
+    """One running operation, whose WaitOperation holds its caller a second past the wait
+    asked (on ``clock``) and answers it still running; deleted after that wait, each
+    GetOperation is NOT_FOUND, as after another client's delete."""
+
+    def __init__(self, clock: _SkippingClock) -> None:
+        self.clock = clock
+        self.deleted = False
+
+    def WaitOperation(self, request, context):
+        self.clock.now += request.timeout.ToTimedelta().total_seconds() + 1
+        self.deleted = True
+        return operations_pb2.WaitOperationResponse(operation=_running_operation(request.name))
+
+    def GetOperation(self, request, context):
+        if self.deleted:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no operation {request.name!r}")
+        return operations_pb2.GetOperationResponse(operation=_running_operation(request.name))
+
+
+@pytest.mark.parametrize("awaited", ["result", "watch"])
+def test_an_awaited_wait_s_look_that_finds_the_job_deleted_says_it_was_deleted_since(monkeypatch, awaited):
+    # A sync wait or watch notes a job gone since it was last read; an awaited result's last
+    # step, left no time by the wait before it, and an awaited watch's first look read it
+    # through refresh, whose NOT_FOUND said nothing of what was read before.
+    clock = _skipping_sdk_clock(monkeypatch)
+    servicer = _DeletedAfterItsWait(clock)
+    servicer.deleted = awaited == "watch"
+    server, target = _serve(servicer, add=operations_pb2_grpc.add_OperationsServiceServicer_to_server)
+
+    async def await_the_job() -> NotFoundError:
+        async with AsyncClient(target, timeout=1) as client:
+            operation = Operation(client.client, _running_operation("operations/x"))
+            with pytest.raises(NotFoundError) as missing:
+                if awaited == "result":
+                    await client.result(operation, timeout=_async.RESULT_STEP_S + 0.5)
+                else:
+                    async for _ in client.watch(operation):
+                        pass
+            assert missing.value.operation is operation
+            return missing.value
+
+    try:
+        error = asyncio.run(await_the_job())
+        assert error.__notes__[-1] == ("operations/x was running when last read: it was deleted since (by another client, or by the "
+                                       "server's retention of ended operations)")
+    finally:
+        server.stop(0)
+
+
 def test_an_awaited_result_whose_client_never_reached_the_server_is_said_unavailable_at_once(monkeypatch):
     # Its client unavailable from the first call (a wrong address, for all it knows: an
     # operation built on a new client), each step's wait failed at once and the next was asked

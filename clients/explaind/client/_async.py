@@ -267,7 +267,7 @@ class AsyncClient:
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         outage = RetryTally(time.monotonic())  # across the steps: the last one's UNAVAILABLE counts the whole outage's tries
         if first_look:
-            await self.to_thread(operation.refresh)
+            await self.to_thread(operation._look, None)
             yield
         while not operation.done:
             left = deadline - time.monotonic()

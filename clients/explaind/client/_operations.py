@@ -477,7 +477,7 @@ class Operation(Generic[ResultT]):
         if timeout is not None and timeout <= 0:  # the loop below would end before asking, with the state last seen
             if not self.done:  # one look, its tries counted in ``outage`` too (an awaited result's last step's)
                 outage.starting(time.monotonic())
-                self._read(None, outage)
+                self._look(None, outage)
                 outage.answered()
             return self
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -572,13 +572,19 @@ class Operation(Generic[ResultT]):
         outage = outage or RetryTally(time.monotonic())
         while True:
             try:  # each try within the client's timeout and the deadline (0 would mean the client's)
-                return self._read(max(min(self._client.timeout, deadline - time.monotonic()), 1e-3), outage)
+                return self._look(max(min(self._client.timeout, deadline - time.monotonic()), 1e-3), outage)
             except UnavailableError:
                 if not self._client._waits_out_unavailable() or time.monotonic() >= deadline - LAST_ATTEMPT_S:
                     raise
-            except NotFoundError as error:
-                self._note_deleted(error)
-                raise
+
+    def _look(self, timeout: float | None, retries: RetryTally | None = None) -> Self:
+        """A wait's or watch's read of the operation (:meth:`_read`), whose NOT_FOUND says
+        it was deleted since (:meth:`_note_deleted`), as their waits and streams do."""
+        try:
+            return self._read(timeout, retries)
+        except NotFoundError as error:
+            self._note_deleted(error)
+            raise
 
     def _note_deleted(self, error: NotFoundError) -> None:
         """What a NOT_FOUND for this operation, read before, means to a wait or a watch:
