@@ -626,13 +626,17 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
     # A server still loading that answered the ask for the limits 3.5 s into a timeout of 4
     # gave the call's first request 4 s more: the call took twice its timeout.
     class LoadingThenTimed(_LoadingSampleSets, inference_pb2_grpc.InferenceServiceServicer):
-        """Metadata (a batch of 1: one image per Predict) once loaded; each request's time left."""
+        """Metadata (a batch of 1: one image per Predict; partial_failure honoured) once
+        loaded; each request's time left."""
 
         left_s: list[float]
 
         def GetModelMetadata(self, request, context):
+            from explaind.client._client import PARTIAL_FAILURE_CAPABILITY
+
             self._attempt("GetModelMetadata", context)
-            return inference_pb2.GetModelMetadataResponse(batching=inference_pb2.BatchingInfo(max_batch_size=1))
+            return inference_pb2.GetModelMetadataResponse(batching=inference_pb2.BatchingInfo(max_batch_size=1),
+                                                          capabilities=[PARTIAL_FAILURE_CAPABILITY])
 
         def Predict(self, request, context):
             self.left_s.append(context.time_remaining())
@@ -663,16 +667,37 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
     server, target = _serve(servicer, add=add_both)
     try:
         # predict's own timeout, and an upload's, the client's: each client asks the limits once.
+        # partial_failure's ask for the capabilities (with the limits) counts alike, one image's too.
         for call in (lambda client: client.predict([IMAGE, IMAGE], timeout=4),
-                     lambda client: client.create_sample_set([IMAGE, IMAGE], [0, 0], chunk_size=1)):
+                     lambda client: client.create_sample_set([IMAGE, IMAGE], [0, 0], chunk_size=1),
+                     lambda client: client.predict([IMAGE, IMAGE], timeout=4, partial_failure=True),
+                     lambda client: client.predict([IMAGE], timeout=4, partial_failure=True)):
             with Client(target, timeout=4) as client:
                 assert client.sample_set("s").sample_set_id == "s"  # reached once: its loading is waited out
                 servicer.ready_at, servicer.left_s = clock.monotonic() + 3.2, []
                 call(client)
-            first, second = sorted(servicer.left_s)  # a predict's two requests are in flight at once
-            assert 0 < first < 1 and second > 3.5  # 0.5 s, but for gRPC rounding its deadline up
+            first, *others = sorted(servicer.left_s)  # a predict's two requests are in flight at once
+            assert 0 < first < 1 and all(left > 3.5 for left in others)  # 0.5 s, but for gRPC rounding its deadline up
     finally:
         server.stop(0)
+
+
+def test_a_split_call_s_first_request_gets_no_more_than_the_call_s_timeout(monkeypatch):
+    # What the ask for the limits left of a timeout under 1 ms was raised to 1 ms: ten
+    # times a timeout of 0.1 ms.
+    from explaind.client import RequestLimits
+
+    timeouts = []
+
+    def answer(service, method, request, *, timeout, **kwargs):
+        timeouts.append(timeout)
+        return inference_pb2.PredictResponse(predictions=[inference_pb2.Prediction() for _ in request.images])
+
+    with Client("127.0.0.1:1") as client:
+        monkeypatch.setattr(client, "_request_limits", lambda timeout: RequestLimits(0, 0, 0, 0))  # known: asked in no time
+        monkeypatch.setattr(client, "_call", answer)
+        assert len(client.predict([IMAGE, IMAGE], timeout=1e-4)) == 2
+    assert len(timeouts) == 1 and 0 < timeouts[0] <= 1e-4
 
 
 def test_a_read_only_call_rides_over_a_restart_but_a_wrong_address_fails_at_once(monkeypatch):

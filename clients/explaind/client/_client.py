@@ -993,8 +993,8 @@ class Client:
         server's batch size (``model_metadata().max_batch_size``, one forward pass of its
         model, so that each request's time is one batch's whatever the list's length: 800
         images of 224² in one ran past 30 s on a CPU), and within its image, pixel and
-        message limits, each with ``timeout`` (seconds; the first, what asking those limits
-        left of it, once per client); a head promoted in between shows
+        message limits, each with ``timeout`` (seconds; the first, what asking those limits,
+        once per client, and partial_failure's capability left of it); a head promoted in between shows
         in the predictions' ``model_version``. ``return_features``: each Prediction's
         ``features``, the image's (D,) float32 penultimate features.
 
@@ -1028,18 +1028,20 @@ class Client:
             raise ValueError(f"max_in_flight must be a positive integer (requests), got {max_in_flight!r}")
         count = image_count(images)
         require_files(images)  # predictions already yielded would be followed by the error
+        asking = time.monotonic()
         if partial_failure and not self._honours_partial_failure(timeout):
             raise self._partial_failure_unsupported()
         return self._answered_predictions(images, count, top_k=top_k, return_features=return_features, timeout=timeout,
-                                          max_in_flight=max_in_flight, partial_failure=partial_failure)
+                                          max_in_flight=max_in_flight, partial_failure=partial_failure, spent=time.monotonic() - asking)
 
     def _answered_predictions(self, images: Any, count: int | None, *, top_k: int, return_features: bool, timeout: float | None,
-                              max_in_flight: int, partial_failure: bool) -> Generator[Prediction, None, None]:
+                              max_in_flight: int, partial_failure: bool, spent: float) -> Generator[Prediction, None, None]:
         """The predictions of :meth:`predictions`, whose arguments it checked, as their
-        requests are answered."""
+        requests are answered; ``spent``: the seconds its ask for the server's capabilities
+        took of the first request's timeout."""
         # One image needs no limits: the usual low-latency call, in this thread.
         chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True,
-                                     timeout=timeout)
+                                     timeout=timeout, spent=spent)
         requests = ((_request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features,
                               partial_failure=partial_failure), len(chunk), chunk_timeout)
                     for chunk, chunk_timeout in chunks)
@@ -1368,7 +1370,8 @@ class Client:
         return updated
 
     def _request_chunks(self, items: Iterable[T], max_count: int, image_of: Callable[[T], common_pb2.Image], *,
-                        single: bool = False, batch: bool = False, timeout: float | None = None) -> Iterator[tuple[list[T], float | None]]:
+                        single: bool = False, batch: bool = False, timeout: float | None = None,
+                        spent: float = 0.0) -> Iterator[tuple[list[T], float | None]]:
         """Consecutive runs of at most ``max_count`` items (samples or images) and the server's
         images per request, each with its request's timeout, whose request stays under half
         the smaller of the client's and the server's message limits (raw 224² arrays are 150
@@ -1379,16 +1382,17 @@ class Client:
         ``single``: there is one item, sent as it is (the common one-image predict skips
         the reads of the server's limits). ``batch``: runs of at most the server's
         [batching].max_batch_size too (a Predict's). ``timeout``: each request's (None: the
-        client's), the first's shared with the ask for the limits: that request gets what the
-        ask left of it, as a server still loading that answered the ask just in time would
-        otherwise make the call take twice its timeout."""
+        client's), the first's shared with the asks of the server before it, for the limits
+        and the ``spent`` seconds of any before this (its capabilities): that request gets
+        what the asks left of it, as a server still loading that answered an ask just in time
+        would otherwise make the call take twice its timeout."""
         _require_count("chunk_size", max_count)
         if single:
-            yield list(items), timeout
+            yield list(items), self._left_of_timeout(timeout, spent)
             return
         asking = time.monotonic()
         limits = self._request_limits(timeout)
-        request_timeout: float | None = max((self.timeout if timeout is None else timeout) - (time.monotonic() - asking), 1e-3)
+        request_timeout: float | None = self._left_of_timeout(timeout, spent + time.monotonic() - asking)
         max_count = min(max_count, limits.max_images_per_request or max_count)  # 0 from an old server: no limit known
         if batch:
             max_count = min(max_count, self._max_batch_size or max_count)
@@ -1404,6 +1408,12 @@ class Client:
             chunk.append(item)
             size, pixels = size + item_bytes, pixels + item_pixels
         yield chunk, request_timeout
+
+    def _left_of_timeout(self, timeout: float | None, spent: float) -> float:
+        """What ``spent`` seconds left of ``timeout`` (None: the client's): at least 1 ms,
+        for a request to be sent at all, unless the timeout itself is less."""
+        whole = self.timeout if timeout is None else timeout
+        return max(whole - spent, min(whole, 1e-3))
 
     def _call_at(self, offset: int, total: int | None, service: str, method: str, request: Any, **kwargs: Any) -> Any:
         """One request of a split call (items ``offset`` on of ``total``): its failure says
