@@ -4606,7 +4606,8 @@ def test_an_attribute_value_another_caller_stored_reaches_the_terminal_with_its_
 
     from explaind.client import HeadEdit, HeadVersion, cli
 
-    evaluation = SimpleNamespace(accuracy=0.9, worst_class="heart", worst_class_accuracy=0.5, group_accuracy={"x": 0.5},
+    evaluation = SimpleNamespace(accuracy=0.9, class_accuracy={"heart": 0.5, "circle": 1.0}, worst_class="heart", worst_class_accuracy=0.5,
+                                 group_accuracy={"x": 0.5},
                                  worst_group="grass\x1b[2J\nworst class heart 1.000 -> heart 1.000\x9b", worst_group_accuracy=0.25)
     version = HeadVersion(version_id="v1", model_version="m", parent_version_id="v0", method="constrain", class_name="heart", neurons=[1],
                           description="", create_time=dt.datetime.now(dt.timezone.utc), active=False, evaluation=evaluation,
@@ -4617,6 +4618,21 @@ def test_an_attribute_value_another_caller_stored_reaches_the_terminal_with_its_
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", printed) and printed.count("\n") == 4
 
 
+def test_edit_head_prints_no_worst_class_where_all_classes_tie(capsys):
+    # Every class at 1.000 printed "worst class heart 1.000": the first of equals the server names.
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from explaind.client import HeadEdit, HeadVersion, cli
+
+    evaluation = SimpleNamespace(accuracy=1.0, class_accuracy={"heart": 1.0, "circle": 1.0}, worst_class="heart", worst_class_accuracy=1.0,
+                                 group_accuracy={})
+    version = HeadVersion(version_id="v1", model_version="m", parent_version_id="v0", method="constrain", class_name="heart", neurons=[1],
+                          description="", create_time=dt.datetime.now(dt.timezone.utc), active=True, evaluation=evaluation,
+                          parent_evaluation=evaluation)
+    cli._print_head_edit(HeadEdit(version, best_epoch=1, epochs_run=2, validation_accuracy=[]))
+    assert capsys.readouterr().out.splitlines()[-1] == "  worst class none: all 2 tie 1.000 -> none: all 2 tie 1.000"
+
 def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, world_images, monkeypatch):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:
@@ -4626,7 +4642,7 @@ def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, w
     assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "7"]) == 0
     out = capsys.readouterr().out
     stored = re.search(r"^  (v\d+) ", out, flags=re.M)[1]
-    assert f"not served; explaind head-versions promote {stored} serves it" in out and re.search(r"^  worst class \w+ \d\.\d{3} -> \w+ \d\.\d{3}$", out, flags=re.M), out
+    assert f"not served; explaind head-versions promote {stored} serves it" in out and re.search(r"^  worst class (\w+|none: all \d+ tie) \d\.\d{3} -> (\w+|none: all \d+ tie) \d\.\d{3}$", out, flags=re.M), out
     # Its accuracies are on the held-out fifth, not the whole set `evaluate` scores: it says so.
     assert f"\n  evaluated on the {len(range(0, len(images), 5))} samples of edit-cli held out from training (every 5th, from sample 0);" in out, out
     assert main(["--target", server.target, "edit-head", "edit-cli", "--class", "heart", "--neurons", "3", "--method", "constrain",
@@ -4694,7 +4710,7 @@ def test_edit_head_sends_the_group_attribute_and_says_it_was_evaluated_on_the_va
     out = capsys.readouterr().out
     with Client(server.target, timeout=30) as client:
         client.delete_head_version(re.search(r"^  (v\d+) ", out, flags=re.M)[1])
-    assert re.search(r"^  worst group [\w/]+ \d\.\d{3} -> [\w/]+ \d\.\d{3}$", out, flags=re.M), out
+    assert re.search(r"^  worst group ([\w/]+|none: all \d+ tie) \d\.\d{3} -> ([\w/]+|none: all \d+ tie) \d\.\d{3}$", out, flags=re.M), out
     # Chosen the best epoch, the validation set is no independent measure.
     assert out.endswith("\n  evaluated on sample set edit-validation (20 samples); they also chose the best epoch, so these numbers lean "
                         "optimistic: --evaluation-sample-set gives an independent set\n"), out

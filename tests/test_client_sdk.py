@@ -3993,6 +3993,27 @@ def test_a_head_edit_shown_in_a_notebook_is_its_summary_as_the_cli_prints_it():
         "stored head version (best epoch 4 of 6, towards probability ratio 1.235e+05; not served; explaind head-versions promote v2 serves it):")
 
 
+def test_a_head_edit_summary_names_no_worst_class_or_group_where_all_tie():
+    # Every class at 1.000 read "worst class circle 0.500 -> circle 1.000": the server names
+    # the first of those tied (HeadEvaluation.worst_class, kept), no worse than the rest.
+    import datetime as dt
+
+    from explaind.client import HeadEdit, HeadEvaluation, HeadVersion
+
+    def evaluation(circle: float, heart: float) -> HeadEvaluation:
+        return HeadEvaluation(accuracy=(circle + heart) / 2, class_accuracy={"circle": circle, "heart": heart}, worst_class="circle",
+                              worst_class_accuracy=min(circle, heart), group_accuracy={"circle/water": circle, "heart/grass": heart},
+                              worst_group="circle/water", worst_group_accuracy=min(circle, heart))
+
+    version = HeadVersion(version_id="v2", model_version="world+head.v2", parent_version_id="v1", method="constrain", class_name="circle",
+                          neurons=[3], description="", create_time=dt.datetime.now(dt.timezone.utc), active=True,
+                          parent_evaluation=evaluation(0.5, 1.0), evaluation=evaluation(1.0, 1.0))
+    edit = HeadEdit(version, best_epoch=1, epochs_run=2, validation_accuracy=[1.0] * 2)
+    assert edit.summary().splitlines()[2:] == ["  worst class circle 0.500 -> none: all 2 tie 1.000",
+                                               "  worst group circle/water 0.500 -> none: all 2 tie 1.000"]
+    assert version.evaluation.worst_class == "circle"  # the field keeps the server's choice
+
+
 class _FakeClock:
     """``time`` for _operations: monotonic() stands still but for sleep(), which it records."""
 

@@ -291,6 +291,15 @@ def _html_image(image: Image | None, alt: str) -> str:
     return f'<img src="{image_data_uri(image)}" alt="{html.escape(alt)}" width="{max(image.width, IMAGE_BOX)}" style="image-rendering: pixelated">'
 
 
+def worst_of(accuracy: dict[str, float], worst: str) -> str:
+    """``worst``, the one of ``accuracy`` the server named worst (the first of those
+    tied), or that none is, every one tying: the edit's summary and the report's table
+    named one of equals as worst."""
+    if len(accuracy) > 1 and len(set(accuracy.values())) == 1:
+        return f"none: all {len(accuracy)} tie"
+    return worst
+
+
 @dataclass(frozen=True, repr=False)
 class HeadEvaluation(AbbreviatedRepr):
     """A head's accuracy on the edit's evaluation samples; groups with ``group_attribute``."""
@@ -363,19 +372,20 @@ class HeadEdit(AbbreviatedRepr):
 
     def summary(self) -> str:
         """As ``explaind edit-head`` prints it: the training, whether the version is served,
-        its summary line, and its worst class (and group) against its parent's. Group
-        names, attribute values as uploaded, with their control characters escaped."""
+        its summary line, and its worst class (and group) against its parent's, or none
+        where all tie. Group names, attribute values as uploaded, with their control
+        characters escaped."""
         version = self.version
         served = "served now" if version.active else f"not served; explaind head-versions promote {version.version_id} serves it"
         towards = "" if self.target_ratio is None else f", towards probability ratio {self.target_ratio:.4g}"
         lines = [f"stored head version (best epoch {self.best_epoch} of {self.epochs_run}{towards}; {served}):", version.summary()]
         before, after = version.parent_evaluation, version.evaluation
         if before and after:
-            lines.append(f"  worst class {escape_controls(before.worst_class)} {before.worst_class_accuracy:.3f} -> "
-                         f"{escape_controls(after.worst_class)} {after.worst_class_accuracy:.3f}")
+            old, new = (escape_controls(worst_of(e.class_accuracy, e.worst_class)) for e in (before, after))
+            lines.append(f"  worst class {old} {before.worst_class_accuracy:.3f} -> {new} {after.worst_class_accuracy:.3f}")
             if after.group_accuracy:
-                lines.append(f"  worst group {escape_controls(before.worst_group)} {before.worst_group_accuracy:.3f} -> "
-                             f"{escape_controls(after.worst_group)} {after.worst_group_accuracy:.3f}")
+                old, new = (escape_controls(worst_of(e.group_accuracy, e.worst_group)) for e in (before, after))
+                lines.append(f"  worst group {old} {before.worst_group_accuracy:.3f} -> {new} {after.worst_group_accuracy:.3f}")
         return "\n".join(lines)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:

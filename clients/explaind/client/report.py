@@ -28,7 +28,7 @@ from ._errors import ExplaindError, InvalidArgumentError, NotFoundError, Operati
 from ._images import IMAGE_BOX, image_data_uri
 from ._interrupted import followed_ranking, following, started_job
 from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, STEPS_LIMIT_OF_OLDER_SERVERS, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
-                            RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note, visualization_alts)
+                            RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note, visualization_alts, worst_of)
 from ._operations import cancel_outcome
 from ._types import escape_controls
 
@@ -567,14 +567,6 @@ def _mean(values: list[float]) -> float:
     return sum(numbers) / len(numbers) if numbers else math.nan
 
 
-def _worst_of(accuracy: dict[str, float], worst: str) -> str:
-    """``worst``, the one of ``accuracy`` the server named worst (the first of those
-    tied), or that none is, every one tying: the table named one of equals as worst."""
-    if len(accuracy) > 1 and len(set(accuracy.values())) == 1:
-        return f"none: all {len(accuracy)} tie"
-    return worst
-
-
 def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class: str = "") -> str:
     """Overall, worst-class and worst-group accuracy (each version's own worst, which may
     be different classes or groups, or none where all tie), then every group that was
@@ -586,10 +578,10 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
         return f"worst {kind} ({old})" if old == new else f"worst {kind} ({old} → {new})"
 
     rows = [("overall accuracy", before.accuracy, after.accuracy),
-            (worst("class", _worst_of(before.class_accuracy, before.worst_class), _worst_of(after.class_accuracy, after.worst_class)),
+            (worst("class", worst_of(before.class_accuracy, before.worst_class), worst_of(after.class_accuracy, after.worst_class)),
              before.worst_class_accuracy, after.worst_class_accuracy)]
     if after.worst_group:
-        rows.append((worst("group", _worst_of(before.group_accuracy, before.worst_group), _worst_of(after.group_accuracy, after.worst_group)),
+        rows.append((worst("group", worst_of(before.group_accuracy, before.worst_group), worst_of(after.group_accuracy, after.worst_group)),
                      before.worst_group_accuracy, after.worst_group_accuracy))
         rows += [(f"group {group}", before.group_accuracy.get(group, math.nan), after.group_accuracy.get(group, math.nan))
                  for group in dict.fromkeys((before.worst_group, after.worst_group)) if group]
