@@ -8566,6 +8566,42 @@ def test_a_migration_whose_commit_fails_is_not_logged_as_done(tmp_path, monkeypa
     assert _user_version(tmp_path) == 0
 
 
+def test_a_migration_cut_short_midway_leaves_the_store_as_it_was_and_the_next_start_migrates_it(tmp_path, monkeypatch, caplog):
+    # The tables the release adds were committed before the migration's transaction: one that
+    # failed after them left an older release's store holding this one's tables, README's
+    # "one transaction" notwithstanding.
+    from explaind.store.sqlite import SCHEMA_VERSION
+
+    with closing(sqlite3.connect(tmp_path / "explaind.sqlite3", isolation_level=None)) as db:  # a release's before versions
+        db.executescript("""CREATE TABLE sample_sets (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, create_time REAL NOT NULL,
+                                                      update_time REAL NOT NULL);
+                            INSERT INTO sample_sets VALUES ('kept', 'old', 1.0, 1.0);""")
+
+    def schema() -> list[tuple]:
+        with closing(sqlite3.connect(tmp_path / "explaind.sqlite3")) as db:
+            return db.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+
+    before = schema()
+
+    class LastStepFails(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql.startswith("DELETE FROM deleted_job_requests"):  # the migration's last step, all the others done
+                raise sqlite3.OperationalError("disk I/O error")
+            return super().execute(sql, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, factory=LastStepFails))
+        with pytest.raises(StoreOpenError, match="disk I/O error"):
+            SQLiteStore(tmp_path)
+    assert schema() == before and _user_version(tmp_path) == 0
+    with caplog.at_level(logging.INFO, logger="explaind.store.sqlite"):
+        store = SQLiteStore(tmp_path)
+    assert [info.display_name for info in store.list_sample_sets()] == ["old"]
+    store.close()
+    assert [record.getMessage() for record in caplog.records if "migrated" in record.getMessage()] == [
+        f"store {tmp_path}: migrated from schema 0 (none recorded: a release before 2026-12-03) to {SCHEMA_VERSION}"]
+    assert _user_version(tmp_path) == SCHEMA_VERSION
+
 def test_a_new_store_whose_creation_was_cut_short_is_not_logged_as_migrated_from_an_older_release(tmp_path, monkeypatch, caplog):
     # Its tables were made before its version: a first start that failed in between (a full disk, a kill) left a schema 0
     # store, which the next start logged as migrated from a release before versions.

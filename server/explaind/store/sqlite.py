@@ -166,6 +166,19 @@ CREATE TABLE IF NOT EXISTS file_heads (
     feature_version TEXT PRIMARY KEY, version_id TEXT NOT NULL
 );
 """
+
+
+def _statements(script: str) -> Iterator[str]:
+    """``script``'s statements one by one, to run in a transaction: executescript commits
+    an open one before it starts."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+
+
 # The layout _SCHEMA describes, kept in the database header (PRAGMA user_version): a
 # release opens a store of its version or older (migrating it at start-up, in one
 # transaction) and refuses a newer one before changing its records or files. 0: no version recorded
@@ -433,9 +446,6 @@ class SQLiteStore:
                 raise StoreOpenError(f"the data dir {self.data_dir} was written by a newer explaind (store schema {version}; this release "
                                      f"reads {SCHEMA_VERSION} and older): run that release, or this one on a copy restored from before")
             existing = self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None  # not a new file
-            if not existing:  # versioned before its tables: one cut short (a full disk, a kill) would read as an older release's store
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._db.executescript(_SCHEMA)
             self._migrate(version, existing=existing)
             if next((p for p in self.blob_dir.rglob("*") if p.is_file()), None) is None and (referenced := self._db.execute(
                     """SELECT digest FROM samples UNION ALL SELECT weights_digest FROM head_versions WHERE weights_digest != ''
@@ -465,10 +475,15 @@ class SQLiteStore:
                         self.data_dir, free, reserve_bytes, kept)
 
     def _migrate(self, version: int, *, existing: bool) -> None:
-        """Bring a store of schema ``version`` to SCHEMA_VERSION, in one transaction (the
-        tables _SCHEMA adds exist by now); an ``existing`` store's migration is logged, as
-        an operator upgrading wants to know it happened (a new file's is not)."""
+        """Bring a store of schema ``version`` to SCHEMA_VERSION, the tables _SCHEMA adds
+        and its version with the rest, in one transaction: one cut short (a full disk, a
+        kill, a failing step) leaves the store as it was, and the next start migrates it
+        (a new file stays new, not one of an older release). An ``existing`` store's
+        migration is logged, as an operator upgrading wants to know it happened (a new
+        file's is not)."""
         with self._transaction() as db:
+            for statement in _statements(_SCHEMA):
+                db.execute(statement)
             if version < 1 and "uploading" in {row[1] for row in db.execute("PRAGMA table_info(sample_sets)")}:
                 # For a day (2026-12-01) an unfinished upload was a column of sample_sets, which
                 # the releases since read as finished: such a set may have been appended to and
