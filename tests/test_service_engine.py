@@ -8602,6 +8602,23 @@ def test_a_migration_cut_short_midway_leaves_the_store_as_it_was_and_the_next_st
         f"store {tmp_path}: migrated from schema 0 (none recorded: a release before 2026-12-03) to {SCHEMA_VERSION}"]
     assert _user_version(tmp_path) == SCHEMA_VERSION
 
+
+def test_the_schema_is_run_statement_by_statement_as_executescript_would_and_a_last_one_without_its_semicolon_is_refused():
+    # The migration runs the schema a statement at a time, in its transaction; a statement
+    # added last without its ';' would have been dropped unseen (executescript ran it).
+    from explaind.store.sqlite import _SCHEMA, _statements
+
+    with closing(sqlite3.connect(":memory:")) as by_script, closing(sqlite3.connect(":memory:")) as by_statement:
+        by_script.executescript(_SCHEMA)
+        for statement in _statements(_SCHEMA):
+            by_statement.execute(statement)
+        master = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+        assert by_statement.execute(master).fetchall() == by_script.execute(master).fetchall() != []
+    assert list(_statements("CREATE TABLE a (x);\n-- a closing comment\n")) == ["CREATE TABLE a (x);\n"]
+    with pytest.raises(ValueError, match="CREATE TABLE b"):
+        list(_statements("CREATE TABLE a (x);\nCREATE TABLE b (y)\n"))
+
+
 def test_a_new_store_whose_creation_was_cut_short_is_not_logged_as_migrated_from_an_older_release(tmp_path, monkeypatch, caplog):
     # Its tables were made before its version: a first start that failed in between (a full disk, a kill) left a schema 0
     # store, which the next start logged as migrated from a release before versions.

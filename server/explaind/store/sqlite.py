@@ -177,6 +177,9 @@ def _statements(script: str) -> Iterator[str]:
         if sqlite3.complete_statement(statement):
             yield statement
             statement = ""
+    if any(line.strip() and not line.lstrip().startswith("--") for line in statement.splitlines()):
+        # executescript would have run it; dropping it would leave a table out unseen
+        raise ValueError(f"the script ends in a statement without its ';': {statement.strip()!r}")
 
 
 # The layout _SCHEMA describes, kept in the database header (PRAGMA user_version): a
