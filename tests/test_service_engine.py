@@ -5333,6 +5333,26 @@ def test_a_job_past_max_run_seconds_fails_deadline_exceeded_at_its_next_check_an
     engine.close()
 
 
+def test_a_jobs_run_time_remaining_counts_down_to_0_and_stays_there_once_past_its_limit(tmp_path, jobs_clock):
+    # A ranking stops its resamples, keeping the shares drawn, when this reads 0: a negative
+    # count past the limit went on to the next check, which failed the whole ranking instead.
+    jobs, remaining = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1, max_run_s=50.0), []
+
+    def job(ctx):
+        remaining.append(ctx.run_time_remaining())
+        jobs_clock[0] += 50.5
+        remaining.append(ctx.run_time_remaining())
+        return _empty()
+
+    assert jobs.wait(jobs.submit("evaluate", job).record.job_id).record.state == "succeeded"
+    assert remaining == [pytest.approx(50.0, abs=1.0), 0.0]
+    unlimited = JobManager(SQLiteStore(tmp_path / "unlimited"), Metrics(), workers=1)
+    assert unlimited.wait(unlimited.submit("evaluate", lambda ctx: (remaining.append(ctx.run_time_remaining()), _empty())[1]).record.job_id).record.state == "succeeded"
+    assert remaining[-1] is None  # no [jobs].max_run_seconds: no limit to count down to
+    for manager in (jobs, unlimited):
+        manager.shutdown(1)
+
+
 def test_shutdown_aborts_unfinished_jobs_like_a_restart_does(tmp_path):
     store, metrics, ran = SQLiteStore(tmp_path), Metrics(), []
 
@@ -9863,6 +9883,9 @@ def test_a_repeat_says_whether_another_run_asked_for_its_job(tmp_path):
     assert not jobs.submitted(RequestKey(request_id, "fingerprint", run_id=mine)).requested_by_another_run  # its own
     assert jobs.submitted(RequestKey(request_id, "fingerprint")).requested_by_another_run  # an unnamed run's: can't tell
     assert jobs.submitted(RequestKey(request_id, "fingerprint", run_id=mine)).requested_by_another_run  # which asked for it since
+    unnamed = RequestKey("123e4567-e89b-42d3-a456-426614174002", "fingerprint")  # run_id "": a client that names no run
+    jobs.submit("evaluate", lambda ctx: _empty(), request=unnamed)
+    assert jobs.submitted(unnamed).requested_by_another_run  # two runs naming none may be two: not surely the one that made it
     older = RequestKey("123e4567-e89b-42d3-a456-426614174001", "fingerprint", run_id=theirs)
     older_job = jobs.submit("evaluate", lambda ctx: _empty(), request=older).record.job_id
     store._db.execute("DELETE FROM job_request_runs WHERE job_id = ?", (older_job,))  # as a release before recording runs left it
