@@ -199,24 +199,25 @@ def test_head_version_from_a_server_with_get_head_version_is_one_call():
         server.stop(0)
 
 
+def _label_indices_of_a_model_with(monkeypatch, client: Client, class_names: list[str]) -> Callable[[Any, int], int]:
+    """``client``'s label indices, its served model's class names ``class_names``."""
+    monkeypatch.setattr(client, "model_metadata", lambda: SimpleNamespace(class_names=class_names))
+    monkeypatch.setattr(client, "_keep_limits", lambda metadata: None)  # the limits it lacks
+    return client._label_indices()
+
+
 def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
     # As list.index: a model whose class names repeat ("cat" at 0 and 2) labels "cat" as 0.
-    from types import SimpleNamespace
-
     with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
-        monkeypatch.setattr(offline, "model_metadata", lambda: SimpleNamespace(class_names=["cat", "dog", "cat"]))
-        index_of = offline._label_indices()
+        index_of = _label_indices_of_a_model_with(monkeypatch, offline, ["cat", "dog", "cat"])
         assert [index_of(label, i) for i, label in enumerate(["cat", "dog", 2])] == [0, 1, 2]
 
 
 def test_a_label_names_its_class_however_its_accents_are_encoded(monkeypatch):
     # As the server matches class names: "é" as one code point or as "e" and a combining
     # accent (a macOS folder name) is one class, not "'café' is not a class ... (café)".
-    from types import SimpleNamespace
-
     with Client("127.0.0.1:1", timeout=1, retry=False) as offline:
-        monkeypatch.setattr(offline, "model_metadata", lambda: SimpleNamespace(class_names=["caf\u00e9", "cre\u0300me"]))
-        index_of = offline._label_indices()
+        index_of = _label_indices_of_a_model_with(monkeypatch, offline, ["caf\u00e9", "cre\u0300me"])
         assert [index_of(label, i) for i, label in enumerate(["cafe\u0301", "cr\u00e8me", "caf\u00e9"])] == [0, 1, 0]
 
 
@@ -626,16 +627,19 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
     # A server still loading that answered the ask for the limits 3.5 s into a timeout of 4
     # gave the call's first request 4 s more: the call took twice its timeout.
     class LoadingThenTimed(_LoadingSampleSets, inference_pb2_grpc.InferenceServiceServicer):
-        """Metadata (a batch of 1: one image per Predict; partial_failure honoured) once
-        loaded; each request's time left."""
+        """Metadata (one class, "zero"; a batch of 1: one image per Predict; partial_failure
+        honoured) once loaded, counting its answers; each request's time left."""
 
         left_s: list[float]
+        metadata_answers = 0
 
         def GetModelMetadata(self, request, context):
             from explaind.client._client import PARTIAL_FAILURE_CAPABILITY
 
             self._attempt("GetModelMetadata", context)
-            return inference_pb2.GetModelMetadataResponse(batching=inference_pb2.BatchingInfo(max_batch_size=1),
+            self.metadata_answers += 1
+            return inference_pb2.GetModelMetadataResponse(classifier=inference_pb2.ClassifierInfo(class_names=["zero"]),
+                                                          batching=inference_pb2.BatchingInfo(max_batch_size=1),
                                                           capabilities=[PARTIAL_FAILURE_CAPABILITY])
 
         def Predict(self, request, context):
@@ -667,17 +671,22 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
     server, target = _serve(servicer, add=add_both)
     try:
         # predict's own timeout, and an upload's, the client's: each client asks the limits once.
-        # partial_failure's ask for the capabilities (with the limits) counts alike, one image's too.
+        # partial_failure's ask for the capabilities (with the limits) counts alike, one image's too,
+        # and so does an upload's for the class names its labels give, whose answer gives the limits:
+        # it took a whole timeout of its own, then the limits were asked again.
         for call in (lambda client: client.predict([IMAGE, IMAGE], timeout=4),
                      lambda client: client.create_sample_set([IMAGE, IMAGE], [0, 0], chunk_size=1),
                      lambda client: client.predict([IMAGE, IMAGE], timeout=4, partial_failure=True),
-                     lambda client: client.predict([IMAGE], timeout=4, partial_failure=True)):
+                     lambda client: client.predict([IMAGE], timeout=4, partial_failure=True),
+                     lambda client: client.create_sample_set([IMAGE, IMAGE], ["zero", "zero"], chunk_size=1),
+                     lambda client: client.append_samples("s", [IMAGE, IMAGE], ["zero", "zero"], chunk_size=1)):
             with Client(target, timeout=4) as client:
                 assert client.sample_set("s").sample_set_id == "s"  # reached once: its loading is waited out
-                servicer.ready_at, servicer.left_s = clock.monotonic() + 3.2, []
+                servicer.ready_at, servicer.left_s, servicer.metadata_answers = clock.monotonic() + 3.2, [], 0
                 call(client)
             first, *others = sorted(servicer.left_s)  # a predict's two requests are in flight at once
             assert 0 < first < 1 and all(left > 3.5 for left in others)  # 0.5 s, but for gRPC rounding its deadline up
+            assert servicer.metadata_answers == 1  # asked once per client
     finally:
         server.stop(0)
 

@@ -1137,7 +1137,8 @@ class Client:
     def _label_indices(self) -> Callable[[Any, int], int]:
         """A function giving the class index of ``labels[i]`` (a class name or index, or a
         0-d array or tensor), given the label and i; names are resolved with the served
-        model's class names, asked once, at the first name."""
+        model's class names, asked once, at the first name, and the server's limits kept
+        from that answer (the upload's requests are sized to them: not asked again)."""
         names: list[str] = []
         indices: dict[str, int] = {}
 
@@ -1146,7 +1147,9 @@ class Client:
             if not isinstance(label, str):
                 return label
             if not names:
-                names.extend(self.model_metadata().class_names)
+                metadata = self.model_metadata()
+                self._keep_limits(metadata)
+                names.extend(metadata.class_names)
                 indices.update({class_name_key(name): index for index, name in reversed(list(enumerate(names)))})  # the first of a repeated name, as list.index
             if (key := class_name_key(label)) not in indices:
                 raise ValueError(f"labels[{i}]: {label!r} is not a class of the served model ({_classes_hint(label, names)})")
@@ -1155,12 +1158,14 @@ class Client:
         return index_of
 
     def _samples(self, images: Any, labels: Sequence[int | str],
-                 attributes: Sequence[Mapping[str, str]] | None) -> tuple[Iterator[sample_sets_pb2.Sample], int]:
+                 attributes: Sequence[Mapping[str, str]] | None) -> tuple[Iterator[sample_sets_pb2.Sample], int, float]:
         """The samples, made one at a time as they are sent (the images of a large set are
-        never all in memory), and how many there are (one per label). Labels and attribute
-        maps in a list, tuple, array or tensor are checked before any call; those of another
-        sequence (one computed as it is read, which may be too long to read ahead) as their
-        sample is made, as an iterable's images are read."""
+        never all in memory), how many there are (one per label), and the seconds resolving
+        the labels took (asking the class names, with the limits: of the first request's
+        timeout, see :meth:`_request_chunks`). Labels and attribute maps in a list, tuple,
+        array or tensor are checked before any call; those of another sequence (one
+        computed as it is read, which may be too long to read ahead) as their sample is
+        made, as an iterable's images are read."""
         labels = _as_sequence("labels", labels, "class names or indices")
         attributes = None if attributes is None else _as_sequence("attributes", attributes, "{name: value} maps")
         count = image_count(images)
@@ -1169,8 +1174,10 @@ class Client:
         if attributes is not None and len(attributes) != len(labels):
             raise ValueError(f"got {len(labels)} images but {len(attributes)} attribute maps")
         index_of = self._label_indices()
+        resolving = time.monotonic()
         if isinstance(labels, (list, tuple)) or hasattr(labels, "tolist"):  # in memory: all checked now
             labels = [index_of(label, i) for i, label in enumerate(labels.tolist() if hasattr(labels, "tolist") else labels)]
+        spent = time.monotonic() - resolving
         if isinstance(attributes, (list, tuple)):
             attributes = [_attribute_map(mapping, i) for i, mapping in enumerate(attributes)]
         require_files(images)
@@ -1187,7 +1194,7 @@ class Client:
             if made != len(labels):
                 raise ValueError(mismatch)
 
-        return samples(), len(labels)
+        return samples(), len(labels), spent
 
     def create_sample_set(
         self,
@@ -1229,14 +1236,15 @@ class Client:
         images than labels, a computed label that is no class, the caller's sets at the server's samples limit) deletes it (unless another run finished it meanwhile), so the
         upload run again fixed, under any request_id, creates it anew. ``progress=True``
         shows samples sent as a tqdm bar, or plain lines when stderr is not a terminal."""
-        samples, total = self._samples(images, labels, attributes)
+        samples, total, spent = self._samples(images, labels, attributes)
         with ProgressDisplay(sample_set_id or "upload", unit="sample") if progress else _NO_DISPLAY as display:
-            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_id)
+            return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_id, spent)
 
     def _create_sample_set(self, samples: Iterator[sample_sets_pb2.Sample], total: int, sample_set_id: str, display_name: str,
-                           chunk_size: int, display: ProgressDisplay | None, upload_id: str | uuid.UUID | None) -> SampleSet:
+                           chunk_size: int, display: ProgressDisplay | None, upload_id: str | uuid.UUID | None, spent: float) -> SampleSet:
+        """:meth:`create_sample_set`'s upload of the samples :meth:`_samples` made in ``spent`` seconds."""
         request_ids = _upload_request_ids(upload_id)  # checked before any image is read
-        chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image))  # one chunk read ahead: is it the last?
+        chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image, spent=spent))  # one chunk read ahead: is it the last?
         (first, first_timeout), last = next(chunks)
         request = _request(sample_sets_pb2.CreateSampleSetRequest, sample_set_id=sample_set_id, display_name=display_name, samples=first,
                            upload_continues=not last, request_id=next(request_ids))
@@ -1348,12 +1356,12 @@ class Client:
         before it. Returns the updated set. With ``uid`` (a SampleSet's), only to that set:
         FailedPreconditionError if the id now names another (deleted and created again
         since); without, the first request's set, whichever that is, gets every chunk."""
-        samples, total = self._samples(images, labels, attributes)
+        samples, total, spent = self._samples(images, labels, attributes)
         request_ids = _upload_request_ids(request_id)
         appended, requests, sending = 0, 0, 0
         try:
             with ProgressDisplay(sample_set_id, unit="sample") if progress else _NO_DISPLAY as display:
-                for chunk, chunk_timeout in self._request_chunks(samples, chunk_size, _sample_image):
+                for chunk, chunk_timeout in self._request_chunks(samples, chunk_size, _sample_image, spent=spent):
                     # After the first request, the set it appended to: not one made under its id since.
                     request = _request(sample_sets_pb2.AppendSamplesRequest, sample_set_id=sample_set_id, samples=chunk, sample_set_uid=uid,
                                        request_id=next(request_ids))
@@ -1383,7 +1391,8 @@ class Client:
         the reads of the server's limits). ``batch``: runs of at most the server's
         [batching].max_batch_size too (a Predict's). ``timeout``: each request's (None: the
         client's), the first's shared with the asks of the server before it, for the limits
-        and the ``spent`` seconds of any before this (its capabilities): that request gets
+        and the ``spent`` seconds of any before this (its capabilities, an upload's class
+        names): that request gets
         what the asks left of it, as a server still loading that answered an ask just in time
         would otherwise make the call take twice its timeout."""
         _require_count("chunk_size", max_count)
