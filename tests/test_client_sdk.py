@@ -691,6 +691,40 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
         server.stop(0)
 
 
+def test_limits_an_ask_failed_to_get_are_asked_again_and_those_answered_are_kept():
+    # As the README says: an ask met with UNAVAILABLE that is not waited out (retry=False,
+    # or a server this client never reached) keeps nothing, its call sent with no limits
+    # known (one request of both images, no batch size known), and the next call asks again.
+    class UnavailableOnce(inference_pb2_grpc.InferenceServiceServicer):
+        """UNAVAILABLE to the first GetModelMetadata, then a batch of 1; each Predict's images."""
+
+        metadata_asks = 0
+        images_per_request: list[int]
+
+        def GetModelMetadata(self, request, context):
+            self.metadata_asks += 1
+            if self.metadata_asks == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
+            return inference_pb2.GetModelMetadataResponse(batching=inference_pb2.BatchingInfo(max_batch_size=1))
+
+        def Predict(self, request, context):
+            self.images_per_request.append(len(request.images))
+            return inference_pb2.PredictResponse(predictions=[inference_pb2.Prediction() for _ in request.images])
+
+    servicer = UnavailableOnce()
+    server, target = _serve(servicer, add=inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    try:
+        with Client(target, timeout=30, retry=False) as client:
+            asked = []
+            for _ in range(3):
+                servicer.images_per_request = []
+                client.predict([IMAGE, IMAGE])
+                asked.append((servicer.metadata_asks, servicer.images_per_request))
+        assert asked == [(1, [2]), (2, [1, 1]), (2, [1, 1])]
+    finally:
+        server.stop(0)
+
+
 def test_a_split_call_s_first_request_gets_no_more_than_the_call_s_timeout(monkeypatch):
     # What the ask for the limits left of a timeout under 1 ms was raised to 1 ms: ten
     # times a timeout of 0.1 ms.

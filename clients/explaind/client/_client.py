@@ -994,7 +994,7 @@ class Client:
         model, so that each request's time is one batch's whatever the list's length: 800
         images of 224² in one ran past 30 s on a CPU), and within its image, pixel and
         message limits, each with ``timeout`` (seconds; the first, what asking those limits,
-        once per client, and partial_failure's capability left of it); a head promoted in between shows
+        kept once answered, and partial_failure's capability left of it); a head promoted in between shows
         in the predictions' ``model_version``. ``return_features``: each Prediction's
         ``features``, the image's (D,) float32 penultimate features.
 
@@ -1434,9 +1434,9 @@ class Client:
             raise
 
     def _request_limits(self, timeout: float | None = None) -> RequestLimits:
-        """The server's limits, asked once per client with its batch size (within
-        ``timeout``, None: the client's); all 0 (unknown) when metadata is unavailable and
-        the ask was not retried. One retried has waited out ``timeout`` for the server
+        """The server's limits, asked with its batch size (within ``timeout``, None: the
+        client's) until an ask is answered, then kept; all 0 (unknown) when metadata is
+        unavailable and the ask was not retried. One retried has waited out ``timeout`` for the server
         already: its error is raised, as the call would wait as long again, noted as the
         ask's (its retries' note says "the call was tried N times": an upload, never sent
         twice without a request_id, read as sent N times)."""
