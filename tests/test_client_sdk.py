@@ -3829,6 +3829,22 @@ def test_visualizations_show_their_images_in_a_notebook():
     assert page.count("<tr>") == 3 and "clip_illusion, 40 steps" in page
 
 
+def test_a_notebook_s_table_of_visualizations_writes_out_control_characters_in_class_names_as_the_report_does():
+    # A class name as the server's config wrote it, holding a right-to-left override and an
+    # escape: the table and its images' alts showed them raw, reversing the text after it
+    # ("gnp.sutcac" read as "cactus.png"), where the report's page and the CLI write them out.
+    from PIL import Image
+
+    from explaind.client import NeuronVisualization, NeuronVisualizations
+
+    image = Image.new("RGB", (64, 64), (200, 10, 10))
+    shown = NeuronVisualization(neuron=8, class_index=1, class_name="<i>\u202egnp.sutcac\x1b", image=image, masked_image=image,
+                                activation=2.5, logit=20.1, clip_similarity=0.2, core_relevance=0.1, mask_fraction=0.25)
+    page = NeuronVisualizations(model_version="m.1", method="clip_illusion", steps=40, visualizations=[shown])._repr_html_()
+    assert "\u202e" not in page and "\x1b" not in page and "<i>" not in page
+    assert page.count("&lt;i&gt;\\u202egnp.sutcac\\x1b") == 3  # its cell and its two images' alts
+
+
 def test_a_notebook_s_table_of_visualizations_reads_aloud_as_the_report_s_tables_do():
     # The table had no name, its column headings no scope and its rows no heading: a screen
     # reader moving down the activations read "2.5" without the neuron of its row, where the

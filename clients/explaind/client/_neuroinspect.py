@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import html
 import io
 import math
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from explaind.wording import counted
 
 from ._images import IMAGE_BOX, image_data_uri
 from ._operations import RESULT_CONVERTERS, enum_names
-from ._types import AbbreviatedRepr, ComparedByValue, escape_controls, float32_array
+from ._types import AbbreviatedRepr, ComparedByValue, escape_controls, float32_array, html_text
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -269,18 +268,19 @@ class NeuronVisualizations(AbbreviatedRepr):
         visualisation (its numbers, image and masked image inlined as PNG), a flipped one
         marked !, then the warning for those. Marked up as the report's tables: named, each
         column heading scoped, each row headed by its neuron, so a screen reader reads a
-        number with its neuron and its column."""
+        number with its neuron and its column; its text escaped as the report's
+        (:func:`html_text`)."""
         alts = [visualization_alts(v) for v in self.visualizations]
         rows = "".join(
-            f"<tr><th scope='row'>{v.neuron}{' !' if self._flips(v) else ''}</th><td>{html.escape(v.class_name)}</td><td>{v.activation:.3g}</td>"
+            f"<tr><th scope='row'>{v.neuron}{' !' if self._flips(v) else ''}</th><td>{html_text(v.class_name)}</td><td>{v.activation:.3g}</td>"
             f"<td>{v.logit:.3g}</td><td>{v.clip_similarity:.3g}</td><td>{v.mask_fraction:.0%}</td><td>{_html_image(v.image, image_alt)}</td>"
             f"<td>{_html_image(v.masked_image, masked_alt)}</td></tr>"
             for v, (image_alt, masked_alt) in zip(self.visualizations, alts))
         headings = "".join(f"<th scope='col'>{name}</th>" for name in ("neuron", "class", "activation", "logit", "CLIP similarity", "mask", "image", "masked"))
         warning = self._flipped_warning()
-        return (f"<p>{html.escape(self._made_with())}, model {html.escape(self.model_version)}</p>"
-                f"<table aria-label='{html.escape(self._described())}'><thead><tr>{headings}</tr></thead><tbody>{rows}</tbody></table>"
-                f"{f'<p>{html.escape(warning)}</p>' if warning else ''}")
+        return (f"<p>{html_text(self._made_with())}, model {html_text(self.model_version)}</p>"
+                f"<table aria-label='{html_text(self._described())}'><thead><tr>{headings}</tr></thead><tbody>{rows}</tbody></table>"
+                f"{f'<p>{html_text(warning)}</p>' if warning else ''}")
 
 
 def _html_image(image: Image | None, alt: str) -> str:
@@ -288,7 +288,7 @@ def _html_image(image: Image | None, alt: str) -> str:
     a dash for None (a result read with download=False)."""
     if image is None:
         return "–"
-    return f'<img src="{image_data_uri(image)}" alt="{html.escape(alt)}" width="{max(image.width, IMAGE_BOX)}" style="image-rendering: pixelated">'
+    return f'<img src="{image_data_uri(image)}" alt="{html_text(alt)}" width="{max(image.width, IMAGE_BOX)}" style="image-rendering: pixelated">'
 
 
 def worst_of(accuracy: dict[str, float], worst: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import html
 import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
@@ -68,6 +69,13 @@ def escape_controls(text: str) -> str:
     bidirectional-control and line-separator characters escaped as Python writes them
     (``\\x1b``, ``\\n``, ``\\u202e``), for a terminal or a summary's lines."""
     return _CONTROL_CHARACTER.sub(lambda control: repr(control.group())[1:-1], text)
+
+
+def html_text(text: str) -> str:
+    """``text`` for an HTML page (the report's, a notebook's table): markup escaped, and
+    control, bidirectional-control and line-separator characters written out (``\\u202e``)
+    as the CLI writes them, so a class, group or set name cannot reorder the text around it."""
+    return html.escape(escape_controls(text))
 
 
 def float32_array(tensor: common_pb2.Tensor) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import html
 import math
 import os
 import re
@@ -30,7 +29,7 @@ from ._interrupted import followed_ranking, following, started_job
 from ._neuroinspect import (DEFAULT_STABILITY_RESAMPLES, STEPS_LIMIT_OF_OLDER_SERVERS, HeadEdit, HeadEvaluation, NeuronRanking, NeuronVisualization, NeuronVisualizations,
                             RESAMPLES_STOPPED_BY_SERVER, RankedNeuron, few_mistakes_note, visualization_alts, worst_of)
 from ._operations import cancel_outcome
-from ._types import escape_controls
+from ._types import escape_controls, html_text
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -541,13 +540,6 @@ def edit_evaluated_on(client: Client, sample_set_id: str, evaluation_sample_set_
     return f"the {held_out} samples of {sample_set_id} held out from training (every 5th, from sample 0){optimistic}"
 
 
-def _text(value: str) -> str:
-    """``value`` for the page: markup escaped, and control, bidirectional-control and
-    line-separator characters written out (``\\u202e``) as the CLI writes them, so a
-    caller's group or set name cannot reorder the text around it."""
-    return html.escape(escape_controls(value))
-
-
 def _number(value: float) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
@@ -598,7 +590,7 @@ def _evaluation_rows(before: HeadEvaluation, after: HeadEvaluation, edited_class
     if rest:
         rows.append((f"the other {len(rest)} classes, mean", _mean([old for _, old, _ in rest]), _mean([new for _, _, new in rest])))
     return "".join(
-        f"<tr><th scope='row'>{_text(label)}</th><td>{_number(b)}</td><td>{_number(a)}</td><td>{_signed(a - b)}</td></tr>"
+        f"<tr><th scope='row'>{html_text(label)}</th><td>{_number(b)}</td><td>{_number(a)}</td><td>{_signed(a - b)}</td></tr>"
         for label, b, a in rows
     )
 
@@ -660,7 +652,7 @@ _PREDICTED_SHOWN = 10
 def _class_list(names: list[str]) -> str:
     """Class names, escaped, separated by semicolons: ImageNet's names hold commas
     ("great white shark, white shark, man-eater, ...")."""
-    return "; ".join(_text(name) for name in names)
+    return "; ".join(html_text(name) for name in names)
 
 
 def _predicted_as(predicted_as: dict[str, int]) -> str:
@@ -668,7 +660,7 @@ def _predicted_as(predicted_as: dict[str, int]) -> str:
     named and the rest counted."""
     ordered = sorted(predicted_as.items(), key=lambda item: -item[1])  # stable: equal counts keep their order
     shown, rest = ordered[:_PREDICTED_SHOWN], ordered[_PREDICTED_SHOWN:]
-    text = "; ".join(f"{_text(name)} ({count})" for name, count in shown) or "–"
+    text = "; ".join(f"{html_text(name)} ({count})" for name, count in shown) or "–"
     if rest:
         others = sum(count for _, count in rest)
         text += f"; and {len(rest)} other class{'' if len(rest) == 1 else 'es'} ({others} mistake{'' if others == 1 else 's'})"
@@ -697,23 +689,23 @@ def _edit_storage(report: MistakeReport) -> str:
     """What became of the suggested edit's head version: stored (how to serve or delete it),
     deleted as the report was asked (how to store it again), or kept after its deletion failed."""
     version = cast("HeadEdit", report.edit).version
-    stored = f"Stored as head version <b>{_text(version.version_id)}</b> (from {_text(version.parent_version_id)})"
-    delete = f"<code>explaind head-versions delete {_text(version.version_id)}</code>"
+    stored = f"Stored as head version <b>{html_text(version.version_id)}</b> (from {html_text(version.parent_version_id)})"
+    delete = f"<code>explaind head-versions delete {html_text(version.version_id)}</code>"
     if not report.edit_kept:
         return (f"<span id='edit-not-kept'>{stored} to be evaluated, then deleted as the report was asked: not kept.</span> To store it again: "
-                f"<code id='edit-command'>{_text(shown_command(report.edit_command))}</code> (its seed fixes the minibatch order: the same head, as long as "
-                f"the served head is still {_text(version.parent_version_id)} and the sets are unchanged).")
+                f"<code id='edit-command'>{html_text(shown_command(report.edit_command))}</code> (its seed fixes the minibatch order: the same head, as long as "
+                f"the served head is still {html_text(version.parent_version_id)} and the sets are unchanged).")
     if report.edit_discard_error is not None:
         return (f"<span id='edit-discard-failed' class='warning'>{stored}; deleting it, as the report was asked, failed "
-                f"({_text(str(report.edit_discard_error))}), so it stays stored:</span> {delete} once it can be.")
-    return (f"{stored}; not served until promoted: <code>explaind head-versions promote {_text(version.version_id)}</code>, "
+                f"({html_text(str(report.edit_discard_error))}), so it stays stored:</span> {delete} once it can be.")
+    return (f"{stored}; not served until promoted: <code>explaind head-versions promote {html_text(version.version_id)}</code>, "
             f"or, if you do not want it, {delete}.")
 
 
 def render_report(report: MistakeReport) -> str:
     """The report as one HTML document (UTF-8, images inlined, no scripts)."""
     ranking = report.ranking
-    escape = _text
+    escape = html_text
     predicted = _predicted_as(ranking.predicted_as)
     # Each visualisation's result (its settings), and those flipped, by identity: the results hold these very objects.
     result_of = {id(v): result for result in report.visualization_results for v in result.visualizations}
