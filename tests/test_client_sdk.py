@@ -203,7 +203,8 @@ def _label_indices_of_a_model_with(monkeypatch, client: Client, class_names: lis
     """``client``'s label indices, its served model's class names ``class_names``."""
     monkeypatch.setattr(client, "model_metadata", lambda: SimpleNamespace(class_names=class_names))
     monkeypatch.setattr(client, "_keep_limits", lambda metadata: None)  # the limits it lacks
-    return client._label_indices()
+    index_of, _ = client._label_indices()
+    return index_of
 
 
 def test_a_class_name_the_model_repeats_is_its_first_index(monkeypatch):
@@ -668,6 +669,14 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
     # time; the server is ready from 3.2 s, so the try at 3.5 s is answered, 0.5 s before the end.
     clock = _skipping_sdk_clock(monkeypatch)
     servicer = LoadingThenTimed(loading_s=0, retry_delay_s=0.5, clock=clock)
+
+    class SlowlyChecked(tuple):
+        """Labels whose checking takes 1 s, as a million's may: no ask of the server."""
+
+        def __iter__(self):
+            clock.sleep(1)
+            return super().__iter__()
+
     server, target = _serve(servicer, add=add_both)
     try:
         # predict's own timeout, and an upload's, the client's: each client asks the limits once.
@@ -687,6 +696,13 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
             first, *others = sorted(servicer.left_s)  # a predict's two requests are in flight at once
             assert 0 < first < 1 and all(left > 3.5 for left in others)  # 0.5 s, but for gRPC rounding its deadline up
             assert servicer.metadata_answers == 1  # asked once per client
+        # Only the asks count: checking an upload's labels here, 1 s of no request's time (as a
+        # million labels' may take), was taken from its first request too.
+        for labels in (SlowlyChecked((0,)), SlowlyChecked(("zero",))):
+            with Client(target, timeout=4) as client:
+                servicer.left_s = []
+                client.create_sample_set([IMAGE], labels)
+            assert servicer.left_s[0] > 3.5
     finally:
         server.stop(0)
 

@@ -1134,20 +1134,26 @@ class Client:
 
     # Sample sets ---------------------------------------------------------------------
 
-    def _label_indices(self) -> Callable[[Any, int], int]:
+    def _label_indices(self) -> tuple[Callable[[Any, int], int], Callable[[], float]]:
         """A function giving the class index of ``labels[i]`` (a class name or index, or a
         0-d array or tensor), given the label and i; names are resolved with the served
         model's class names, asked once, at the first name, and the server's limits kept
-        from that answer (the upload's requests are sized to them: not asked again)."""
+        from that answer (the upload's requests are sized to them: not asked again). And
+        one giving the seconds that ask took (0 before it), which count against the
+        upload's first request as the ask for the limits would; checking the labels does not."""
         names: list[str] = []
         indices: dict[str, int] = {}
+        asked_s = 0.0
 
         def index_of(given: Any, i: int) -> int:
+            nonlocal asked_s
             label = class_ref(given, f"labels[{i}]")
             if not isinstance(label, str):
                 return label
             if not names:
+                asking = time.monotonic()
                 metadata = self.model_metadata()
+                asked_s = time.monotonic() - asking
                 self._keep_limits(metadata)
                 names.extend(metadata.class_names)
                 indices.update({class_name_key(name): index for index, name in reversed(list(enumerate(names)))})  # the first of a repeated name, as list.index
@@ -1155,13 +1161,13 @@ class Client:
                 raise ValueError(f"labels[{i}]: {label!r} is not a class of the served model ({_classes_hint(label, names)})")
             return indices[key]
 
-        return index_of
+        return index_of, lambda: asked_s
 
     def _samples(self, images: Any, labels: Sequence[int | str],
                  attributes: Sequence[Mapping[str, str]] | None) -> tuple[Iterator[sample_sets_pb2.Sample], int, float]:
         """The samples, made one at a time as they are sent (the images of a large set are
-        never all in memory), how many there are (one per label), and the seconds resolving
-        the labels took (asking the class names, with the limits: of the first request's
+        never all in memory), how many there are (one per label), and the seconds asking
+        the class names of the labels here took (with the limits: of the first request's
         timeout, see :meth:`_request_chunks`). Labels and attribute maps in a list, tuple,
         array or tensor are checked before any call; those of another sequence (one
         computed as it is read, which may be too long to read ahead) as their sample is
@@ -1173,11 +1179,9 @@ class Client:
             raise ValueError(f"got {count} images but {len(labels)} labels")
         if attributes is not None and len(attributes) != len(labels):
             raise ValueError(f"got {len(labels)} images but {len(attributes)} attribute maps")
-        index_of = self._label_indices()
-        resolving = time.monotonic()
+        index_of, asked_s = self._label_indices()
         if isinstance(labels, (list, tuple)) or hasattr(labels, "tolist"):  # in memory: all checked now
             labels = [index_of(label, i) for i, label in enumerate(labels.tolist() if hasattr(labels, "tolist") else labels)]
-        spent = time.monotonic() - resolving
         if isinstance(attributes, (list, tuple)):
             attributes = [_attribute_map(mapping, i) for i, mapping in enumerate(attributes)]
         require_files(images)
@@ -1194,7 +1198,7 @@ class Client:
             if made != len(labels):
                 raise ValueError(mismatch)
 
-        return samples(), len(labels), spent
+        return samples(), len(labels), asked_s()
 
     def create_sample_set(
         self,
