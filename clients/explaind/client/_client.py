@@ -1220,7 +1220,8 @@ class Client:
 
         Uploaded in requests of at most ``chunk_size`` images and the server's images per
         request, half the smaller of the client's and the server's message limits, and the
-        server's decoded-pixel limit (asked once with ``model_metadata``). All or nothing:
+        server's decoded-pixel limit (``model_metadata``'s, kept once answered; labels given as
+        class names ask them again, with the names, within the first request's time). All or nothing:
         until its last request the set is marked uploading, which jobs refuse and a server
         restart deletes; if a later request fails (or is interrupted), the partly uploaded
         set is deleted before the error is raised (but see ``request_id``). Each request
