@@ -1138,9 +1138,10 @@ class Client:
         """A function giving the class index of ``labels[i]`` (a class name or index, or a
         0-d array or tensor), given the label and i; names are resolved with the served
         model's class names, asked once, at the first name, and the server's limits kept
-        from that answer (the upload's requests are sized to them: not asked again). And
-        one giving the seconds that ask took (0 before it), which count against the
-        upload's first request as the ask for the limits would; checking the labels does not."""
+        from that answer (labels checked before the upload: its requests are sized to them,
+        not asked again). And one giving the seconds that ask took (0 before it), which count
+        against the upload's first request as the ask for the limits would; checking the
+        labels does not."""
         names: list[str] = []
         indices: dict[str, int] = {}
         asked_s = 0.0
@@ -1397,9 +1398,8 @@ class Client:
         [batching].max_batch_size too (a Predict's). ``timeout``: each request's (None: the
         client's), the first's shared with the asks of the server before it, for the limits
         and the ``spent`` seconds of any before this (its capabilities, an upload's class
-        names): that request gets
-        what the asks left of it, as a server still loading that answered an ask just in time
-        would otherwise make the call take twice its timeout."""
+        names): that request gets what the asks left of it, as a server still loading that
+        answered an ask just in time would otherwise make the call take twice its timeout."""
         _require_count("chunk_size", max_count)
         if single:
             yield list(items), self._left_of_timeout(timeout, spent)
