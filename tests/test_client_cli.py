@@ -4633,6 +4633,7 @@ def test_edit_head_prints_no_worst_class_where_all_classes_tie(capsys):
     cli._print_head_edit(HeadEdit(version, best_epoch=1, epochs_run=2, validation_accuracy=[]))
     assert capsys.readouterr().out.splitlines()[-1] == "  worst class none: all 2 tie 1.000 -> none: all 2 tie 1.000"
 
+
 def test_edit_head_stores_a_version_and_promotes_it_on_request(server, capsys, world_images, monkeypatch):
     images, labels = world_images
     with Client(server.target, timeout=30) as client:

@@ -5333,7 +5333,7 @@ def test_a_job_past_max_run_seconds_fails_deadline_exceeded_at_its_next_check_an
     engine.close()
 
 
-def test_a_jobs_run_time_remaining_counts_down_to_0_and_stays_there_once_past_its_limit(tmp_path, jobs_clock):
+def test_a_jobs_run_time_remaining_reads_0_once_past_its_limit_and_none_without_one(tmp_path, jobs_clock):
     # A ranking stops its resamples, keeping the shares drawn, when this reads 0: a negative
     # count past the limit went on to the next check, which failed the whole ranking instead.
     jobs, remaining = JobManager(SQLiteStore(tmp_path), Metrics(), workers=1, max_run_s=50.0), []
