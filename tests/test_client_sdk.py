@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import datetime as dt
 import gc
@@ -633,12 +634,14 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
 
         left_s: list[float]
         metadata_answers = 0
+        answer_s = 0.0  # of the SDK's clock each metadata answer takes
 
         def GetModelMetadata(self, request, context):
             from explaind.client._client import PARTIAL_FAILURE_CAPABILITY
 
             self._attempt("GetModelMetadata", context)
             self.metadata_answers += 1
+            self.clock.sleep(self.answer_s)
             return inference_pb2.GetModelMetadataResponse(classifier=inference_pb2.ClassifierInfo(class_names=["zero"]),
                                                           batching=inference_pb2.BatchingInfo(max_batch_size=1),
                                                           capabilities=[PARTIAL_FAILURE_CAPABILITY])
@@ -703,8 +706,32 @@ def test_a_call_s_first_request_gets_what_its_ask_for_the_limits_left_of_its_tim
                 servicer.left_s = []
                 client.create_sample_set([IMAGE], labels)
             assert servicer.left_s[0] > 3.5
+        # Labels read as they are sent ask for the class names after the limits, as the first
+        # request is made (two asks: the limits', then the names'): both count. Each answer here
+        # takes 1.5 s of a timeout of 4; the names' was not counted, leaving the first 2.5 s.
+        servicer.answer_s = 1.5
+        with Client(target, timeout=4) as client:
+            servicer.left_s, servicer.metadata_answers = [], 0
+            client.create_sample_set([IMAGE, IMAGE], _ReadAsSent(["zero", "zero"]), chunk_size=1)
+        assert servicer.metadata_answers == 2
+        first, *others = servicer.left_s
+        assert 0.5 < first < 1.5 and all(left > 3.5 for left in others)
     finally:
         server.stop(0)
+
+
+class _ReadAsSent(collections.abc.Sequence):
+    """Labels computed as they are read (neither a list, a tuple nor an array): the SDK checks
+    each as its sample is sent, not before the upload."""
+
+    def __init__(self, labels: list) -> None:
+        self._labels = labels
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, i):
+        return self._labels[i]
 
 
 def test_limits_an_ask_failed_to_get_are_asked_again_and_those_answered_are_kept():

@@ -1041,7 +1041,7 @@ class Client:
         took of the first request's timeout."""
         # One image needs no limits: the usual low-latency call, in this thread.
         chunks = self._request_chunks(iter_image_messages(images), _UNLIMITED, lambda image: image, single=count == 1, batch=True,
-                                     timeout=timeout, spent=spent)
+                                     timeout=timeout, spent=lambda: spent)
         requests = ((_request(inference_pb2.PredictRequest, images=chunk, top_k=top_k, return_features=return_features,
                               partial_failure=partial_failure), len(chunk), chunk_timeout)
                     for chunk, chunk_timeout in chunks)
@@ -1165,11 +1165,12 @@ class Client:
         return index_of, lambda: asked_s
 
     def _samples(self, images: Any, labels: Sequence[int | str],
-                 attributes: Sequence[Mapping[str, str]] | None) -> tuple[Iterator[sample_sets_pb2.Sample], int, float]:
+                 attributes: Sequence[Mapping[str, str]] | None) -> tuple[Iterator[sample_sets_pb2.Sample], int, Callable[[], float]]:
         """The samples, made one at a time as they are sent (the images of a large set are
-        never all in memory), how many there are (one per label), and the seconds asking
-        the class names of the labels here took (with the limits: of the first request's
-        timeout, see :meth:`_request_chunks`). Labels and attribute maps in a list, tuple,
+        never all in memory), how many there are (one per label), and a function giving the
+        seconds asking the class names of the labels took so far (with the limits: of the first
+        request's timeout, see :meth:`_request_chunks`; labels read as they are sent ask while
+        the first request is made). Labels and attribute maps in a list, tuple,
         array or tensor are checked before any call; those of another sequence (one
         computed as it is read, which may be too long to read ahead) as their sample is
         made, as an iterable's images are read."""
@@ -1199,7 +1200,7 @@ class Client:
             if made != len(labels):
                 raise ValueError(mismatch)
 
-        return samples(), len(labels), asked_s()
+        return samples(), len(labels), asked_s
 
     def create_sample_set(
         self,
@@ -1247,7 +1248,8 @@ class Client:
             return self._create_sample_set(samples, total, sample_set_id, display_name, chunk_size, display, request_id, spent)
 
     def _create_sample_set(self, samples: Iterator[sample_sets_pb2.Sample], total: int, sample_set_id: str, display_name: str,
-                           chunk_size: int, display: ProgressDisplay | None, upload_id: str | uuid.UUID | None, spent: float) -> SampleSet:
+                           chunk_size: int, display: ProgressDisplay | None, upload_id: str | uuid.UUID | None,
+                           spent: Callable[[], float]) -> SampleSet:
         """:meth:`create_sample_set`'s upload of the samples :meth:`_samples` made in ``spent`` seconds."""
         request_ids = _upload_request_ids(upload_id)  # checked before any image is read
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image, spent=spent))  # one chunk read ahead: is it the last?
@@ -1385,7 +1387,7 @@ class Client:
 
     def _request_chunks(self, items: Iterable[T], max_count: int, image_of: Callable[[T], common_pb2.Image], *,
                         single: bool = False, batch: bool = False, timeout: float | None = None,
-                        spent: float = 0.0) -> Iterator[tuple[list[T], float | None]]:
+                        spent: Callable[[], float] = lambda: 0.0) -> Iterator[tuple[list[T], float | None]]:
         """Consecutive runs of at most ``max_count`` items (samples or images) and the server's
         images per request, each with its request's timeout, whose request stays under half
         the smaller of the client's and the server's message limits (raw 224² arrays are 150
@@ -1397,16 +1399,17 @@ class Client:
         the reads of the server's limits). ``batch``: runs of at most the server's
         [batching].max_batch_size too (a Predict's). ``timeout``: each request's (None: the
         client's), the first's shared with the asks of the server before it, for the limits
-        and the ``spent`` seconds of any before this (its capabilities, an upload's class
-        names): that request gets what the asks left of it, as a server still loading that
+        and the ``spent()`` seconds of any other (its capabilities, an upload's class names,
+        read when the first run is made): that request gets what the asks left of it, as a server still loading that
         answered an ask just in time would otherwise make the call take twice its timeout."""
         _require_count("chunk_size", max_count)
         if single:
-            yield list(items), self._left_of_timeout(timeout, spent)
+            yield list(items), self._left_of_timeout(timeout, spent())
             return
         asking = time.monotonic()
         limits = self._request_limits(timeout)
-        request_timeout: float | None = self._left_of_timeout(timeout, spent + time.monotonic() - asking)
+        limits_s = time.monotonic() - asking
+        first = True
         max_count = min(max_count, limits.max_images_per_request or max_count)  # 0 from an old server: no limit known
         if batch:
             max_count = min(max_count, self._max_batch_size or max_count)
@@ -1417,11 +1420,11 @@ class Client:
         for item in items:
             item_bytes, item_pixels = item.ByteSize() + 8, pixel_count(image_of(item))  # + field tag and length prefix
             if chunk and (len(chunk) == max_count or size + item_bytes > byte_budget or pixels + item_pixels > pixel_budget):
-                yield chunk, request_timeout
-                chunk, size, pixels, request_timeout = [], 0, 0, timeout
+                yield chunk, self._left_of_timeout(timeout, limits_s + spent()) if first else timeout
+                chunk, size, pixels, first = [], 0, 0, False
             chunk.append(item)
             size, pixels = size + item_bytes, pixels + item_pixels
-        yield chunk, request_timeout
+        yield chunk, self._left_of_timeout(timeout, limits_s + spent()) if first else timeout
 
     def _left_of_timeout(self, timeout: float | None, spent: float) -> float:
         """What ``spent`` seconds left of ``timeout`` (None: the client's): at least 1 ms,
