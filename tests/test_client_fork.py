@@ -37,7 +37,8 @@ IMAGES = np.stack([np.full((64, 64, 3), shade, np.uint8) for shade in (0, 80, 16
 CHILD_LIMIT_S = 30.0
 # Longest a child forked amid a call may take to start running Python, seconds: gRPC's own
 # fork handler hung 3 of 83 such children on a loaded machine (2026-12-08), before any of
-# their code ran. Well under CHILD_LIMIT_S, so that a grandchild forked again fits in it.
+# their code ran. Well under CHILD_LIMIT_S, so that a grandchild forked again once fits in
+# its parent's limit (two more tries would not: a few in ten thousand at that rate).
 START_LIMIT_S = 10.0
 # A child that never started is forked again this many times in all before the test fails.
 FORK_TRIES = 3
@@ -58,12 +59,13 @@ def _in_forked_child(work: Callable[[], object], *, amid_a_call: bool = False) -
     ``amid_a_call``: another thread is in a gRPC call, and a child that has not started
     its Python within START_LIMIT_S hangs in gRPC's fork handler, where no SDK code has run
     yet: it is killed and another forked, FORK_TRIES in all."""
-    for _ in range(FORK_TRIES if amid_a_call else 1):
-        answer = _answer_of_a_forked_child(work, START_LIMIT_S if amid_a_call else CHILD_LIMIT_S)
+    tries, start_limit_s = (FORK_TRIES, START_LIMIT_S) if amid_a_call else (1, CHILD_LIMIT_S)
+    for _ in range(tries):
+        answer = _answer_of_a_forked_child(work, start_limit_s)
         if answer is not None:
             return answer
-    pytest.fail(f"{FORK_TRIES if amid_a_call else 1} forked children hung in fork handlers, before running any Python "
-                f"(none started within {START_LIMIT_S if amid_a_call else CHILD_LIMIT_S:.0f}s)")
+    pytest.fail(f"{tries} forked child(ren) never reported starting within {start_limit_s:.0f}s: hung in a fork handler "
+                "before running any Python, or died there")
 
 
 def _answer_of_a_forked_child(work: Callable[[], object], start_limit_s: float) -> str | None:
