@@ -284,8 +284,9 @@ class NeuronVisualizations(AbbreviatedRepr):
 
 
 def _html_image(image: Image | None, alt: str) -> str:
-    """An ``<img>`` of ``image`` inlined as the report inlines it, at least its box wide;
-    a dash for None (a result read with download=False)."""
+    """An ``<img>`` of ``image`` inlined as the report inlines it, at least its box wide,
+    ``alt`` its text for a screen reader (escaped here); a dash for None (a result read
+    with download=False)."""
     if image is None:
         return "–"
     return f'<img src="{image_data_uri(image)}" alt="{html_text(alt)}" width="{max(image.width, IMAGE_BOX)}" style="image-rendering: pixelated">'
