@@ -8922,6 +8922,21 @@ def test_the_unfinished_uploads_deleted_are_named_in_id_order(tmp_path):
     assert [info.sample_set_id for info in store.list_sample_sets()] == ["c"]
 
 
+def test_a_request_adding_no_samples_passes_a_sample_limit_its_owner_is_over(tmp_path):
+    # [server].max_samples_per_caller refuses a request whose samples would pass it; one
+    # adding none (an upload's finishing request) passes nothing, even for a caller over a
+    # limit lowered since its sets were made: refused, its upload could never finish.
+    store = SQLiteStore(tmp_path, max_samples_per_owner=2)
+    with store.writing_blobs() as put:
+        store.create_sample_set("big", "", _samples(put, b"a", b"b"), uploading=True, owner="analyst")
+    store.max_samples_per_owner = 1
+    with pytest.raises(ResourceExhausted, match="caller 'analyst' holds 2 samples"):
+        store.append_samples("big", [SampleRecord(_digest(b"a"), 0, {})])
+    assert store.append_samples("big", [], finish_upload=True).uploading is False
+    assert store.create_sample_set("empty", "", [], owner="analyst").sample_count == 0
+    store.close()
+
+
 def test_a_delete_leaves_the_blobs_a_writer_is_about_to_reference(tmp_path):
     # A blob is written before the record that references it; in between nothing points at it.
     store = SQLiteStore(tmp_path)
