@@ -8922,6 +8922,25 @@ def test_the_unfinished_uploads_deleted_are_named_in_id_order(tmp_path):
     assert [info.sample_set_id for info in store.list_sample_sets()] == ["c"]
 
 
+def test_an_upload_a_store_opened_on_counts_as_idle_since_the_open_not_since_the_clock_began(tmp_path, monkeypatch):
+    # A store opened on a data dir holding an unfinished upload (the server deletes those
+    # first; a tool opening the store need not) has no request of it: the idle sweep
+    # counts from the open, or an upload left by a moment ago would look idle for as long
+    # as the host has been up.
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    store = SQLiteStore(tmp_path)
+    with store.writing_blobs() as put:
+        store.create_sample_set("uploading", "", _samples(put, b"image"), uploading=True)
+    store.close()
+    store = SQLiteStore(tmp_path)
+    clock[0] += 60
+    assert store.delete_unfinished_uploads(idle_s=600) == []
+    clock[0] += 600
+    assert store.delete_unfinished_uploads(idle_s=600) == ["uploading"]
+    store.close()
+
+
 def test_a_request_adding_no_samples_passes_a_sample_limit_its_owner_is_over(tmp_path):
     # [server].max_samples_per_caller refuses a request whose samples would pass it; one
     # adding none (an upload's finishing request) passes nothing, even for a caller over a
