@@ -8687,6 +8687,24 @@ def test_retention_deletes_the_jobs_that_ended_before_the_cut_in_chunks(tmp_path
     assert store.delete_jobs_ended_before(7.0) == 0  # ended at the cut, not before it
 
 
+def test_retention_interrupted_returns_after_its_chunk_and_the_next_sweep_deletes_the_rest(tmp_path, monkeypatch):
+    # A stopping server's sweep stops between chunks (stop() waits for it): a retention
+    # that went on through every chunk held up the shutdown for as long as it had jobs.
+    import explaind.store.sqlite as sqlite_store
+    from explaind.store import JobRecord
+
+    monkeypatch.setattr(sqlite_store, "_SWEEP_CHUNK", 2)
+    store = SQLiteStore(tmp_path)
+    for end in range(1, 6):
+        store.insert_job(JobRecord(f"ended-{end}", "k", "succeeded", 0.0, end_time=float(end)))
+    interrupt = threading.Event()
+    interrupt.set()
+    assert store.delete_jobs_ended_before(10.0, interrupt=interrupt) == 2  # the chunk under way
+    assert sorted(job.job_id for job in store.list_jobs()) == ["ended-3", "ended-4", "ended-5"]
+    assert store.delete_jobs_ended_before(10.0) == 3 and not store.list_jobs()
+    store.close()
+
+
 def test_an_edit_that_did_not_succeed_is_kept_while_the_version_it_stored_is(tmp_path):
     # Restore drops such a version by its job's state; with the job gone it stayed for good.
     from explaind.store import EDIT_JOB_ID, HeadVersionRecord, JobRecord
