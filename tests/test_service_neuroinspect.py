@@ -325,6 +325,19 @@ def test_classes_per_neuron_applies_to_the_pairs_without_a_class(tmp_path):
         _shut(engine)
 
 
+def test_classes_per_neuron_may_be_every_class_of_the_head(tmp_path):
+    # Its range is [1, number of classes]: the upper end asks for one image per class.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        classes = len(engine.models.active.class_names)
+        job = inspect.visualize_neurons([(4, None)], method="no_clip", classes_per_neuron=classes, steps=1)
+        record = engine.jobs.wait(job.record.job_id, 120).record
+        result = _succeeded_result(record, neuroinspect_pb2.VisualizeNeuronsResult())
+        assert sorted(v.class_index for v in result.visualizations) == list(range(classes))
+    finally:
+        _shut(engine)
+
+
 def test_a_pair_without_a_class_takes_classes_of_equal_head_weight_by_class_index(tmp_path):
     # Classes 1, 2 and 3 weigh neuron 4 alike: topk took 1 and 3, and may take others on a GPU.
     engine, inspect = _in_process(tmp_path)
