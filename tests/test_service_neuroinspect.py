@@ -296,6 +296,10 @@ def test_the_engine_refuses_options_out_of_range_or_unknown_naming_the_field(tmp
         for bounds in ({"l1": 0.0, "l2": 0.0, "cut_ratio": 0.0}, {"l1": 1000.0, "l2": 1000.0, "cut_ratio": 1.0}):
             assert rank(**bounds, max_iterations=1).class_name == "heart"
         assert inspect.visualize_neurons([(n, "heart") for n in range(64)], method="no_clip", steps=1).record.kind == "visualize_neurons"  # 64 images: the limit
+        # So are the upper ends of the whole-number ranges; the jobs they start are cancelled at once.
+        for started in (rank(execution="operation", top_k=feature_dim, stability_resamples=1000, max_iterations=100_000),
+                        visualize(steps=10_000), edit(max_epochs=1000, patience=1000)):
+            engine.jobs.cancel(started.record.job_id)
         # With CLIP loaded, clip_illusion takes epsilon, bounded as the other loss weights are.
         monkeypatch.setitem(engine.components, "clip", SimpleNamespace(loaded=True))
         with pytest.raises(InvalidArgument, match=re.escape("epsilon: 1e+308 is not in [0.0, 1000.0]")):
