@@ -1979,6 +1979,22 @@ def _create_train_set(engine, world_set) -> None:
     engine.create_sample_set("train", "", [NewSample.from_array(p, int(l)) for p, l in zip(pixels[:40], labels[:40])])
 
 
+def test_a_rollback_naming_a_version_serves_that_one_not_the_served_one_s_parent(tmp_path, world_set):
+    # v2 was edited from v1, itself from v0: a rollback to v0 skips v1.
+    engine, inspect = _in_process(tmp_path)
+    try:
+        _create_train_set(engine, world_set)
+        loaded = engine.models.active.version
+        for neuron in (1, 2):
+            assert _edit(engine, inspect, neuron, promote=True).state == "succeeded"
+        assert (inspect.active_head_version().version_id, inspect.active_head_version().parent_version_id) == ("v2", "v1")
+        record, previous = inspect.rollback_head_version("v0")
+        assert (record.version_id, previous) == ("v0", "v2")
+        assert inspect.active_head_version().version_id == "v0" and engine.models.active.version == loaded
+    finally:
+        _shut(engine)
+
+
 def test_a_ranking_or_edit_on_samples_the_model_gives_nan_or_infinite_features_fails_naming_them(tmp_path):
     # The methods refuse such features with a ValueError: a ranking, inline or not, failed
     # INTERNAL with a traceback in the log; an edit INVALID_ARGUMENT without a field, naming
