@@ -281,6 +281,28 @@ def _start(target: str, method: str, request: Any) -> tuple[str, bool]:
     return operation.name, metadata.requested_again
 
 
+def test_a_request_s_key_is_its_lower_cased_ids_and_a_fingerprint_of_the_rest_and_its_caller_not_of_its_run():
+    # run_id names the run sending a start, not what it asks: another run's repeat is the same
+    # request (answered with its operation, requested_by_another_run), and ids match whatever
+    # their case; another named caller's same request is another request (README: "run_id").
+    from explaind.service.auth import calling_as
+    from explaind.service.convert import request_key
+
+    request_id, run_a, run_b = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+
+    def key(run_id: str, request_id: str = request_id):
+        return request_key(inference_pb2.EvaluateSampleSetRequest(sample_set_id="identified", request_id=request_id, run_id=run_id))
+
+    first = key(run_a.upper(), request_id.upper())
+    assert (first.request_id, first.run_id) == (request_id, run_a)
+    assert key(run_b).fingerprint == key("").fingerprint == first.fingerprint and key(run_b).run_id == run_b
+    with calling_as("alice"):
+        alices = key(run_a)
+    with calling_as("bob"):
+        bobs = key(run_a)
+    assert len({first.fingerprint, alices.fingerprint, bobs.fingerprint}) == 3 and (alices.caller, bobs.caller) == ("alice", "bob")
+
+
 def test_a_request_sent_again_with_its_request_id_gets_the_first_operation_even_after_a_restart(server):
     # A call starting an operation could not be repeated after a dropped connection: its
     # first attempt may have started it, and a second ran it again (an edit stored twice).
