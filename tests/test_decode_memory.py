@@ -229,6 +229,18 @@ def test_a_large_tensor_reserves_its_decode_and_gives_it_back_even_when_refused(
     assert memory.held == 0
 
 
+def test_a_tensor_s_reservation_stops_at_the_largest_image_and_a_negative_side_reserves_nothing():
+    # A shape is the caller's claim, read before the bytes are checked against it: one of
+    # 3 x 10^6 x 10^6 reserves at most an image's 3 x MAX_IMAGE_SIDE^2 values (its decode is
+    # refused right after), and two negative sides multiply to no size to wait for.
+    from explaind.imaging import MAX_IMAGE_SIDE
+
+    huge = common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT16, shape=(3, 10**6, 10**6))
+    assert convert.tensor_decode_bytes(huge, 4) == 3 * MAX_IMAGE_SIDE**2 * (2 + 4)
+    negative = common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_UINT8, shape=(3, -4096, -4096))
+    assert convert.tensor_decode_bytes(negative, 4) == 0
+
+
 def test_an_uploaded_tensor_reserves_its_pixels_and_png_too():
     memory = DecodeMemory(1024 * MIB)
     values = np.full((3, 1024, 1024), 0.5, dtype=np.float16)
