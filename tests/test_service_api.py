@@ -1408,6 +1408,20 @@ def test_an_operation_not_yet_started_has_no_start_or_end_time():
     assert not metadata.HasField("start_time") and not metadata.HasField("end_time")
 
 
+def test_each_job_state_is_sent_as_its_own_operation_state_and_read_back_as_it():
+    # A mutant sending a queued job as RUNNING survived every test: a client would show a job
+    # waiting for a worker as running, and ListOperations' state filter would read its name back wrong.
+    from explaind.jobs import JobSnapshot
+    from explaind.service import convert
+    from explaind.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord
+
+    for state in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED):
+        metadata = operations_pb2.OperationMetadata()
+        assert convert.operation(JobSnapshot(JobRecord("j1", "evaluate", state, 100.5, error_code="INTERNAL" if state == FAILED else ""))).metadata.Unpack(metadata)
+        assert operations_pb2.OperationState.Name(metadata.state) == f"OPERATION_STATE_{state.upper()}"
+        assert convert.STATE_NAMES[metadata.state] == state
+
+
 def test_an_operation_s_metadata_carries_each_field_of_its_job_record():
     # In process: every value distinct, so a field dropped or read from its neighbour
     # (start_time from create_time, total from step) shows.
