@@ -1250,7 +1250,8 @@ class Client:
     def _create_sample_set(self, samples: Iterator[sample_sets_pb2.Sample], total: int, sample_set_id: str, display_name: str,
                            chunk_size: int, display: ProgressDisplay | None, upload_id: str | uuid.UUID | None,
                            spent: Callable[[], float]) -> SampleSet:
-        """:meth:`create_sample_set`'s upload of the samples :meth:`_samples` made in ``spent`` seconds."""
+        """:meth:`create_sample_set`'s upload of the samples :meth:`_samples` made; ``spent()``:
+        the seconds its ask for the class names took (see :meth:`_request_chunks`)."""
         request_ids = _upload_request_ids(upload_id)  # checked before any image is read
         chunks = _with_last(self._request_chunks(samples, chunk_size, _sample_image, spent=spent))  # one chunk read ahead: is it the last?
         (first, first_timeout), last = next(chunks)
